@@ -1,0 +1,43 @@
+# Marathon — build, test and run.  `make test` installs everything it needs from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := .cache
+CLAUDE_CODE_VERSION := 2.1.332
+CLAUDE_DIR := $(CACHE)/claude-code
+CLAUDE_BIN := $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
+DEBIAN_PACKAGES := bubblewrap git util-linux procps
+
+.PHONY: all venv claude-code system-deps test test-fast build run clean bench
+
+all: venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(CLAUDE_BIN):
+	mkdir -p $(CLAUDE_DIR)
+	npm install --no-audit --no-fund --prefix $(CLAUDE_DIR) @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	test -x $(CLAUDE_BIN)
+
+claude-code: $(CLAUDE_BIN)
+
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them with apt-get)"; fi; fi
+
+test: system-deps venv claude-code
+	MARATHON_CLAUDE_BIN=$(abspath $(CLAUDE_BIN)) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not vm" $(PYTEST_ARGS)
+
+-include snapshots/image.mk
