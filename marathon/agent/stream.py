@@ -1,0 +1,130 @@
+"""Claude Code's ``--output-format stream-json`` lines, parsed into Marathon events.  Pure."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from marathon.protocol import messages as m
+
+SUMMARY = 200
+
+
+def short(text: str, limit: int = SUMMARY) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_KEY_ARG = {
+    "Bash": "command", "Write": "file_path", "Edit": "file_path", "MultiEdit": "file_path",
+    "Read": "file_path", "NotebookEdit": "notebook_path", "Glob": "pattern", "Grep": "pattern",
+    "WebFetch": "url", "WebSearch": "query", "Task": "description", "TodoWrite": None,
+}
+
+
+def tool_summary(name: str, args: dict) -> str:
+    key = _KEY_ARG.get(name, "")
+    if key is None:
+        return name
+    value = args.get(key) if key else next((v for v in args.values() if isinstance(v, str)), None)
+    return f"{name} {short(str(value), 160)}" if value else name
+
+
+def result_summary(content) -> str:
+    if isinstance(content, list):
+        content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+    return short(str(content or ""))
+
+
+@dataclass
+class RunResult:
+    """What the final ``result`` line says."""
+
+    subtype: str = ""
+    is_error: bool = False
+    num_turns: int = 0
+    result: str = ""
+    usage: m.Usage = field(default_factory=m.Usage)
+    total_cost_usd: float | None = None
+    session_id: str = ""
+
+
+def _usage(obj: dict | None) -> m.Usage:
+    obj = obj or {}
+    return m.Usage(
+        input_tokens=int(obj.get("input_tokens") or 0),
+        output_tokens=int(obj.get("output_tokens") or 0),
+        cache_creation_input_tokens=int(obj.get("cache_creation_input_tokens") or 0),
+        cache_read_input_tokens=int(obj.get("cache_read_input_tokens") or 0),
+    )
+
+
+class StreamParser:
+    """Feed lines; get events.  Remembers the final result and the last assistant text."""
+
+    def __init__(self) -> None:
+        self.result: RunResult | None = None
+        self.last_text = ""
+        self.session_id = ""
+        self.model = ""
+        self.bad_lines = 0
+
+    def line(self, raw: str | bytes) -> list[m.Event]:
+        raw = raw.strip()
+        if not raw:
+            return []
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            self.bad_lines += 1
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            return [m.LogEvent(message=short(text, 500), level="warning", source="claude")]
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type")
+        if kind == "system" and obj.get("subtype") == "init":
+            self.session_id = obj.get("session_id", "")
+            self.model = obj.get("model", "")
+            return [m.LogEvent(message=f"claude started (model {self.model or '?'})", source="claude")]
+        if kind == "assistant":
+            return self._assistant(obj.get("message") or {})
+        if kind == "user":
+            return self._user(obj.get("message") or {})
+        if kind == "result":
+            self.result = RunResult(
+                subtype=obj.get("subtype", ""),
+                is_error=bool(obj.get("is_error")),
+                num_turns=int(obj.get("num_turns") or 0),
+                result=str(obj.get("result") or ""),
+                usage=_usage(obj.get("usage")),
+                total_cost_usd=obj.get("total_cost_usd"),
+                session_id=obj.get("session_id", ""),
+            )
+            return []
+        return []
+
+    def _assistant(self, msg: dict) -> list[m.Event]:
+        out: list[m.Event] = []
+        for block in msg.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and block.get("text", "").strip():
+                self.last_text = block["text"]
+                out.append(m.TextEvent(text=block["text"]))
+            elif block.get("type") == "tool_use":
+                args = block.get("input") if isinstance(block.get("input"), dict) else {}
+                out.append(m.ToolCallEvent(tool_id=block.get("id", ""), name=block.get("name", "?"), summary=tool_summary(block.get("name", "?"), args)))
+        return out
+
+    def _user(self, msg: dict) -> list[m.Event]:
+        out: list[m.Event] = []
+        content = msg.get("content")
+        if not isinstance(content, list):
+            return out
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                out.append(m.ToolResultEvent(
+                    tool_id=block.get("tool_use_id", ""), summary=result_summary(block.get("content")),
+                    is_error=bool(block.get("is_error")),
+                ))
+        return out

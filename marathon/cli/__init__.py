@@ -1,0 +1,275 @@
+"""The ``marathon`` command.  Client commands are thin HTTP clients of the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Literal
+
+import cyclopts
+from cyclopts import Parameter
+
+from marathon import __version__
+from marathon.cli import render
+from marathon.config import DEFAULT_URL, load_config
+from marathon.errors import ConfigError, MarathonError
+
+app = cyclopts.App(
+    name="marathon",
+    version=__version__,
+    help=f"Run Claude Code tasks in isolated sandboxes.  The client talks to MARATHON_URL (default {DEFAULT_URL}).",
+)
+
+Url = Annotated[str | None, Parameter(help=f"Orchestrator URL (env MARATHON_URL, default {DEFAULT_URL}).")]
+
+
+def _client(url: str | None):
+    from marathon.cli.client import Client
+
+    cfg = load_config({"url": url})
+    return Client(cfg.url, cfg.token)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"marathon: {msg}", file=sys.stderr)
+    return code
+
+
+@app.command
+def serve(
+    *,
+    role: Literal["orchestrator", "node", "agent", "all"] = "all",
+    http: str | None = None,
+    gateway: str | None = None,
+    orchestrator: str | None = None,
+    data_dir: str | None = None,
+    slots: int | None = None,
+    sandbox: Literal["process", "qemu", "firecracker"] | None = None,
+    listen: str | None = None,
+    log_level: str | None = None,
+):
+    """Run a Marathon daemon.
+
+    Parameters
+    ----------
+    role
+        orchestrator (API, scheduler, node gateway), node (runs sandboxes), agent (inside a
+        sandbox), or all (orchestrator + node in one process, embedded stores).
+    http
+        API listen address, e.g. tcp:127.0.0.1:8600 (orchestrator, all).
+    gateway
+        Node gateway listen address, e.g. tcp:0.0.0.0:8601 (orchestrator, all).
+    orchestrator
+        Gateway address a node dials, e.g. tcp:orch.example:8601 (node).
+    data_dir
+        Where state lives (database, workspaces, node id and secret).
+    slots
+        Tasks this node runs at once.
+    sandbox
+        Sandbox backend for the node.
+    listen
+        Address the agent listens on (agent), e.g. unix:/run/marathon/agent.sock or vsock:4294967295:1024.
+    log_level
+        debug, info, warning or error.
+    """
+    from marathon.cli.serve import run_serve
+
+    flags = {
+        "http_listen": http, "gateway_listen": gateway, "orchestrator": orchestrator,
+        "data_dir": data_dir, "slots": slots, "sandbox": sandbox, "log_level": log_level,
+    }
+    try:
+        return run_serve(role, flags, listen)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+
+
+@app.command
+def run(
+    prompt: str,
+    *,
+    repo: str | None = None,
+    branch: str | None = None,
+    model: str | None = None,
+    max_turns: int | None = None,
+    timeout: float | None = None,
+    detach: bool = False,
+    cancel_on_interrupt: bool = False,
+    url: Url = None,
+) -> int:
+    """Submit a task, stream it live, and exit 0 only if it succeeded.
+
+    Parameters
+    ----------
+    prompt
+        What Claude Code should do.
+    repo
+        A git repository: a local path (on the node) or a URL.
+    branch
+        Branch to start from (default: the repository's default branch).
+    model
+        Claude model to use.
+    max_turns
+        Upper bound on agent turns.
+    timeout
+        Wall-clock limit for the whole task, in seconds.
+    detach
+        Print the task id and return at once.
+    cancel_on_interrupt
+        On Ctrl-C, cancel the task without asking.
+    """
+    from marathon.cli.client import ApiError
+
+    if not prompt.strip():
+        return _fail("the prompt is empty", 2)
+    if repo and "://" not in repo and "@" not in repo:
+        path = os.path.abspath(os.path.expanduser(repo))
+        if not os.path.isdir(path):
+            return _fail(f"repository {repo!r} does not exist", 2)
+        if not os.path.exists(os.path.join(path, ".git")):
+            return _fail(f"{repo!r} is not a git repository (no .git)", 2)
+        repo = path
+    body = {"prompt": prompt, "repo": repo, "branch": branch, "model": model, "max_turns": max_turns, "timeout": timeout}
+    client = _client(url)
+    try:
+        task = client.post("/v1/tasks", {k: v for k, v in body.items() if v is not None})
+    except ApiError as exc:
+        return _fail(exc.message, 2 if exc.status in (400, 401, 403, 404, 429) else 1)
+    print(f"task {task['id']} queued", flush=True)
+    if detach:
+        print(task["id"])
+        return 0
+    return _follow(client, task["id"], cancel_on_interrupt=cancel_on_interrupt, summary=True)
+
+
+def _follow(client, task_id: str, *, cancel_on_interrupt: bool, summary: bool, after: int = 0) -> int:
+    from marathon.cli.client import ApiError
+
+    try:
+        try:
+            for ev in client.events(task_id, after=after):
+                line = render.event_line(ev.kind, ev.data)
+                if line:
+                    print(line, flush=True)
+        except KeyboardInterrupt:
+            if cancel_on_interrupt or _ask_cancel():
+                client.post(f"/v1/tasks/{task_id}/cancel")
+                print(f"\ncancelling task {task_id}", file=sys.stderr)
+                return _follow(client, task_id, cancel_on_interrupt=True, summary=summary)
+            print(f"\ndetached; follow again with: marathon logs -f {task_id}", file=sys.stderr)
+            return 130
+        task = client.get(f"/v1/tasks/{task_id}")
+    except ApiError as exc:
+        return _fail(exc.message)
+    if summary:
+        print(render.summary(task))
+    return 0 if task["state"] == "succeeded" else 1
+
+
+def _ask_cancel() -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input("\ncancel the task (c) or detach (d)? [d] ").strip().lower()
+    except (EOFError, KeyboardInterrupt):
+        return False
+    return answer.startswith("c")
+
+
+@app.command
+def status(task_id: str, *, json_output: Annotated[bool, Parameter(name="--json")] = False, url: Url = None) -> int:
+    """Show a task's state, usage and result."""
+    from marathon.cli.client import ApiError
+
+    try:
+        task = _client(url).get(f"/v1/tasks/{task_id}")
+    except ApiError as exc:
+        return _fail(exc.message)
+    print(json.dumps(task, indent=2) if json_output else render.status(task))
+    return 0
+
+
+@app.command
+def logs(task_id: str, *, follow: Annotated[bool, Parameter(name=["--follow", "-f"])] = False, url: Url = None) -> int:
+    """Print a task's events; with -f, keep following until it ends."""
+    from marathon.cli.client import ApiError
+
+    client = _client(url)
+    try:
+        for ev in client.events(task_id, follow=follow):
+            line = render.event_line(ev.kind, ev.data)
+            if line:
+                print(line, flush=True)
+    except ApiError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+@app.command
+def cancel(task_id: str, *, url: Url = None) -> int:
+    """Cancel a task (the sandbox is killed)."""
+    from marathon.cli.client import ApiError
+
+    try:
+        task = _client(url).post(f"/v1/tasks/{task_id}/cancel")
+    except ApiError as exc:
+        return _fail(exc.message)
+    print(f"task {task_id}: {task['state']}" + ("" if task.get("terminal") else " (cancel sent)"))
+    return 0
+
+
+@app.command
+def tasks(*, state: str | None = None, limit: int = 20, url: Url = None) -> int:
+    """List your tasks, newest first (--state running,queued)."""
+    from marathon.cli.client import ApiError
+
+    try:
+        page = _client(url).get("/v1/tasks", params={"limit": limit, **({"state": state} if state else {})})
+    except ApiError as exc:
+        return _fail(exc.message)
+    for t in page["tasks"]:
+        prompt = " ".join(t["request"]["prompt"].split())
+        print(f"{t['id']}  {t['state']:<11} {render.age(t['created_at']):>4}  {prompt[:70]}")
+    if not page["tasks"]:
+        print("no tasks")
+    return 0
+
+
+@app.command
+def diff(task_id: str, *, url: Url = None) -> int:
+    """Print the change the agent made, as a patch."""
+    from marathon.cli.client import ApiError
+
+    try:
+        resp = _client(url).request("GET", f"/v1/tasks/{task_id}/diff")
+    except ApiError as exc:
+        return _fail(exc.message)
+    sys.stdout.write(resp.text)
+    return 0
+
+
+@app.command
+def nodes(*, url: Url = None) -> int:
+    """List nodes and their capacity."""
+    from marathon.cli.client import ApiError
+
+    try:
+        data = _client(url).get("/v1/nodes")
+    except ApiError as exc:
+        return _fail(exc.message)
+    for n in data["nodes"]:
+        state = "up" if n["connected"] else "down"
+        print(f"{n['id']}  {n['name']:<20} {state:<5} {n['active']}/{n['slots']} busy  warm {n['warm']}  {n['backend']}")
+    if not data["nodes"]:
+        print("no nodes")
+    return 0
+
+
+def main() -> None:
+    try:
+        app()
+    except MarathonError as exc:
+        sys.exit(_fail(str(exc)))

@@ -1,0 +1,117 @@
+"""Role wiring: the only place that imports across the role packages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import msgspec
+import trio
+
+from marathon.config import Config, load_config
+
+log = logging.getLogger("marathon")
+
+
+class _Redact(logging.Filter):
+    """Last line of defence: no configured secret is ever written to a log."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            if any(s in msg for s in self.secrets):
+                for s in self.secrets:
+                    msg = msg.replace(s, "***")
+                record.msg, record.args = msg, ()
+        return True
+
+
+def setup_logging(config: Config, role: str) -> None:
+    level = getattr(logging, config.log_level.upper(), logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Redact([config.anthropic_api_key, config.node_secret, config.token]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "hypercorn.access", "quart.serving"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def make_backend(config: Config):
+    from marathon.node.sandbox.process import ProcessBackend
+    from marathon.errors import ConfigError
+
+    if config.sandbox == "process":
+        claude = config.claude_bin or os.environ.get("MARATHON_CLAUDE_BIN", "")
+        return ProcessBackend(
+            bwrap=config.bwrap, data_dir=config.data_dir, claude_bin=claude,
+            sandbox_uid=config.sandbox_uid, log_level=config.log_level,
+        )
+    raise ConfigError(f"sandbox backend {config.sandbox!r} is not available in this build")
+
+
+def run_serve(role: str, flags: dict, listen: str | None) -> int:
+    if role == "agent":
+        # the agent never reads config files from its working directory (the repository)
+        config = load_config(flags, cwd="/nonexistent")
+    else:
+        config = load_config(flags)
+    setup_logging(config, role)
+    if role != "agent":
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    try:
+        trio.run(serve_role, role, config, listen)
+    except KeyboardInterrupt:
+        log.info("interrupted; shut down")
+    return 0
+
+
+async def serve_role(role: str, config: Config, listen: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED):
+    from marathon.errors import ConfigError
+
+    if role == "agent":
+        from marathon.agent.service import serve_agent
+
+        if not listen:
+            raise ConfigError("the agent needs --listen ADDRESS")
+        await serve_agent(config, listen, task_status=task_status)
+        return
+
+    async with trio.open_nursery() as nursery:
+        info = None
+        if role in ("orchestrator", "all"):
+            from marathon.orchestrator.service import serve_orchestrator
+
+            info = await nursery.start(serve_orchestrator, config)
+        node = None
+        if role in ("node", "all"):
+            from marathon.node.service import serve_node
+            from marathon.orchestrator.service import load_node_secret
+
+            node_config = config
+            if info is not None:
+                node_config = msgspec.structs.replace(config, orchestrator=info.gateway)
+            if info is not None:
+                secret = info.node_secret
+            elif config.node_secret:
+                secret = config.node_secret
+            elif os.path.exists(os.path.join(config.data_dir, "node_secret")):
+                secret = load_node_secret(config)
+            else:
+                raise ConfigError("a node needs the orchestrator's node secret: set MARATHON_NODE_SECRET")
+            backend = make_backend(node_config)
+            log.info("sandbox backend %s: %s", backend.name, backend.info.isolation)
+            for w in backend.info.warnings:
+                log.warning("%s", w)
+            if not config.anthropic_api_key:
+                log.warning("no Anthropic API key: set MARATHON_ANTHROPIC_API_KEY (environment, .env or marathon.toml)")
+            node = await nursery.start(serve_node, node_config, backend, secret)
+        if info is not None:
+            print(f"marathon {role}: API on {info.url}", file=sys.stderr, flush=True)
+        task_status.started((info, node))

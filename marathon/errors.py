@@ -1,0 +1,67 @@
+"""One shallow error hierarchy.  Library exceptions are translated at the boundary."""
+
+from __future__ import annotations
+
+
+class MarathonError(Exception):
+    """Base of every error Marathon raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(MarathonError):
+    code = "config_error"
+
+
+class ProtocolError(MarathonError):
+    """A peer sent something we cannot accept: malformed, oversized or unexpected frame."""
+
+    code = "protocol_error"
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+
+
+class VersionMismatch(ProtocolError):
+    code = "version_mismatch"
+
+
+class ConnectionClosed(MarathonError):
+    """The peer went away (cleanly or not)."""
+
+    code = "connection_closed"
+
+
+class AuthError(MarathonError):
+    code = "unauthorized"
+
+
+class NotFound(MarathonError):
+    code = "not_found"
+
+
+class InvalidRequest(MarathonError):
+    code = "invalid_request"
+
+
+class IllegalTransition(MarathonError):
+    code = "illegal_transition"
+
+
+class SandboxError(MarathonError):
+    code = "sandbox_failed"
+
+
+class RepoError(MarathonError):
+    code = "repo_error"
+
+
+class StoreError(MarathonError):
+    code = "store_error"
+
+
+class Unavailable(MarathonError):
+    """A dependency (orchestrator, store, upstream) cannot be reached right now."""
+
+    code = "unavailable"

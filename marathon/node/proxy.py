@@ -1,0 +1,215 @@
+"""The metering proxy: Claude Code's API calls from inside a sandbox arrive here (through
+the agent's tunnel), are authenticated with the task's token, get the real key, go to the
+upstream, and stream back byte for byte while their usage is read.
+
+h11 rather than hypercorn: connections arrive as tunnel streams, not sockets, and the proxy
+must pass the upstream's bytes through unchanged as they arrive — a plain HTTP/1.1 state
+machine over any trio Stream does both with no ASGI layer in between.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import h11
+import httpx
+import trio
+
+from marathon.node.meter import UsageMeter
+from marathon.protocol.messages import Usage
+
+log = logging.getLogger("marathon.proxy")
+
+MAX_BODY = 32 * 1024 * 1024
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+}
+ALLOWED_SUFFIXES = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+@dataclass
+class RequestRecord:
+    task_id: str
+    path: str
+    model: str | None
+    status: int
+    usage: Usage
+    tool_calls: int
+    request_bytes: int
+    response_bytes: int
+    duration_s: float
+    ttft_s: float | None
+    streamed: bool
+    complete: bool
+    error: str | None = None
+
+
+@dataclass
+class ProxyGrant:
+    """What one task may do through the proxy."""
+
+    task_id: str
+    token: str
+    on_record: Callable[[RequestRecord], None]
+    budget_check: Callable[[], str | None] = lambda: None  # returns a reason when exhausted
+    expires_at: float | None = None
+    records: list[RequestRecord] = field(default_factory=list)
+
+
+def _error_body(kind: str, message: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+class MeteringProxy:
+    def __init__(self, upstream: str, api_key: str, *, client: httpx.AsyncClient | None = None,
+                 max_body: int = MAX_BODY, timeout: float = 600.0):
+        self.upstream = upstream.rstrip("/")
+        self._api_key = api_key
+        self.max_body = max_body
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=30.0), follow_redirects=False, trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def handle(self, stream: trio.abc.Stream, grant: ProxyGrant) -> None:
+        """Serve HTTP/1.1 requests on one connection until it closes."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        try:
+            while True:
+                req, body = await self._read_request(conn, stream)
+                if req is None:
+                    return
+                await self._serve_one(conn, stream, grant, req, body)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.ProtocolError:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+            log.debug("proxy connection for %s ended: %s", grant.task_id, exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+                continue
+            return event
+
+    async def _read_request(self, conn, stream):
+        try:
+            event = await self._next(conn, stream)
+        except h11.RemoteProtocolError as exc:
+            await self._send_simple(conn, stream, exc.error_status_hint, "invalid_request_error", str(exc))
+            return None, b""
+        if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
+            return None, b""
+        if not isinstance(event, h11.Request):
+            return None, b""
+        declared = next((int(v) for k, v in event.headers if k == b"content-length" and v.isdigit()), None)
+        if declared is not None and declared > self.max_body:
+            await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+            return None, b""
+        body = bytearray()
+        while True:
+            ev = await self._next(conn, stream)
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > self.max_body:
+                    await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+                    return None, b""
+            elif isinstance(ev, h11.EndOfMessage):
+                return event, bytes(body)
+            else:
+                return None, b""
+
+    async def _send_simple(self, conn, stream, status: int, kind: str, message: str, extra=()) -> None:
+        body = _error_body(kind, message)
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))), *extra]
+        try:
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=body)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            pass
+
+    async def _serve_one(self, conn, stream, grant: ProxyGrant, req: h11.Request, body: bytes) -> None:
+        target = req.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
+        presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not presented or not hmac.compare_digest(presented.encode(), grant.token.encode()):
+            log.warning("proxy: task %s presented a wrong API token", grant.task_id)
+            return await self._send_simple(conn, stream, 401, "authentication_error", "invalid task token")
+        if grant.expires_at is not None and time.time() > grant.expires_at:
+            return await self._send_simple(conn, stream, 401, "authentication_error", "task token expired")
+        if req.method != b"POST" or not path.endswith(ALLOWED_SUFFIXES):
+            return await self._send_simple(conn, stream, 404, "not_found_error", f"{req.method.decode()} {path} is not proxied")
+        reason = grant.budget_check()
+        if reason:
+            return await self._send_simple(conn, stream, 402, "budget_exhausted", reason)
+
+        fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP and k not in ("x-api-key", "authorization")]
+        fwd += [("x-api-key", self._api_key), ("accept-encoding", "identity")]
+        started = time.monotonic()
+        meter = UsageMeter()
+        is_stream = False
+        try:
+            is_stream = bool(json.loads(body).get("stream")) if body else False
+        except (ValueError, AttributeError):
+            pass
+        status, sent, ttft, complete, error = 502, 0, None, False, None
+        url = self.upstream + target
+        try:
+            async with self._client.stream("POST", url, content=body, headers=fwd) as resp:
+                status = resp.status_code
+                out_headers = [
+                    (k, v) for k, v in resp.headers.multi_items()
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
+                ]
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=out_headers)))
+                nonstream = bytearray()
+                ctype = resp.headers.get("content-type", "")
+                async for chunk in resp.aiter_raw():
+                    if ttft is None:
+                        ttft = time.monotonic() - started
+                    sent += len(chunk)
+                    if "text/event-stream" in ctype:
+                        meter.feed(chunk)
+                    elif len(nonstream) < 8 * 1024 * 1024:
+                        nonstream += chunk
+                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+                if nonstream and "json" in ctype:
+                    try:
+                        meter.message(json.loads(nonstream))
+                    except ValueError:
+                        pass
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                complete = True
+        except httpx.HTTPError as exc:
+            error = f"upstream: {type(exc).__name__}: {exc}"
+            log.warning("proxy: task %s: %s", grant.task_id, error)
+            if status == 502 and sent == 0 and conn.our_state is h11.SEND_RESPONSE:
+                await self._send_simple(conn, stream, 502, "api_error", "upstream unreachable")
+            else:
+                raise trio.BrokenResourceError(error) from None  # cut the client off mid-stream
+        finally:
+            rec = RequestRecord(
+                task_id=grant.task_id, path=path, model=meter.model, status=status, usage=meter.usage,
+                tool_calls=meter.tool_calls, request_bytes=len(body), response_bytes=sent,
+                duration_s=time.monotonic() - started, ttft_s=ttft, streamed=is_stream,
+                complete=complete and (meter.saw_stop or not is_stream), error=error or meter.error,
+            )
+            grant.records.append(rec)
+            grant.on_record(rec)

@@ -1,0 +1,231 @@
+"""The node role: dial the orchestrator, take assignments, run each task in its own sandbox.
+
+Everything the node must not lose (task events and results) goes through an outbox with one
+sequence counter; the orchestrator acknowledges what it has processed in every heartbeat
+reply, and whatever is unacknowledged is sent again after a reconnect (duplicates are
+dropped on the other side by that sequence number).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import random
+import uuid
+
+import trio
+
+from marathon import __version__
+from marathon.config import Config
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError
+from marathon.node.proxy import MeteringProxy
+from marathon.node.sandbox import SandboxBackend
+from marathon.node.supervisor import TaskHandle, supervise
+from marathon.protocol import FramedStream
+from marathon.protocol import messages as m
+from marathon.protocol.auth import node_mac
+from marathon.protocol.transports import open_stream
+
+log = logging.getLogger("marathon.node")
+OUTBOX_LIMIT = 200_000
+
+
+def load_node_id(config: Config) -> str:
+    if config.node_id:
+        return config.node_id
+    path = os.path.join(config.data_dir, "node_id")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        node_id = f"n-{uuid.uuid4().hex[:12]}"
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(node_id + "\n")
+        return node_id
+
+
+class NodeService:
+    def __init__(self, config: Config, backend: SandboxBackend, proxy: MeteringProxy, secret: str):
+        self.config, self.backend, self.proxy, self.secret = config, backend, proxy, secret
+        self.node_id = load_node_id(config)
+        self.tasks: dict[str, TaskHandle] = {}
+        self.draining = False
+        self._seq = itertools.count(1)
+        self._outbox: collections.deque[tuple[int, object]] = collections.deque()
+        self._outbox_changed = trio.Event()
+        self._acked = 0
+        self._link: FramedStream | None = None
+        self.connected = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------------ outbox
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def emit(self, msg) -> None:
+        """Queue a TaskEvent/TaskResult for the orchestrator (never blocks, never drops results)."""
+        self._outbox.append((msg.node_seq, msg))
+        if len(self._outbox) > OUTBOX_LIMIT:
+            for i, (_, old) in enumerate(self._outbox):
+                if isinstance(old, m.TaskEvent):
+                    del self._outbox[i]
+                    log.warning("outbox full while disconnected: dropped an old event of task %s", old.task_id)
+                    break
+        self._outbox_changed.set()
+
+    def _ack(self, acked: int) -> None:
+        self._acked = max(self._acked, acked)
+        while self._outbox and self._outbox[0][0] <= self._acked:
+            self._outbox.popleft()
+
+    def capacity(self) -> m.Capacity:
+        return m.Capacity(
+            slots=self.config.slots, active=len(self.tasks), warm=0, backend=self.backend.name,
+            api_key=bool(self.config.anthropic_api_key),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._connection_loop)
+            task_status.started(self)
+
+    async def _connection_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._session()
+                backoff = 0.1
+            except AuthError as exc:
+                log.error("orchestrator refused this node: %s", exc)
+                backoff = 5.0
+            except (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as exc:
+                if self.connected.is_set() or backoff >= 2:
+                    log.warning("orchestrator link at %s: %s", self.config.orchestrator, exc)
+            finally:
+                self._link = None
+                self.connected = trio.Event()
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _session(self) -> None:
+        with trio.fail_after(self.config.connect_timeout):
+            stream = await open_stream(self.config.orchestrator)
+        fs = FramedStream(stream, m.GatewayMessage)
+        try:
+            await fs.handshake("node", __version__, initiator=True, timeout=self.config.connect_timeout)
+            with trio.fail_after(self.config.connect_timeout):
+                challenge = await fs.receive()
+                if isinstance(challenge, m.Error):
+                    raise ProtocolError(f"{challenge.code}: {challenge.message}")
+                if not isinstance(challenge, m.Challenge):
+                    raise ProtocolError(f"expected challenge, got {type(challenge).__name__}")
+                running = sorted(set(self.tasks) | {msg.task_id for _, msg in self._outbox})
+                await fs.send(m.Authenticate(
+                    node_id=self.node_id, name=self.config.node_name,
+                    mac=node_mac(self.secret, challenge.nonce, self.node_id),
+                    capacity=self.capacity(), running=running,
+                ))
+                welcome = await fs.receive()
+            if isinstance(welcome, m.Error):
+                if welcome.code == AuthError.code:
+                    raise AuthError(welcome.message)
+                raise ProtocolError(f"{welcome.code}: {welcome.message}")
+            if not isinstance(welcome, m.Welcome):
+                raise ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+            log.info("connected to the orchestrator at %s as %s", self.config.orchestrator, self.node_id)
+            self._link = fs
+            self.connected.set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, fs, welcome.heartbeat_interval)
+                nursery.start_soon(self._sender, fs)
+                await self._receiver(fs)
+                nursery.cancel_scope.cancel()
+        finally:
+            await fs.aclose()
+
+    async def _heartbeat(self, fs: FramedStream, interval: float) -> None:
+        while True:
+            await fs.send(m.Heartbeat(capacity=self.capacity(), running=sorted(self.tasks)))
+            await trio.sleep(interval)
+
+    async def _sender(self, fs: FramedStream) -> None:
+        sent = self._acked
+        while True:
+            pending = [(s, msg) for s, msg in self._outbox if s > sent]
+            if not pending:
+                self._outbox_changed = trio.Event()
+                await self._outbox_changed.wait()
+                continue
+            for s, msg in pending:
+                await fs.send(msg)
+                sent = s
+
+    async def _receiver(self, fs: FramedStream) -> None:
+        timeout = max(self.config.node_timeout, 3 * self.config.heartbeat_interval)
+        while True:
+            with trio.fail_after(timeout):
+                msg = await fs.receive()
+            if isinstance(msg, m.HeartbeatAck):
+                self._ack(msg.acked)
+            elif isinstance(msg, m.Assign):
+                await self._assign(fs, msg.task)
+            elif isinstance(msg, m.Cancel):
+                handle = self.tasks.get(msg.task_id)
+                if handle is not None:
+                    handle.cancel(msg.reason if msg.reason == "timeout" else "cancelled")
+            elif isinstance(msg, m.Drain):
+                self.draining = True
+                log.info("draining: no new tasks")
+            elif isinstance(msg, m.Error):
+                raise ConnectionClosed(f"orchestrator says {msg.code}: {msg.message}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the orchestrator")
+
+    async def _assign(self, fs: FramedStream, spec: m.TaskSpec) -> None:
+        if spec.task_id in self.tasks:
+            await fs.send(m.Accepted(task_id=spec.task_id))
+            return
+        if self.draining:
+            await fs.send(m.Rejected(task_id=spec.task_id, reason="node is draining"))
+            return
+        if len(self.tasks) >= self.config.slots:
+            await fs.send(m.Rejected(task_id=spec.task_id, reason="no free slot"))
+            return
+        handle = TaskHandle(spec)
+        self.tasks[spec.task_id] = handle
+        await fs.send(m.Accepted(task_id=spec.task_id))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_task, handle)
+
+    async def _run_task(self, handle: TaskHandle) -> None:
+        task_id = handle.spec.task_id
+
+        def emit_event(ev: m.Event) -> None:
+            self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev))
+
+        try:
+            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event)
+        finally:
+            self.tasks.pop(task_id, None)
+        self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome))
+        log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
+
+
+async def serve_node(config: Config, backend: SandboxBackend, secret: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    proxy = MeteringProxy(config.anthropic_base_url, config.anthropic_api_key)
+    try:
+        service = NodeService(config, backend, proxy, secret)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            task_status.started(service)
+    finally:
+        with trio.CancelScope(shield=True):
+            await proxy.aclose()
+            await backend.aclose()

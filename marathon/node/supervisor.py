@@ -1,0 +1,205 @@
+"""One task on one node: workspace, sandbox, agent channel, API tunnel, deadline, cancel.
+
+Whatever happens, ``supervise`` returns an outcome (never raises for task failures) and
+leaves nothing behind: the sandbox is destroyed and its directory removed, shielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import msgspec
+import trio
+
+from marathon import __version__
+from marathon.config import Config
+from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError
+from marathon.node.git import prepare_workspace
+from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
+from marathon.node.sandbox import Sandbox, SandboxBackend
+from marathon.protocol import FramedStream
+from marathon.protocol import messages as m
+from marathon.protocol.transports import open_stream
+from marathon.protocol.tunnel import TunnelMux
+
+log = logging.getLogger("marathon.node")
+STOP_GRACE = 10.0  # how long the agent gets to stop Claude Code and report after a cancel
+
+
+class TaskHandle:
+    def __init__(self, spec: m.TaskSpec):
+        self.spec = spec
+        self.stop = trio.Event()
+        self.stop_reason = ""
+        self.usage = m.Usage()
+
+    def cancel(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.stop_reason = reason
+            self.stop.set()
+
+
+def _ended(handle: TaskHandle, t0: float, **kw) -> m.TaskOutcome:
+    return m.TaskOutcome(duration_s=time.monotonic() - t0, usage=handle.usage, **kw)
+
+
+async def connect_agent(sandbox: Sandbox, timeout: float) -> FramedStream:
+    """Dial the agent until it answers, the sandbox dies, or ``timeout`` passes."""
+    delay = 0.005
+    with trio.move_on_after(timeout) as scope:
+        while True:
+            try:
+                stream = await open_stream(sandbox.agent_address)
+                break
+            except OSError:
+                if sandbox.exited() is not None:
+                    raise SandboxError(f"the sandbox exited ({sandbox.exited()}) before its agent was up: {sandbox.diagnostics()[-800:]}") from None
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+    if scope.cancelled_caught:
+        raise SandboxError(f"the agent did not come up within {timeout:.0f}s: {sandbox.diagnostics()[-800:]}")
+    fs = FramedStream(stream, m.AgentMessage)
+    await fs.handshake("node", __version__, initiator=True, timeout=timeout)
+    with trio.fail_after(timeout):
+        ready = await fs.receive()
+    if not isinstance(ready, m.Ready):
+        raise ProtocolError(f"expected ready from the agent, got {type(ready).__name__}")
+    return fs
+
+
+async def supervise(
+    handle: TaskHandle, config: Config, backend: SandboxBackend, proxy: MeteringProxy,
+    emit: Callable[[m.Event], None],
+) -> m.TaskOutcome:
+    spec = handle.spec
+    t0 = time.monotonic()
+    deadline = trio.current_time() + spec.timeout_s
+    root = os.path.join(config.data_dir, "sandboxes", spec.task_id)
+    workspace, run_dir = os.path.join(root, "workspace"), os.path.join(root, "run")
+    sandbox: Sandbox | None = None
+    try:
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        emit(m.LogEvent(message=f"preparing workspace{f' from {spec.repo}' if spec.repo else ''}"))
+        try:
+            with trio.move_on_at(deadline) as scope:
+                async with _stop_scope(handle):
+                    await prepare_workspace(spec.repo, spec.branch, workspace, owner_uid=_uid(config))
+            if scope.cancelled_caught:
+                return _ended(handle, t0, state="timed_out", reason="timeout", message="timed out preparing the workspace")
+            if handle.stop.is_set():
+                return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
+        except RepoError as exc:
+            return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
+
+        sandbox = await backend.create(spec.task_id, workspace, run_dir)
+        emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
+        fs = None
+        async with _stop_scope(handle):
+            fs = await connect_agent(sandbox, config.connect_timeout)
+        if fs is None or handle.stop.is_set():
+            if fs is not None:
+                await fs.aclose()
+            return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
+        return await _drive(handle, fs, sandbox, proxy, emit, deadline, t0)
+    except (SandboxError, ProtocolError, ConnectionClosed) as exc:
+        log.warning("task %s: sandbox failed: %s", spec.task_id, exc)
+        return _ended(handle, t0, state="failed", reason="sandbox_failed", message=str(exc))
+    except MarathonError as exc:
+        return _ended(handle, t0, state="failed", reason=exc.code, message=str(exc))
+    except OSError as exc:
+        log.exception("task %s: node error", spec.task_id)
+        return _ended(handle, t0, state="failed", reason="node_error", message=str(exc))
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            if sandbox is not None:
+                await sandbox.destroy()
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
+@asynccontextmanager
+async def _stop_scope(handle: TaskHandle):
+    """Cancel the body when the task is told to stop (used around slow set-up steps)."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await handle.stop.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _uid(config: Config) -> int | None:
+    return config.sandbox_uid if os.geteuid() == 0 else None
+
+
+async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: MeteringProxy,
+                 emit, deadline: float, t0: float) -> m.TaskOutcome:
+    spec = handle.spec
+
+    def on_record(rec: RequestRecord) -> None:
+        handle.usage = handle.usage + rec.usage
+        emit(m.UsageEvent(usage=handle.usage))
+
+    grant = ProxyGrant(task_id=spec.task_id, token="mt_" + secrets.token_urlsafe(32), on_record=on_record)
+    mux = TunnelMux(fs.send, first_id=2)
+    outcome: m.TaskOutcome | None = None
+    try:
+        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, api_key=grant.token))
+        async with trio.open_nursery() as nursery:
+
+            async def stopper() -> None:
+                with trio.move_on_at(deadline):
+                    await handle.stop.wait()
+                reason = handle.stop_reason or "timeout"
+                handle.cancel(reason)
+                try:
+                    await fs.send(m.CancelRun(reason=reason))
+                except ConnectionClosed:
+                    pass
+                await trio.sleep(STOP_GRACE)
+                log.warning("task %s: the agent did not stop within %.0fs; killing the sandbox", spec.task_id, STOP_GRACE)
+                await sandbox.destroy()
+
+            nursery.start_soon(stopper)
+            try:
+                while True:
+                    msg = await fs.receive()
+                    if isinstance(msg, m.AgentEvent):
+                        emit(msg.event)
+                    elif isinstance(msg, (m.TunnelOpen, m.TunnelData, m.TunnelAck, m.TunnelClose)):
+                        stream = mux.feed(msg)
+                        if stream is not None:
+                            nursery.start_soon(proxy.handle, stream, grant)
+                    elif isinstance(msg, m.AgentResult):
+                        outcome = msg.outcome
+                        break
+                    elif isinstance(msg, m.Error):
+                        raise ProtocolError(f"agent says {msg.code}: {msg.message}")
+                    else:
+                        raise ProtocolError(f"unexpected {type(msg).__name__} from the agent")
+            except ConnectionClosed as exc:
+                if not handle.stop.is_set():
+                    raise SandboxError(f"lost the agent: {exc}; {sandbox.diagnostics()[-500:]}") from None
+            finally:
+                mux.close_all()
+                nursery.cancel_scope.cancel()
+    finally:
+        await fs.aclose()
+    if outcome is None:  # stopped and the agent never reported
+        reason = handle.stop_reason or "timeout"
+        state = "timed_out" if reason == "timeout" else "cancelled"
+        return _ended(handle, t0, state=state, reason=reason, message=f"stopped: {reason}")
+    if handle.stop.is_set() and outcome.state not in ("cancelled", "timed_out"):
+        state = "timed_out" if handle.stop_reason == "timeout" else "cancelled"
+        outcome = msgspec.structs.replace(outcome, state=state, reason=handle.stop_reason)
+    return outcome

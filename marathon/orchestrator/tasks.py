@@ -1,0 +1,212 @@
+"""Task operations: submit, move through the lifecycle, record node events and outcomes.
+
+Every state change is a compare-and-set in the store plus a persisted ``state`` event,
+then a bus notification; followers read the store, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgspec
+
+from marathon.bus import Bus
+from marathon.config import Config
+from marathon.errors import IllegalTransition, InvalidRequest, NotFound
+from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, transition
+from marathon.protocol import messages as m
+from marathon.store import EventIn, Store, TaskRecord, TaskRequest
+
+log = logging.getLogger("marathon.orchestrator")
+_json = msgspec.json.Encoder()
+
+SCHED_TOPIC = "scheduler"
+MAX_PROMPT = 100_000
+
+
+def task_topic(task_id: str) -> str:
+    return f"task:{task_id}"
+
+
+def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_id: str | None = None) -> EventIn:
+    return EventIn(task_id, type(event).__struct_config__.tag, _json.encode(event), node_seq, node_id)
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(6)
+
+
+def validate_request(req: TaskRequest) -> TaskRequest:
+    if not req.prompt.strip():
+        raise InvalidRequest("prompt must not be empty")
+    if len(req.prompt) > MAX_PROMPT:
+        raise InvalidRequest(f"prompt is longer than {MAX_PROMPT} characters")
+    if req.max_turns is not None and not 1 <= req.max_turns <= 1000:
+        raise InvalidRequest("max_turns must be between 1 and 1000")
+    if req.timeout is not None and not 1 <= req.timeout <= 7 * 86400:
+        raise InvalidRequest("timeout must be between 1 second and 7 days")
+    return req
+
+
+class TaskService:
+    def __init__(self, store: Store, bus: Bus, config: Config):
+        self.store, self.bus, self.config = store, bus, config
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        rec = await self.store.get_task(task_id)
+        if rec is None or (owner is not None and rec.owner != owner):
+            raise NotFound(f"no task {task_id!r}")
+        return rec
+
+    def spec_for(self, rec: TaskRecord) -> m.TaskSpec:
+        req = rec.request
+        return m.TaskSpec(
+            task_id=rec.id,
+            prompt=req.prompt,
+            repo=req.repo,
+            branch=req.branch,
+            model=req.model or self.config.model or None,
+            max_turns=req.max_turns or self.config.max_turns,
+            timeout_s=req.timeout or self.config.timeout,
+            attempt=rec.attempt,
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    async def submit(self, owner: str, req: TaskRequest) -> TaskRecord:
+        validate_request(req)
+        rec = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=req)
+        rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
+        log.info("task %s queued by %s", rec.id, owner)
+        await self.bus.notify(SCHED_TOPIC)
+        return rec
+
+    async def move(
+        self,
+        task_id: str,
+        target: State,
+        *,
+        reason: str | None = None,
+        message: str | None = None,
+        changes: dict[str, Any] | None = None,
+        expect: frozenset[State] | set[State] | None = None,
+        expect_node: str | None = None,
+    ) -> TaskRecord | None:
+        """Move a task to ``target`` if the lifecycle allows it from its current state.
+
+        Returns the updated record, or None when the task is not in ``expect`` (or not on
+        ``expect_node``) or the transition is illegal: callers race with each other and
+        with nodes, and the loser simply does nothing.
+        """
+        for _ in range(10):
+            rec = await self.store.get_task(task_id)
+            if rec is None:
+                return None
+            if expect is not None and State(rec.state) not in expect:
+                return None
+            if expect_node is not None and rec.node_id != expect_node:
+                return None
+            try:
+                transition(rec.state, target)
+            except IllegalTransition as exc:
+                log.debug("task %s: %s", task_id, exc)
+                return None
+            cols: dict[str, Any] = {"state": str(target), "reason": reason, "message": message}
+            if target in TERMINAL:
+                cols["finished_at"] = time.time()
+            cols.update(changes or {})
+            ev = event_in(task_id, m.StateEvent(state=str(target), reason=reason, message=message))
+            res = await self.store.update_task(task_id, expect_state=rec.state, changes=cols, event=ev)
+            if res is not None:
+                new, _ = res
+                log.info("task %s: %s -> %s%s", task_id, rec.state, target, f" ({reason})" if reason else "")
+                await self.bus.notify(task_topic(task_id))
+                if target in (State.QUEUED,) or target in TERMINAL:
+                    await self.bus.notify(SCHED_TOPIC)
+                return new
+        return None
+
+    async def requeue_or_fail(self, rec: TaskRecord, reason: str, message: str) -> TaskRecord | None:
+        """A task lost its node (or was refused): queue it again, or fail it after max_attempts."""
+        expect = {State(rec.state)}
+        if rec.attempt >= self.config.max_attempts:
+            return await self.move(
+                rec.id, State.FAILED, reason=reason, expect=expect,
+                message=f"{message}; gave up after {rec.attempt} attempts",
+            )
+        return await self.move(
+            rec.id, State.QUEUED, reason=reason, message=f"{message}; queued again", expect=expect,
+            changes={"node_id": None},
+        )
+
+    async def record_events(self, node_id: str, msgs: list[m.TaskEvent]) -> None:
+        """Persist a batch of events from one node, in order, idempotently (node_seq)."""
+        batch: list[EventIn] = []
+        for msg in msgs:
+            ev = msg.event
+            if isinstance(ev, m.StateEvent) and ev.state == State.RUNNING:
+                await self._flush(batch)
+                batch = []
+                await self.move(
+                    msg.task_id, State.RUNNING, expect={State.STARTING}, expect_node=node_id,
+                    changes={"started_at": time.time(), "last_node_seq": msg.node_seq},
+                )
+                continue
+            if isinstance(ev, (m.StateEvent, m.ResultEvent)):
+                continue  # states are the orchestrator's to record
+            batch.append(event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id))
+        await self._flush(batch)
+
+    async def _flush(self, batch: list[EventIn]) -> None:
+        if not batch:
+            return
+        stored = await self.store.append_events(batch)
+        for task_id in {s.task_id for s in stored if s is not None}:
+            await self.bus.notify(task_topic(task_id))
+
+    async def record_outcome(self, node_id: str, msg: m.TaskResult) -> TaskRecord | None:
+        out = msg.outcome
+        try:
+            target = State(out.state)
+        except ValueError:
+            target, out = State.FAILED, msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}")
+        if out.diff:
+            await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
+        changes = {
+            "usage": out.usage, "cost_usd": out.cost_usd, "num_turns": out.num_turns,
+            "exit_code": out.exit_code, "is_error": out.is_error, "diff_stat": out.diff_stat,
+            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq,
+        }
+        rec = await self.move(
+            msg.task_id, target, reason=out.reason, message=out.message, changes=changes,
+            expect=ACTIVE, expect_node=node_id,
+        )
+        if rec is None:
+            log.info("task %s: ignored outcome %s from node %s (task no longer there)", msg.task_id, out.state, node_id)
+        return rec
+
+    async def cancel(self, task_id: str, *, owner: str | None, send_cancel) -> TaskRecord:
+        """Cancel: a task not on a node ends at once; one on a node is cancelled there first.
+
+        ``send_cancel(node_id, task_id) -> bool`` returns False when the node is not connected,
+        in which case the task is ended here (the node, if it comes back, is told to drop it).
+        """
+        rec = await self.get(task_id, owner=owner)
+        state = State(rec.state)
+        if state in TERMINAL:
+            return rec
+        if state in (State.QUEUED, State.NEEDS_INPUT) or rec.node_id is None:
+            new = await self.move(task_id, State.CANCELLED, reason="cancelled", message="cancelled by user", expect={state})
+            return new or await self.get(task_id)
+        if await send_cancel(rec.node_id, task_id):
+            return rec
+        new = await self.move(
+            task_id, State.CANCELLED, reason="cancelled", message="cancelled by user (node not connected)",
+            expect={state},
+        )
+        return new or await self.get(task_id)

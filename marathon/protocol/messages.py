@@ -1,0 +1,279 @@
+"""Every message on every channel: frozen, tagged msgspec Structs, one union per channel.
+
+Channels:
+- gateway: node <-> orchestrator (TCP)
+- agent:   node <-> agent in the sandbox (Unix socket, vsock, TCP via user-net)
+
+Adding a field with a default is backwards compatible; renaming or removing one
+needs a PROTOCOL_VERSION bump.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=False):
+    pass
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Usage(msgspec.Struct, frozen=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_creation_input_tokens + other.cache_creation_input_tokens,
+            self.cache_read_input_tokens + other.cache_read_input_tokens,
+        )
+
+    @property
+    def total(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+
+class TaskSpec(msgspec.Struct, frozen=True):
+    """What a node needs to run one task.  Identity (tokens) travels here, never in images."""
+
+    task_id: str
+    prompt: str
+    repo: str | None = None
+    branch: str | None = None
+    model: str | None = None
+    max_turns: int = 30
+    timeout_s: float = 3600.0
+    attempt: int = 1
+    env: dict[str, str] = {}
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    slots: int
+    active: int = 0
+    warm: int = 0
+    backend: str = "process"
+    api_key: bool = True  # whether this node can reach the upstream API with a key
+
+
+class TaskOutcome(msgspec.Struct, frozen=True):
+    """The end of one task as the agent/node saw it."""
+
+    state: str  # succeeded | failed | cancelled | timed_out | needs_input
+    reason: str | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    is_error: bool = False
+    num_turns: int = 0
+    usage: Usage = Usage()
+    cost_usd: float | None = None
+    duration_s: float = 0.0
+    diff: str = ""
+    diff_stat: str = ""
+    final_text: str = ""
+
+
+# --------------------------------------------------------------------------- events
+# Events flow agent -> node -> orchestrator -> clients.  Clients see them as JSON.
+
+
+class TextEvent(_Msg, tag="text"):
+    text: str
+
+
+class ToolCallEvent(_Msg, tag="tool_call"):
+    tool_id: str
+    name: str
+    summary: str
+
+
+class ToolResultEvent(_Msg, tag="tool_result"):
+    tool_id: str
+    summary: str
+    is_error: bool = False
+
+
+class StateEvent(_Msg, tag="state"):
+    state: str
+    reason: str | None = None
+    message: str | None = None
+
+
+class LogEvent(_Msg, tag="log"):
+    message: str
+    level: str = "info"
+    source: str = "node"
+
+
+class UsageEvent(_Msg, tag="usage"):
+    usage: Usage
+    cost_usd: float | None = None
+
+
+class ResultEvent(_Msg, tag="result"):
+    outcome: TaskOutcome
+
+
+Event = Union[TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, UsageEvent, ResultEvent]
+
+
+# --------------------------------------------------------------------------- common
+
+
+class Hello(_Msg, tag="hello"):
+    """First message on every connection, from each side."""
+
+    protocol: int
+    role: str
+    version: str = ""
+
+
+class Error(_Msg, tag="error"):
+    """Sent before closing a connection on purpose, so the peer can say why."""
+
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+class Challenge(_Msg, tag="challenge"):
+    nonce: bytes
+
+
+class Authenticate(_Msg, tag="authenticate"):
+    node_id: str
+    name: str
+    mac: bytes
+    capacity: Capacity
+    running: list[str] = []
+
+
+class Welcome(_Msg, tag="welcome"):
+    node_id: str
+    heartbeat_interval: float
+
+
+class Heartbeat(_Msg, tag="heartbeat"):
+    capacity: Capacity
+    running: list[str] = []
+
+
+class HeartbeatAck(_Msg, tag="heartbeat_ack"):
+    """The highest node_seq the orchestrator has processed from this node; the node may
+    forget everything up to it (and resends the rest after a reconnect)."""
+
+    acked: int
+
+
+class Assign(_Msg, tag="assign"):
+    task: TaskSpec
+
+
+class Accepted(_Msg, tag="accepted"):
+    task_id: str
+
+
+class Rejected(_Msg, tag="rejected"):
+    task_id: str
+    reason: str
+
+
+class Cancel(_Msg, tag="cancel"):
+    task_id: str
+    reason: str = "cancelled"
+
+
+class Drain(_Msg, tag="drain"):
+    pass
+
+
+class TaskEvent(_Msg, tag="task_event"):
+    """node_seq comes from one counter per node process, so it orders everything the node
+    sends; the orchestrator drops anything at or below what it already has."""
+
+    task_id: str
+    node_seq: int
+    event: Event
+
+
+class TaskResult(_Msg, tag="task_result"):
+    task_id: str
+    node_seq: int
+    outcome: TaskOutcome
+
+
+GatewayMessage = Union[
+    Hello, Error, Challenge, Authenticate, Welcome, Heartbeat, HeartbeatAck, Assign, Accepted, Rejected,
+    Cancel, Drain, TaskEvent, TaskResult,
+]
+
+
+# --------------------------------------------------------------------------- agent
+
+
+class Ready(_Msg, tag="ready"):
+    agent_version: str
+    claude_version: str = ""
+    sandbox: str = ""
+
+
+class Start(_Msg, tag="start"):
+    task: TaskSpec
+    workspace: str
+    api_base_path: str = ""  # path prefix the tunnel's upstream expects
+    api_key: str = ""  # the credential Claude Code presents (a per-task token once metered)
+
+
+class AgentEvent(_Msg, tag="event"):
+    event: Event
+
+
+class AgentResult(_Msg, tag="result"):
+    outcome: TaskOutcome
+
+
+class CancelRun(_Msg, tag="cancel_run"):
+    reason: str = "cancelled"
+
+
+class TunnelOpen(_Msg, tag="t_open"):
+    conn: int
+
+
+class TunnelData(_Msg, tag="t_data"):
+    conn: int
+    data: bytes
+
+
+class TunnelAck(_Msg, tag="t_ack"):
+    conn: int
+    n: int
+
+
+class TunnelClose(_Msg, tag="t_close"):
+    conn: int
+    error: str | None = None
+
+
+AgentMessage = Union[
+    Hello, Error, Ready, Start, AgentEvent, AgentResult, CancelRun,
+    TunnelOpen, TunnelData, TunnelAck, TunnelClose,
+]
+
+TERMINAL_OUTCOMES = ("succeeded", "failed", "cancelled", "timed_out", "needs_input")

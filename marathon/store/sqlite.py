@@ -1,0 +1,279 @@
+"""SQLite store: WAL, one writer connection used by one thread at a time, one reader."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any, Callable, TypeVar
+
+import msgspec
+import trio
+
+from marathon.errors import StoreError
+from marathon.protocol.messages import Usage
+from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord, TaskRequest
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    reason TEXT, message TEXT, node_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    started_at REAL, finished_at REAL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_node_seq INTEGER NOT NULL DEFAULT 0,
+    usage TEXT NOT NULL DEFAULT '{}',
+    cost_usd REAL, num_turns INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER, is_error INTEGER NOT NULL DEFAULT 0,
+    diff_stat TEXT NOT NULL DEFAULT '', final_text TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks(created_at, id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    task_id TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+    kind TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (task_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS artifacts (
+    task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (task_id, name)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = (
+    "id, owner, state, request, reason, message, node_id, attempt, created_at, updated_at, "
+    "started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code, "
+    "is_error, diff_stat, final_text"
+)
+_json = msgspec.json.Encoder()
+
+
+def _row_to_task(row: tuple) -> TaskRecord:
+    (id_, owner, state, request, reason, message, node_id, attempt, created_at, updated_at,
+     started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code,
+     is_error, diff_stat, final_text) = row
+    return TaskRecord(
+        id=id_, owner=owner, state=state, request=msgspec.json.decode(request, type=TaskRequest),
+        reason=reason, message=message, node_id=node_id, attempt=attempt,
+        created_at=created_at, updated_at=updated_at, started_at=started_at,
+        finished_at=finished_at, last_seq=last_seq, last_node_seq=last_node_seq,
+        usage=msgspec.json.decode(usage, type=Usage), cost_usd=cost_usd, num_turns=num_turns,
+        exit_code=exit_code, is_error=bool(is_error), diff_stat=diff_stat, final_text=final_text,
+    )
+
+
+def _to_column(name: str, value: Any) -> Any:
+    if name in ("usage", "request"):
+        return _json.encode(value).decode()
+    if name == "is_error":
+        return int(bool(value))
+    return value
+
+
+def encode_cursor(rec: TaskRecord) -> str:
+    return f"{rec.created_at!r}_{rec.id}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    ts, sep, task_id = cursor.partition("_")
+    try:
+        if not sep:
+            raise ValueError
+        return float(ts), task_id
+    except ValueError:
+        raise StoreError(f"bad cursor {cursor!r}") from None
+
+
+class SqliteStore:
+    def __init__(self, path: str):
+        self.path = path
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._wlimit = trio.CapacityLimiter(1)
+        self._rlimit = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: str) -> "SqliteStore":
+        self = cls(path)
+        await trio.to_thread.run_sync(self._open_sync)
+        return self
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _open_sync(self) -> None:
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._reader = self._connect()
+
+    async def close(self) -> None:
+        for conn, limit in ((self._writer, self._wlimit), (self._reader, self._rlimit)):
+            if conn is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(conn.close, limiter=limit)
+        self._writer = self._reader = None
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._writer
+            if conn is None:
+                raise StoreError("store is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return out
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._wlimit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._reader is None:
+                raise StoreError("store is closed")
+            return fn(self._reader)
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._rlimit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    # ------------------------------------------------------------------ tasks
+
+    async def create_task(self, rec: TaskRecord, first_event: EventIn) -> tuple[TaskRecord, StoredEvent]:
+        now = time.time()
+        rec.created_at = rec.created_at or now
+        rec.updated_at = now
+
+        def fn(conn: sqlite3.Connection):
+            values = [_to_column(c.strip(), getattr(rec, c.strip())) for c in _COLUMNS.split(",")]
+            conn.execute(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * len(values))})", values)
+            return self._append_one(conn, first_event, now)
+
+        ev = await self._write(fn)
+        rec.last_seq = ev.seq
+        return rec, ev
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def fn(conn):
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _row_to_task(row) if row else None
+
+        return await self._read(fn)
+
+    async def list_tasks(self, *, owner=None, states=None, cursor=None, limit=50, oldest_first=False):
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        op, order = (">", "ASC") if oldest_first else ("<", "DESC")
+        if cursor:
+            ts, tid = decode_cursor(cursor)
+            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
+            args.extend([ts, ts, tid])
+        sql = f"SELECT {_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY created_at {order}, id {order} LIMIT ?"
+        args.append(limit + 1)
+
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
+        tasks = [_row_to_task(r) for r in rows[:limit]]
+        nxt = encode_cursor(tasks[-1]) if len(rows) > limit else None
+        return tasks, nxt
+
+    async def update_task(self, task_id, *, expect_state, changes, event=None):
+        bad = set(changes) - UPDATABLE
+        if bad:
+            raise StoreError(f"cannot update {sorted(bad)}")
+        now = time.time()
+
+        def fn(conn: sqlite3.Connection):
+            row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None or (expect_state is not None and row[0] != expect_state):
+                return None
+            cols = dict(changes, updated_at=now)
+            sets = ", ".join(f"{k} = ?" for k in cols)
+            conn.execute(
+                f"UPDATE tasks SET {sets} WHERE id = ?",
+                [_to_column(k, v) for k, v in cols.items()] + [task_id],
+            )
+            ev = self._append_one(conn, event, now) if event is not None else None
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _row_to_task(row), ev
+
+        return await self._write(fn)
+
+    # ------------------------------------------------------------------ events
+
+    @staticmethod
+    def _append_one(conn: sqlite3.Connection, ev: EventIn, now: float) -> StoredEvent | None:
+        if ev.node_seq is not None:
+            row = conn.execute(
+                "UPDATE tasks SET last_seq = last_seq + 1, last_node_seq = ? "
+                "WHERE id = ? AND last_node_seq < ? AND (? IS NULL OR node_id = ?) RETURNING last_seq",
+                (ev.node_seq, ev.task_id, ev.node_seq, ev.node_id, ev.node_id),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "UPDATE tasks SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (ev.task_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        seq = row[0]
+        conn.execute(
+            "INSERT INTO events (task_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
+            (ev.task_id, seq, now, ev.kind, ev.data),
+        )
+        return StoredEvent(ev.task_id, seq, now, ev.kind, ev.data)
+
+    async def append_events(self, items: list[EventIn]) -> list[StoredEvent | None]:
+        now = time.time()
+        return await self._write(lambda conn: [self._append_one(conn, ev, now) for ev in items])
+
+    async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        def fn(conn):
+            rows = conn.execute(
+                "SELECT seq, ts, kind, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (task_id, after, limit),
+            ).fetchall()
+            return [StoredEvent(task_id, s, ts, k, bytes(d)) for s, ts, k, d in rows]
+
+        return await self._read(fn)
+
+    # ------------------------------------------------------------------ artifacts
+
+    async def put_artifact(self, task_id: str, name: str, data: bytes) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO artifacts (task_id, name, data) VALUES (?, ?, ?)", (task_id, name, data)
+            )
+        )
+
+    async def get_artifact(self, task_id: str, name: str) -> bytes | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT data FROM artifacts WHERE task_id = ? AND name = ?", (task_id, name)
+            ).fetchone()
+        )
+        return bytes(row[0]) if row else None
