@@ -65,3 +65,33 @@ class Unavailable(MarathonError):
     """A dependency (orchestrator, store, upstream) cannot be reached right now."""
 
     code = "unavailable"
+
+
+def collapse(group: BaseExceptionGroup) -> BaseException:
+    """The single real exception inside a nursery's ExceptionGroup, or the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+class single_errors:
+    """``with single_errors(): async with trio.open_nursery() ...`` re-raises a lone
+    exception from the nursery as itself, so ordinary ``except`` clauses catch it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if isinstance(exc, BaseExceptionGroup):
+            leaf = collapse(exc)
+            if leaf is not exc:
+                raise leaf
+        return False

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 import trio
 
 from marathon.agent.stream import StreamParser
-from marathon.errors import SandboxError
+from marathon.errors import SandboxError, single_errors
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
@@ -182,13 +182,14 @@ async def run_claude(
         kill(signal.SIGKILL)
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_cancel, nursery.cancel_scope)
-            async with trio.open_nursery() as io:
-                io.start_soon(read_stdout)
-                io.start_soon(read_stderr)
-            run.exit_code = await proc.wait()
-            nursery.cancel_scope.cancel()
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_cancel, nursery.cancel_scope)
+                async with trio.open_nursery() as io:
+                    io.start_soon(read_stdout)
+                    io.start_soon(read_stderr)
+                run.exit_code = await proc.wait()
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             kill()  # also whatever Claude Code left behind in its process group

@@ -13,7 +13,7 @@ import trio
 from marathon import __version__
 from marathon.agent.runner import find_claude, make_run_user, run_claude, run_git, workspace_diff
 from marathon.config import Config
-from marathon.errors import ConnectionClosed, MarathonError, ProtocolError
+from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, single_errors
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.transports import listener_address, open_listeners
@@ -56,7 +56,7 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
     fs = FramedStream(stream, m.AgentMessage)
     try:
         await fs.handshake("agent", __version__, initiator=False, timeout=config.connect_timeout)
-        await fs.send(m.Ready(agent_version=__version__, sandbox=os.environ.get("MARATHON_SANDBOX", "")))
+        await fs.send(m.Ready(agent_version=__version__, sandbox=os.environ.get("MARATHON_ISOLATION", "")))
         start = await fs.receive()
         if not isinstance(start, m.Start):
             raise ProtocolError(f"expected start, got {type(start).__name__}")
@@ -101,18 +101,18 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
         task_status.started()
         await trio.serve_listeners(one, [listener])
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read_node, nursery.cancel_scope)
-        tunnel = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-        port = tunnel.socket.getsockname()[1]
-        await nursery.start(serve_tunnel, tunnel)
+    async def emit(ev: m.Event) -> None:
+        await fs.send(m.AgentEvent(event=ev))
 
-        async def emit(ev: m.Event) -> None:
-            await fs.send(m.AgentEvent(event=ev))
-
-        outcome = await execute(config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel)
-        await fs.send(m.AgentResult(outcome=outcome))
-        nursery.cancel_scope.cancel()
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_node, nursery.cancel_scope)
+            tunnel = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            port = tunnel.socket.getsockname()[1]
+            await nursery.start(serve_tunnel, tunnel)
+            outcome = await execute(config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel)
+            await fs.send(m.AgentResult(outcome=outcome))
+            nursery.cancel_scope.cancel()
 
 
 async def execute(config: Config, start: m.Start, api_url: str, emit, cancel: Cancellation) -> m.TaskOutcome:

@@ -64,7 +64,10 @@ def run_serve(role: str, flags: dict, listen: str | None) -> int:
         config = load_config(flags)
     setup_logging(config, role)
     if role != "agent":
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        # state files are private to us; sandboxes under data_dir may be traversed, not listed
+        os.umask(0o077)
+        os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
+        os.chmod(config.data_dir, 0o711)
     try:
         trio.run(serve_role, role, config, listen)
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
 from marathon.node.supervisor import TaskHandle, supervise
@@ -142,11 +142,12 @@ class NodeService:
             log.info("connected to the orchestrator at %s as %s", self.config.orchestrator, self.node_id)
             self._link = fs
             self.connected.set()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, fs, welcome.heartbeat_interval)
-                nursery.start_soon(self._sender, fs)
-                await self._receiver(fs)
-                nursery.cancel_scope.cancel()
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, fs, welcome.heartbeat_interval)
+                    nursery.start_soon(self._sender, fs)
+                    await self._receiver(fs)
+                    nursery.cancel_scope.cancel()
         finally:
             await fs.aclose()
 

@@ -11,7 +11,7 @@ import os
 import secrets
 import shutil
 import time
-from contextlib import asynccontextmanager
+from contextlib import contextmanager
 from typing import Callable
 
 import msgspec
@@ -19,7 +19,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError
+from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError, single_errors
 from marathon.node.git import prepare_workspace
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
@@ -38,11 +38,14 @@ class TaskHandle:
         self.stop = trio.Event()
         self.stop_reason = ""
         self.usage = m.Usage()
+        self.scopes: set[trio.CancelScope] = set()
 
     def cancel(self, reason: str) -> None:
         if not self.stop.is_set():
             self.stop_reason = reason
             self.stop.set()
+            for scope in self.scopes:
+                scope.cancel()
 
 
 def _ended(handle: TaskHandle, t0: float, **kw) -> m.TaskOutcome:
@@ -84,11 +87,13 @@ async def supervise(
     workspace, run_dir = os.path.join(root, "workspace"), os.path.join(root, "run")
     sandbox: Sandbox | None = None
     try:
+        os.makedirs(os.path.dirname(root), mode=0o711, exist_ok=True)
         os.makedirs(root, mode=0o711, exist_ok=True)
+        os.chmod(root, 0o711)
         emit(m.LogEvent(message=f"preparing workspace{f' from {spec.repo}' if spec.repo else ''}"))
         try:
             with trio.move_on_at(deadline) as scope:
-                async with _stop_scope(handle):
+                with _stop_scope(handle):
                     await prepare_workspace(spec.repo, spec.branch, workspace, owner_uid=_uid(config))
             if scope.cancelled_caught:
                 return _ended(handle, t0, state="timed_out", reason="timeout", message="timed out preparing the workspace")
@@ -100,7 +105,7 @@ async def supervise(
         sandbox = await backend.create(spec.task_id, workspace, run_dir)
         emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
         fs = None
-        async with _stop_scope(handle):
+        with _stop_scope(handle):
             fs = await connect_agent(sandbox, config.connect_timeout)
         if fs is None or handle.stop.is_set():
             if fs is not None:
@@ -122,20 +127,17 @@ async def supervise(
             await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
 
 
-@asynccontextmanager
-async def _stop_scope(handle: TaskHandle):
+@contextmanager
+def _stop_scope(handle: TaskHandle):
     """Cancel the body when the task is told to stop (used around slow set-up steps)."""
-    async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            await handle.stop.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
+    with trio.CancelScope() as scope:
+        handle.scopes.add(scope)
+        if handle.stop.is_set():
+            scope.cancel()
         try:
-            yield
+            yield scope
         finally:
-            nursery.cancel_scope.cancel()
+            handle.scopes.discard(scope)
 
 
 def _uid(config: Config) -> int | None:
@@ -152,50 +154,52 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
 
     grant = ProxyGrant(task_id=spec.task_id, token="mt_" + secrets.token_urlsafe(32), on_record=on_record)
     mux = TunnelMux(fs.send, first_id=2)
-    outcome: m.TaskOutcome | None = None
+
+    async def stopper() -> None:
+        with trio.move_on_at(deadline):
+            await handle.stop.wait()
+        handle.cancel(handle.stop_reason or "timeout")
+        try:
+            await fs.send(m.CancelRun(reason=handle.stop_reason))
+        except ConnectionClosed:
+            pass
+        await trio.sleep(STOP_GRACE)
+        log.warning("task %s: the agent did not stop within %.0fs; killing the sandbox", spec.task_id, STOP_GRACE)
+        await sandbox.destroy()
+
+    async def pump(nursery: trio.Nursery) -> m.TaskOutcome | None:
+        try:
+            while True:
+                msg = await fs.receive()
+                if isinstance(msg, m.AgentEvent):
+                    emit(msg.event)
+                elif isinstance(msg, (m.TunnelOpen, m.TunnelData, m.TunnelAck, m.TunnelClose)):
+                    stream = mux.feed(msg)
+                    if stream is not None:
+                        nursery.start_soon(proxy.handle, stream, grant)
+                elif isinstance(msg, m.AgentResult):
+                    return msg.outcome
+                elif isinstance(msg, m.Error):
+                    raise ProtocolError(f"agent says {msg.code}: {msg.message}")
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from the agent")
+        except ConnectionClosed as exc:
+            if not handle.stop.is_set():
+                raise SandboxError(f"lost the agent: {exc}; {sandbox.diagnostics()[-500:]}") from None
+            return None
+        finally:
+            mux.close_all()
+            nursery.cancel_scope.cancel()
+
     try:
         await fs.send(m.Start(task=spec, workspace=sandbox.workspace, api_key=grant.token))
-        async with trio.open_nursery() as nursery:
-
-            async def stopper() -> None:
-                with trio.move_on_at(deadline):
-                    await handle.stop.wait()
-                reason = handle.stop_reason or "timeout"
-                handle.cancel(reason)
-                try:
-                    await fs.send(m.CancelRun(reason=reason))
-                except ConnectionClosed:
-                    pass
-                await trio.sleep(STOP_GRACE)
-                log.warning("task %s: the agent did not stop within %.0fs; killing the sandbox", spec.task_id, STOP_GRACE)
-                await sandbox.destroy()
-
-            nursery.start_soon(stopper)
-            try:
-                while True:
-                    msg = await fs.receive()
-                    if isinstance(msg, m.AgentEvent):
-                        emit(msg.event)
-                    elif isinstance(msg, (m.TunnelOpen, m.TunnelData, m.TunnelAck, m.TunnelClose)):
-                        stream = mux.feed(msg)
-                        if stream is not None:
-                            nursery.start_soon(proxy.handle, stream, grant)
-                    elif isinstance(msg, m.AgentResult):
-                        outcome = msg.outcome
-                        break
-                    elif isinstance(msg, m.Error):
-                        raise ProtocolError(f"agent says {msg.code}: {msg.message}")
-                    else:
-                        raise ProtocolError(f"unexpected {type(msg).__name__} from the agent")
-            except ConnectionClosed as exc:
-                if not handle.stop.is_set():
-                    raise SandboxError(f"lost the agent: {exc}; {sandbox.diagnostics()[-500:]}") from None
-            finally:
-                mux.close_all()
-                nursery.cancel_scope.cancel()
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stopper)
+                outcome = await pump(nursery)
     finally:
         await fs.aclose()
-    if outcome is None:  # stopped and the agent never reported
+    if outcome is None:  # stopped, and the agent never reported
         reason = handle.stop_reason or "timeout"
         state = "timed_out" if reason == "timeout" else "cancelled"
         return _ended(handle, t0, state=state, reason=reason, message=f"stopped: {reason}")

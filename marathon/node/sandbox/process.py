@@ -35,20 +35,62 @@ def agent_command() -> list[str]:
     return [sys.executable, "-m", "marathon"]
 
 
-def bwrap_args(*, workspace: str, run_dir: str, hide: list[str], env: dict[str, str], as_root: bool) -> list[str]:
+def _parents(path: str) -> list[str]:
+    parts, out = path.strip("/").split("/")[:-1], []
+    for i in range(len(parts)):
+        out.append("/" + "/".join(parts[: i + 1]))
+    return out
+
+
+def runtime_paths(claude_bin: str = "") -> list[str]:
+    """What the agent needs to see of the host: the interpreter (or the one-file executable),
+    the marathon package, the Claude Code binary.  Nothing else of /home, /root, /var…"""
+    paths = [sys.executable]
+    if not getattr(sys, "frozen", False):
+        import marathon
+
+        paths += [sys.prefix, sys.base_prefix, os.path.dirname(os.path.abspath(marathon.__file__))]
+    if claude_bin:
+        paths.append(os.path.realpath(claude_bin))
+        if os.path.abspath(claude_bin) != os.path.realpath(claude_bin):
+            paths.append(os.path.abspath(claude_bin))
+    return paths
+
+
+def bwrap_args(*, workspace: str, run_dir: str, hide: list[str], env: dict[str, str], as_root: bool,
+               extra_ro: list[str] = ()) -> list[str]:
+    """A new root (tmpfs) with the system read-only, the runtime bound in, and only
+    loopback networking."""
     args = [
         "bwrap", "--die-with-parent", "--new-session",
         "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--hostname", "marathon-sandbox",
-        "--ro-bind", "/", "/",
-        "--dev", "/dev", "--proc", "/proc",
-        "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--tmpfs", "/home",
     ]
+    for top in ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt"):
+        path = "/" + top
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run"]
+    made = {"/tmp", "/run", "/var"}
+    bound: list[str] = []
+    for path in sorted(set(extra_ro)):
+        if not os.path.exists(path) or path.split("/")[1] in ("usr", "etc", "bin", "sbin", "lib", "lib64", "opt"):
+            continue
+        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
+            continue  # already visible through a bound parent
+        bound.append(path)
+        for parent in _parents(path):
+            if parent not in made:
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", path, path]
     for path in hide:
-        if os.path.isdir(path):
+        if os.path.isdir(path) and any(path == p or path.startswith(p.rstrip("/") + "/") for p in extra_ro):
             args += ["--tmpfs", path]
     args += [
         "--perms", "0755", "--dir", IN_RUN, "--bind", run_dir, IN_RUN,
-        "--bind", workspace, IN_WORKSPACE,
+        "--perms", "0755", "--dir", IN_WORKSPACE, "--bind", workspace, IN_WORKSPACE,
         "--chdir", IN_WORKSPACE, "--clearenv",
     ]
     if not as_root:
@@ -66,7 +108,8 @@ def probe_bwrap() -> str | None:
     """None when bubblewrap works here, else why not."""
     if shutil.which("bwrap") is None:
         return "bwrap is not installed (Debian package bubblewrap)"
-    args = bwrap_args(workspace="/tmp", run_dir="/tmp", hide=[], env={}, as_root=os.geteuid() == 0)
+    args = bwrap_args(workspace="/tmp", run_dir="/tmp", hide=[], env={}, as_root=os.geteuid() == 0,
+                      extra_ro=runtime_paths())
     try:
         res = subprocess.run(args + ["true"], capture_output=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -140,15 +183,16 @@ class ProcessBackend:
         if self.claude_bin:
             env["MARATHON_CLAUDE_BIN"] = self.claude_bin
         if self.use_bwrap:
-            env["MARATHON_SANDBOX"] = "bubblewrap"
+            env["MARATHON_ISOLATION"] = "bubblewrap"
             listen = f"unix:{IN_RUN}/agent.sock"
             cmd = bwrap_args(
-                workspace=workspace_host, run_dir=run_dir, hide=[self.data_dir], env=env, as_root=self.as_root
+                workspace=workspace_host, run_dir=run_dir, hide=[self.data_dir], env=env, as_root=self.as_root,
+                extra_ro=runtime_paths(self.claude_bin),
             ) + agent_command() + ["serve", "--role", "agent", "--listen", listen]
             workspace = IN_WORKSPACE
             child_env = None
         else:
-            env["MARATHON_SANDBOX"] = "none"
+            env["MARATHON_ISOLATION"] = "none"
             listen = f"unix:{os.path.join(run_dir, 'agent.sock')}"
             cmd = agent_command() + ["serve", "--role", "agent", "--listen", listen]
             workspace = workspace_host
