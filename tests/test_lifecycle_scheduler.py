@@ -1,0 +1,71 @@
+import itertools
+
+import pytest
+
+from marathon.errors import IllegalTransition
+from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, allowed, transition
+from marathon.orchestrator.scheduler import NodeView, TaskView, plan, score
+
+LEGAL = {
+    (State.QUEUED, State.SCHEDULED), (State.QUEUED, State.CANCELLED), (State.QUEUED, State.FAILED),
+    (State.SCHEDULED, State.STARTING), (State.SCHEDULED, State.QUEUED), (State.SCHEDULED, State.CANCELLED),
+    (State.SCHEDULED, State.FAILED),
+    (State.STARTING, State.RUNNING), (State.STARTING, State.QUEUED), (State.STARTING, State.CANCELLED),
+    (State.STARTING, State.FAILED), (State.STARTING, State.TIMED_OUT), (State.STARTING, State.SUCCEEDED),
+    (State.RUNNING, State.SUCCEEDED), (State.RUNNING, State.FAILED), (State.RUNNING, State.CANCELLED),
+    (State.RUNNING, State.TIMED_OUT), (State.RUNNING, State.NEEDS_INPUT), (State.RUNNING, State.QUEUED),
+    (State.NEEDS_INPUT, State.QUEUED), (State.NEEDS_INPUT, State.CANCELLED), (State.NEEDS_INPUT, State.FAILED),
+}
+
+
+@pytest.mark.parametrize("cur,tgt", list(itertools.product(State, State)))
+def test_every_transition(cur, tgt):
+    if (cur, tgt) in LEGAL:
+        assert transition(cur, tgt) == tgt
+    else:
+        with pytest.raises(IllegalTransition):
+            transition(cur, tgt)
+        assert not allowed(cur, tgt)
+
+
+def test_terminal_states_are_final_and_unknown_states_refused():
+    for t in TERMINAL:
+        assert not any(allowed(t, x) for x in State)
+    with pytest.raises(IllegalTransition):
+        transition("queued", "exploded")
+    assert ACTIVE.isdisjoint(TERMINAL)
+
+
+def node(nid, slots=2, active=0, warm=0, draining=False):
+    return NodeView(nid, slots, active, warm, draining)
+
+
+def test_score_prefers_free_then_warm_and_refuses_full_or_draining():
+    t = TaskView("t", 0)
+    assert score(node("a", active=2), t) is None
+    assert score(node("a", draining=True), t) is None
+    assert score(node("a", slots=4, active=1), t) > score(node("b", slots=4, active=3), t)
+    assert score(node("a", active=1, warm=1), t) > score(node("b", active=0), t)
+    assert score(node("a"), TaskView("t", 0, frozenset({"a"}))) < score(node("b", active=1), t)
+
+
+def test_plan_is_oldest_first_and_never_oversubscribes():
+    tasks = [TaskView(f"t{i}", float(10 - i)) for i in range(6)]
+    nodes = [node("a", slots=2), node("b", slots=1, active=0), node("c", slots=3, active=3)]
+    out = plan(tasks, nodes)
+    assert len(out) == 3
+    assert [t for t, _ in out] == ["t5", "t4", "t3"]  # oldest first
+    per = {}
+    for _, n in out:
+        per[n] = per.get(n, 0) + 1
+    assert per.get("a", 0) <= 2 and per.get("b", 0) <= 1 and "c" not in per
+
+
+def test_plan_spreads_load():
+    out = plan([TaskView("t1", 1), TaskView("t2", 2)], [node("a", slots=4), node("b", slots=4)])
+    assert {n for _, n in out} == {"a", "b"}
+
+
+def test_plan_with_no_capacity_assigns_nothing():
+    assert plan([TaskView("t", 0)], [node("a", active=2)]) == []
+    assert plan([TaskView("t", 0)], []) == []
