@@ -3,36 +3,41 @@
 Pure trio + h11, so tests control the wire: answer, fail, hang, or cut the TCP connection.
 
     async with open_fake_anthropic([tool_use("Write", {...}), text("done")]) as fake:
-        env["ANTHROPIC_BASE_URL"] = fake.url        # any path prefix works: fake.url + "/proxy"
+        env["ANTHROPIC_BASE_URL"] = fake.url + "/any/prefix"
         ...run claude -p ...
-        assert fake.usage_sent == result["usage"]
+        assert fake.usage_sent == {k: result["usage"][k] for k in USAGE_FIELDS}
 
-Routing: ``POST <any prefix>/v1/messages`` (query string ignored) is the Messages API,
-``POST <any prefix>/v1/messages/count_tokens`` answers a token count, everything else is a
-404 JSON error.  With ``api_key`` set, a wrong or missing ``x-api-key`` is a 401
+Routing: ``POST <any prefix>/v1/messages`` (query ignored; Claude Code sends ``?beta=true``) is
+the Messages API, ``POST <any prefix>/v1/messages/count_tokens`` answers a token count, anything
+else is a 404 JSON error.  With ``api_key`` set, a wrong or missing ``x-api-key`` is a 401
 ``authentication_error``.
 
 Script: a list of turns, or a callable ``(request_body, index) -> Turn``.  The index of a
 request is the number of assistant messages already in its ``messages`` -- stateless, so a
-CLI retry of the same request gets the same turn again.  Past the end of a list the fake
-answers 400 ``invalid_request_error`` ("script exhausted"), which the CLI does not retry.
+retry gets the same turn again.  Past the end of a list (or when the callable raises) the fake
+answers 400 ``invalid_request_error`` and appends the reason to ``.errors``.  (Claude Code
+answers a 400 by re-sending without some betas: expect up to 6 identical-turn requests.)
+A subagent (Agent tool) conversation starts again at index 0; ``RecordedRequest.subagent``
+and ``is_subagent_request`` recognise it (``cc_is_subagent=true`` in the system prompt), so a
+callable script can answer it differently.
 
 Side requests: a request that is not the agent conversation is answered with a short
-``end_turn`` text without consuming the script and recorded in ``.side_requests``.  The
-main agent loop always sends its tool definitions, and its auxiliary calls (quota probe
-``max_tokens=1``, title / topic / summary generation, usually on a Haiku model) never do,
-so the rule is: a request is *main* when it carries a non-empty ``tools`` list and
-``max_tokens > 1``; everything else is *side*.  This depends neither on the model (the
-user may run the agent on Haiku) nor on prompt wording that changes between CLI versions.
-Pass ``classify=`` to override.
+``end_turn`` text without consuming the script and recorded in ``.side_requests``.  The agent
+loop always sends its tool definitions; auxiliary calls (quota probe ``max_tokens=1``, title /
+topic / summary generation on the small model) send none.  So: *main* = non-empty ``tools``
+and ``max_tokens > 1``; everything else is *side*.  This depends neither on the model (the
+agent may run on Haiku) nor on prompt wording that changes between CLI versions; pass
+``classify=`` to override.  (Claude Code 2.1.332 ``-p`` with
+``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`` sends no side requests at all.)
 
-Usage: each turn has its final usage (default input 100, output 20, cache 0/0).  On the
-wire ``message_start`` carries the input/cache fields with ``output_tokens=1`` and
-``message_delta.usage`` carries the final ``output_tokens`` plus any field whose start value
-was made different with ``start_usage=`` (to exercise "message_delta overwrites").
-``RecordedRequest.usage`` is what the client can compute from the events that actually
-went out, so a dropped or stalled stream counts what arrived; ``FakeAnthropic.usage_sent``
-sums it over every request, ``usage_completed`` only over fully sent responses.
+Usage: each turn has its final usage (default input 100, output 20, cache 0/0).  On the wire
+``message_start`` carries the input/cache fields with ``output_tokens=1``; ``message_delta.usage``
+carries the final ``output_tokens`` plus every field whose start value ``start_usage=`` made
+different (to exercise "message_delta overwrites").  ``RecordedRequest.usage`` is what a client
+computes from the events that actually went out, so a dropped or stalled stream counts what
+arrived; ``usage_sent`` sums it over all requests (side ones too), ``usage_completed`` only over
+fully sent responses.  ``drop_after``/``hang_after_start`` act on streamed answers only: the
+non-streaming request Claude Code falls back to after failed streams gets the whole message.
 """
 
 from __future__ import annotations
@@ -54,10 +59,8 @@ import h11
 import trio
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-DEFAULT_USAGE = {"input_tokens": 100, "output_tokens": 20,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-SIDE_USAGE = {"input_tokens": 10, "output_tokens": 5,
-              "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0)))
+SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0)))  # answers to side requests
 IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may sit idle
 
 
@@ -108,8 +111,7 @@ def turn(*parts: Turn | str, usage: dict | None = None, start_usage: dict | None
 
 def error(status: int, type: str, message: str = "fake error", *, retry_after: float | None = None) -> Turn:
     """An HTTP error with an Anthropic-style JSON body (429 gets ``retry-after``, default 1)."""
-    if status == 429 and retry_after is None:
-        retry_after = 1
+    retry_after = 1 if status == 429 and retry_after is None else retry_after
     return Turn(kind="error", status=status, error_type=type, message=message, retry_after=retry_after)
 
 
