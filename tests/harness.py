@@ -14,6 +14,7 @@ import trio
 
 from marathon.cli.serve import serve_role
 from marathon.config import Config, load_config
+from marathon.node.procs import alive, descendants  # noqa: F401  (used by tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLAUDE = REPO_ROOT / ".cache/claude-code/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
@@ -129,35 +130,3 @@ async def run_marathon(config: Config, role: str = "all"):
                 yield Marathon(info.url, info.gateway, info.node_secret, info, node, client)
             finally:
                 nursery.cancel_scope.cancel()
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.add(pid)
-        except OSError:
-            pass
-    return out

@@ -81,7 +81,8 @@ def create_app(ctx: ApiContext) -> QuartTrio:
 
     @app.errorhandler(413)
     async def _too_large(exc):
-        return error_response(413, "too_large", f"request body exceeds {MAX_BODY} bytes")
+        # the unread body is still on the wire: this connection cannot be reused
+        return error_response(413, "too_large", f"request body exceeds {MAX_BODY} bytes", {"Connection": "close"})
 
     async def body_as(type_):
         raw = await request.get_data()

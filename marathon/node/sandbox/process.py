@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import trio
 
 from marathon.errors import ConfigError, SandboxError
+from marathon.node.procs import kill_tree
 from marathon.node.sandbox import SandboxInfo
 
 log = logging.getLogger("marathon.sandbox")
@@ -141,12 +141,10 @@ class ProcessSandbox:
 
     async def destroy(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
-            if self._proc.poll() is None:
-                try:
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    self._proc.kill()
-                await self._proc.wait()
+            left = await kill_tree(self._proc.pid)
+            if left:
+                log.error("sandbox %s: processes %s survived SIGKILL", self.id, sorted(left))
+            await self._proc.wait()
 
 
 class ProcessBackend:
