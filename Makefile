@@ -8,6 +8,8 @@ CLAUDE_CODE_VERSION := 2.1.332
 CLAUDE_DIR := $(CACHE)/claude-code
 CLAUDE_BIN := $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
 DEBIAN_PACKAGES := bubblewrap git util-linux procps
+TASK ?= add a CONTRIBUTING.md
+REPO ?=
 
 .PHONY: all venv claude-code system-deps test test-fast build run clean bench
 
@@ -30,14 +32,24 @@ claude-code: $(CLAUDE_BIN)
 
 system-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	  else echo "missing Debian packages:$$missing (install them with apt-get)"; fi; fi
+	  else echo "missing Debian packages:$$missing (install them with apt-get)"; exit 1; fi; fi
 
-test: system-deps venv claude-code
+test: system-deps venv claude-code build
 	MARATHON_CLAUDE_BIN=$(abspath $(CLAUDE_BIN)) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+run: system-deps venv claude-code
+	packaging/run-demo.sh "$(TASK)" "$(REPO)"
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not vm" $(PYTEST_ARGS)
 
 -include snapshots/image.mk
+
+dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py')
+	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller marathon.spec
+	@ls -la dist/marathon
+
+build: dist/marathon
