@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "marathon-agent-placeholder ready"
 GUEST_IP = "10.0.2.15"
 AGENT_PORT = 7000
+# ACPI on: the Debian cloud kernel lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so the
+# virtio-mmio devices are found through the DSDT (LNRO0005), not virtio_mmio.device=.
+MACHINE = "microvm,acpi=on,auto-kernel-cmdline=off,x-option-roms=off"
 
 
 def host_tsc_khz() -> int:
@@ -110,7 +113,8 @@ class Qmp:
 
 class Vm:
     def __init__(self, image: Path, work: Path, name: str, disk: Path, *, kernel: str, tsc_khz: int, hz: int,
-                 smp: int, mem: int, accel: str, extra_cmdline: str, expect_line: bool = True,
+                 smp: int, mem: int, accel: str, extra_cmdline: str, netdev_extra: str = "",
+                 machine: str = "", expect_line: bool = True,
                  incoming: str | None = None) -> None:
         self.work = work
         self.expect_line = expect_line
@@ -128,14 +132,15 @@ class Vm:
         accel_arg = "tcg,thread=multi,tb-size=256" if accel == "tcg" else accel
         self.argv = [
             "qemu-system-x86_64",
-            "-M", "microvm,acpi=on,auto-kernel-cmdline=off,x-option-roms=off",
+            "-M", machine or MACHINE,
             "-accel", accel_arg, "-cpu", "max", "-smp", str(smp), "-m", str(mem),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(image / kernel), "-initrd", str(image / "initramfs.cpio.gz"), "-append", cmdline,
             "-serial", f"file:{self.serial}",
             "-drive", f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}",
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}"
+                       + netdev_extra,
             "-device", "virtio-net-device,netdev=n0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
@@ -259,6 +264,8 @@ def main() -> int:
     ap.add_argument("--mem", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--cmdline", default="", help="extra kernel command line")
+    ap.add_argument("--machine", default=MACHINE, help="the -M value")
+    ap.add_argument("--netdev", default="", help="appended to the -netdev user option (e.g. ,guestfwd=...)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, overlays, state)")
     ap.add_argument("--any-data", action="store_true",
                     help="ready = any bytes from the agent (default for a real marathon binary) instead of the "
@@ -272,7 +279,7 @@ def main() -> int:
     tsc_khz = host_tsc_khz()
     work = Path(tempfile.mkdtemp(prefix="marathon-boot-check-"))
     common = dict(kernel=args.kernel, tsc_khz=tsc_khz, hz=hz, smp=args.smp, mem=args.mem, accel=args.accel,
-                  extra_cmdline=args.cmdline,
+                  extra_cmdline=args.cmdline, netdev_extra=args.netdev, machine=args.machine,
                   expect_line=not (args.any_data or not manifest["marathon"]["placeholder"]))
     result: dict = {"image": str(image), "input_hash": manifest["input_hash"], "tsc_khz": tsc_khz,
                     "lpj": tsc_khz * 1000 // hz, "hz": hz, "kernel": args.kernel, "accel": args.accel,

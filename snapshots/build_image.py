@@ -77,11 +77,14 @@ def main() -> int:
     ap.add_argument("--headroom-mb", type=int, default=int(os.environ.get("IMAGE_HEADROOM_MB") or 2048),
                     help="free space in rootfs.ext4 for the task's work (the file is sparse)")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
+    ap.add_argument("--print-hash", action="store_true",
+                    help="print the input hash (e.g. a CI cache key for .cache/image/<hash>) and exit")
     args = ap.parse_args()
 
-    if os.geteuid() != 0:
-        sys.exit("make image needs root (debootstrap, device nodes and file owners in the rootfs)")
-    common.ensure_host_packages(list(common.HOST_PACKAGES))
+    if not args.print_hash:
+        if os.geteuid() != 0:
+            sys.exit("make image needs root (debootstrap, device nodes and file owners in the rootfs)")
+        common.ensure_host_packages(list(common.HOST_PACKAGES))
     cache = Path(args.cache).resolve()
     marathon_bin = Path(args.marathon_bin).resolve() if args.marathon_bin else PLACEHOLDER
     claude_bin = Path(args.claude_bin).resolve()
@@ -96,6 +99,9 @@ def main() -> int:
     started = time.monotonic()
     claude_sha = sha256_file(claude_bin)
     digest, inputs = input_hash(marathon_bin, claude_bin, claude_sha, args.headroom_mb)
+    if args.print_hash:
+        print(digest)
+        return 0
     out = cache / digest
     if (out / "manifest.json").exists() and not args.force:
         point_current(cache, digest)
