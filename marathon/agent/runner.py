@@ -19,7 +19,7 @@ from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
 
-Emit = Callable[[m.Event], Awaitable[None]]
+Emit = Callable[[list[m.Event]], Awaitable[None]]
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Marathon", "GIT_AUTHOR_EMAIL": "marathon@localhost",
     "GIT_COMMITTER_NAME": "Marathon", "GIT_COMMITTER_EMAIL": "marathon@localhost",
@@ -161,11 +161,11 @@ async def run_claude(
         while chunk := await proc.stdout.receive_some(65536):
             buf += chunk
             *lines, buf = buf.split(b"\n")
-            for line in lines:
-                for ev in run.parser.line(line):
-                    await emit(ev)
-        for ev in run.parser.line(buf):
-            await emit(ev)
+            events = [ev for line in lines for ev in run.parser.line(line)]
+            if events:
+                await emit(events)
+        if events := run.parser.line(buf):
+            await emit(events)
 
     async def read_stderr() -> None:
         tail = b""

@@ -101,8 +101,8 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
         task_status.started()
         await trio.serve_listeners(one, [listener])
 
-    async def emit(ev: m.Event) -> None:
-        await fs.send(m.AgentEvent(event=ev))
+    async def emit(events: list[m.Event]) -> None:
+        await fs.send_many([m.AgentEvent(event=ev) for ev in events])
 
     with single_errors():
         async with trio.open_nursery() as nursery:
@@ -127,7 +127,7 @@ async def execute(config: Config, start: m.Start, api_url: str, emit, cancel: Ca
     except MarathonError as exc:
         return m.TaskOutcome(state="failed", reason="sandbox_failed", message=str(exc), duration_s=time.monotonic() - t0)
 
-    await emit(m.StateEvent(state="running"))
+    await emit([m.StateEvent(state="running")])
     run = await run_claude(
         claude=claude, prompt=task.prompt, workspace=workspace, user=user, api_url=api_url,
         api_key=start.api_key, model=task.model, max_turns=task.max_turns, emit=emit, cancel=cancel.event,

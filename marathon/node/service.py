@@ -164,9 +164,10 @@ class NodeService:
                 self._outbox_changed = trio.Event()
                 await self._outbox_changed.wait()
                 continue
-            for s, msg in pending:
-                await fs.send(msg)
-                sent = s
+            for i in range(0, len(pending), 512):
+                chunk = pending[i:i + 512]
+                await fs.send_many([msg for _, msg in chunk])
+                sent = chunk[-1][0]
 
     async def _receiver(self, fs: FramedStream) -> None:
         timeout = max(self.config.node_timeout, 3 * self.config.heartbeat_interval)

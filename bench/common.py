@@ -1,0 +1,33 @@
+"""Shared set-up for benchmarks: a real Marathon (embedded) with a stand-in Claude Code."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+FAKE_CLAUDE = str(Path(__file__).resolve().parent / "fake_claude.sh")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def describe(name: str, values: list[float], unit: str = "ms", scale: float = 1000.0) -> str:
+    v = [x * scale for x in values]
+    return (f"{name:<38} n={len(v):<3} p50 {pct(v, 50):8.1f} {unit}  p99 {pct(v, 99):8.1f} {unit}  "
+            f"mean {statistics.fmean(v):8.1f} {unit}")
+
+
+def prepare_claude_stub() -> str:
+    """The stub must be readable by the sandbox uid: copy it to a traversable place."""
+    dst = "/tmp/marathon-bench-claude.sh"
+    with open(FAKE_CLAUDE) as src, open(dst, "w") as out:
+        out.write(src.read())
+    os.chmod(dst, 0o755)
+    return dst

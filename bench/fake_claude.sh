@@ -1,0 +1,14 @@
+#!/bin/sh
+# A stand-in for the Claude Code CLI, for benchmarks of Marathon's own paths.
+# The prompt says what to do: "lines:N" prints N assistant text lines, anything else none.
+prompt=""
+while [ $# -gt 0 ]; do
+  if [ "$1" = "-p" ]; then prompt=$2; shift; fi
+  shift
+done
+echo '{"type":"system","subtype":"init","model":"fake","session_id":"bench"}'
+case "$prompt" in
+  lines:*) n=${prompt#lines:}
+    awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"line %d\"}]}}\n", i }' ;;
+esac
+echo '{"type":"result","subtype":"success","is_error":false,"num_turns":1,"result":"ok","usage":{"input_tokens":1,"output_tokens":1}}'
