@@ -26,8 +26,9 @@ class SseEvent:
 
 
 class Client:
-    def __init__(self, url: str, token: str = "", timeout: float = 30.0):
+    def __init__(self, url: str, token: str = "", timeout: float = 30.0, retries: int = 30):
         self.url = url.rstrip("/")
+        self.retries = retries
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, trust_env=False)
 
@@ -56,9 +57,9 @@ class Client:
     def post(self, path: str, body: dict | None = None) -> dict:
         return self.request("POST", path, json=body or {}).json()
 
-    def events(self, task_id: str, *, after: int = 0, follow: bool = True, retries: int = 30) -> Iterator[SseEvent]:
+    def events(self, task_id: str, *, after: int = 0, follow: bool = True) -> Iterator[SseEvent]:
         """Yield events in order; on a dropped connection resume after the last one seen."""
-        failures = 0
+        failures, retries = 0, self.retries
         while True:
             headers = {"Last-Event-ID": str(after)} if after else {}
             try:
@@ -78,7 +79,7 @@ class Client:
                 failures += 1
                 if failures > retries:
                     raise ApiError(0, "unreachable", f"lost the event stream: {exc}") from None
-                time.sleep(min(0.2 * 2 ** failures, 5.0))
+                time.sleep(min(0.05 * 2 ** min(failures, 7), 5.0))
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
