@@ -37,6 +37,24 @@ AGENT_PORT = 7000
 MACHINE = "microvm,acpi=on,auto-kernel-cmdline=off,x-option-roms=off"
 
 
+def _msgpack(obj) -> bytes:
+    """Just enough msgpack for a Hello: maps of short strings and small ints."""
+    if isinstance(obj, dict):
+        return bytes([0x80 | len(obj)]) + b"".join(_msgpack(k) + _msgpack(v) for k, v in obj.items())
+    if isinstance(obj, str):
+        data = obj.encode()
+        return (bytes([0xA0 | len(data)]) if len(data) < 32 else bytes([0xD9, len(data)])) + data
+    if isinstance(obj, int) and 0 <= obj < 128:
+        return bytes([obj])
+    raise TypeError(obj)
+
+
+# The real agent answers only after the dialer's Hello (marathon/protocol/framing.py:
+# 4-byte big-endian length + msgpack of the tagged struct).
+HELLO_FRAME = (lambda payload: len(payload).to_bytes(4, "big") + payload)(
+    _msgpack({"type": "hello", "protocol": 1, "role": "node", "version": "boot-check"}))
+
+
 def host_tsc_khz() -> int:
     """Host TSC frequency in kHz: $MARATHON_TSC_KHZ, the kernel log, else /proc/cpuinfo."""
     if os.environ.get("MARATHON_TSC_KHZ"):
@@ -160,10 +178,17 @@ class Vm:
 
         slirp accepts the host-side connection before it knows whether the guest port
         is open (a closed port shows up as EOF, a guest that is not up yet as silence),
-        so only data from the guest proves the agent is there: the agent speaks first."""
+        so only data from the guest proves the agent is there: the placeholder speaks
+        first, the real agent answers the dialer's Hello."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.settimeout(1.0)
+                if not self.expect_line:
+                    s.sendall(HELLO_FRAME)
+                    head = s.recv(4096)
+                    if len(head) > 4 and b"hello" in head:
+                        return f"agent hello ({int.from_bytes(head[:4], 'big')} byte frame)"
+                    return None
                 data = b""
                 while b"\n" not in data or data.count(b"\n") < 2:
                     chunk = s.recv(4096)
@@ -180,7 +205,7 @@ class Vm:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.name}: QEMU exited with {self.proc.returncode}\n{self.tail()}")
             answer = self.probe()
-            if answer and (answer.startswith(READY_LINE) or not self.expect_line):
+            if answer and (answer.startswith(READY_LINE) or not self.expect_line):  # probe() checked the Hello
                 return time.monotonic() - self.started, answer
             time.sleep(0.05)
         raise SystemExit(f"{self.name}: agent not ready after {timeout} s\n{self.tail()}")
@@ -267,9 +292,9 @@ def main() -> int:
     ap.add_argument("--machine", default=MACHINE, help="the -M value")
     ap.add_argument("--netdev", default="", help="appended to the -netdev user option (e.g. ,guestfwd=...)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, overlays, state)")
-    ap.add_argument("--any-data", action="store_true",
-                    help="ready = any bytes from the agent (default for a real marathon binary) instead of the "
-                         "placeholder's ready line")
+    ap.add_argument("--hello", action="store_true",
+                    help="probe with the protocol's Hello and wait for the agent's (default for a real marathon "
+                         "binary) instead of reading the placeholder's ready line")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
@@ -280,7 +305,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="marathon-boot-check-"))
     common = dict(kernel=args.kernel, tsc_khz=tsc_khz, hz=hz, smp=args.smp, mem=args.mem, accel=args.accel,
                   extra_cmdline=args.cmdline, netdev_extra=args.netdev, machine=args.machine,
-                  expect_line=not (args.any_data or not manifest["marathon"]["placeholder"]))
+                  expect_line=not (args.hello or not manifest["marathon"]["placeholder"]))
     result: dict = {"image": str(image), "input_hash": manifest["input_hash"], "tsc_khz": tsc_khz,
                     "lpj": tsc_khz * 1000 // hz, "hz": hz, "kernel": args.kernel, "accel": args.accel,
                     "boot_s": [], "snapshot_s": [], "state_bytes": [], "restore_s": []}
