@@ -47,6 +47,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not vm" $(PYTEST_ARGS)
 
 -include snapshots/image.mk
+-include snapshots/firecracker.mk
 
 dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py')
 	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller marathon.spec
