@@ -298,6 +298,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
+    if args.json:  # progress to stderr, the result alone on stdout
+        global print
+        print = lambda *a, **k: __builtins__.print(*a, **{**k, "file": sys.stderr})  # noqa: E731
     image = Path(args.image).resolve()
     manifest = json.loads((image / "manifest.json").read_text())
     hz = manifest["kernel"]["hz"]
@@ -362,7 +365,7 @@ def main() -> int:
     if result.get("boot_p50_s") and result.get("restore_p50_s"):
         result["boot_over_restore"] = round(result["boot_p50_s"] / result["restore_p50_s"], 2)
     if args.json:
-        print(json.dumps(result, indent=2))
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         print(f"tsc_early_khz={tsc_khz} lpj={result['lpj']} (HZ={hz}); "
               + ", ".join(f"{k}={result[k]}" for k in ("boot_p50_s", "restore_p50_s", "boot_over_restore") if k in result))

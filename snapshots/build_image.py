@@ -103,7 +103,8 @@ def main() -> int:
         print(digest)
         return 0
     out = cache / digest
-    if (out / "manifest.json").exists() and not args.force:
+    complete = all((out / name).is_file() for name in (*ARTEFACTS, "manifest.json"))
+    if complete and not args.force:
         point_current(cache, digest)
         print(f"cached: {out}")
         return 0

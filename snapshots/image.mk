@@ -26,5 +26,6 @@ image-check: image
 
 image-prune:
 	@cur=$$(readlink $(IMAGE_CACHE)/current 2>/dev/null); \
-	for d in $(IMAGE_CACHE)/*/; do n=$$(basename $$d); \
-	  case $$n in base|kernel|downloads|"$$cur") ;; *) echo "rm -rf $$d"; rm -rf "$$d" ;; esac; done
+	for d in $(IMAGE_CACHE)/*; do n=$${d##*/}; \
+	  [ -L "$$d" ] && continue; \
+	  case $$n in base|kernel|downloads|"$$cur") ;; *) echo "rm -rf $$d"; rm -rf -- "$$d" ;; esac; done
