@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import msgspec
 
 from marathon.errors import ConfigError
+from marathon.pricing import DEFAULT_FALLBACK, Price
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
@@ -66,6 +67,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str = ""
     max_turns: int = 50
     timeout: float = 3600.0
+    # metering and access
+    prices: dict[str, Price] = {}  # model pattern -> USD per million tokens (marathon.toml [prices."pattern"])
+    price_fallback: Price = DEFAULT_FALLBACK
+    allow_registration: bool = True
+    session_ttl: float = 30 * 86400.0
+    submit_rate: float = 60.0  # task submissions per minute per user (token bucket)
+    submit_burst: int = 20
 
     def __post_init__(self) -> None:
         if self.slots < 1:

@@ -45,6 +45,18 @@ class InvalidRequest(MarathonError):
     code = "invalid_request"
 
 
+class Conflict(MarathonError):
+    code = "conflict"
+
+
+class RateLimited(MarathonError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class IllegalTransition(MarathonError):
     code = "illegal_transition"
 

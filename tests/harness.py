@@ -116,13 +116,28 @@ class Marathon:
         return await self.task(task_id)
 
 
+async def admin_token(info) -> str:
+    from marathon.cli import credentials
+    from marathon.orchestrator.auth import Principal
+
+    saved = credentials.load(info.url)
+    if saved:
+        return saved["token"]
+    admin = await info.accounts.ensure_local_admin()
+    key, _ = await info.accounts.create_key(Principal(admin.id, admin.email, True), "tests")
+    credentials.save(info.url, key)
+    return key
+
+
 @asynccontextmanager
 async def run_marathon(config: Config, role: str = "all"):
     os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
     os.chmod(config.data_dir, 0o711)
     async with trio.open_nursery() as nursery:
         info, node = await nursery.start(serve_role, role, config)
-        async with httpx.AsyncClient(base_url=info.url, timeout=30, trust_env=False) as client:
+        token = await admin_token(info)
+        async with httpx.AsyncClient(base_url=info.url, timeout=30, trust_env=False,
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
             if node is not None:
                 with trio.fail_after(10):
                     await node.connected.wait()

@@ -89,7 +89,7 @@ async def test_cli_client_follows_through_dropped_connections():
             proxy_port = await n.start(chaos_proxy, port, 20_000)
 
             def follow():
-                client = Client(f"http://127.0.0.1:{proxy_port}", retries=1000)
+                client = Client(f"http://127.0.0.1:{proxy_port}", token=mt.client.headers["Authorization"][7:], retries=1000)
                 try:
                     return [ev.id for ev in client.events(task["id"])]
                 finally:

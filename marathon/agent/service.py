@@ -142,6 +142,7 @@ async def execute(config: Config, start: m.Start, api_url: str, emit, cancel: Ca
         is_error=res.is_error if res else True,
         num_turns=res.num_turns if res else 0,
         usage=res.usage if res else m.Usage(),
+        claude_usage=res.usage if res else None,
         cost_usd=res.total_cost_usd if res else None,
         duration_s=time.monotonic() - t0,
         diff=diff, diff_stat=stat,
@@ -149,8 +150,7 @@ async def execute(config: Config, start: m.Start, api_url: str, emit, cancel: Ca
     )
     if cancel.event.is_set():
         reason = cancel.reason or "cancelled"
-        state = "timed_out" if reason == "timeout" else "cancelled"
-        return m.TaskOutcome(state=state, reason=reason, message=f"stopped: {reason}", **common)
+        return m.TaskOutcome(state=m.stopped_state(reason), reason=reason, message=f"stopped: {reason}", **common)
     if res is None:
         return m.TaskOutcome(state="failed", reason="agent_error",
                              message=f"Claude Code exited with {run.exit_code} without a result: {run.stderr_tail[-500:]}", **common)

@@ -25,10 +25,12 @@ Url = Annotated[str | None, Parameter(help=f"Orchestrator URL (env MARATHON_URL,
 
 
 def _client(url: str | None):
+    from marathon.cli import credentials
     from marathon.cli.client import Client
 
     cfg = load_config({"url": url})
-    return Client(cfg.url, cfg.token)
+    token = cfg.token or (credentials.load(cfg.url) or {}).get("token", "")
+    return Client(cfg.url, token)
 
 
 def _fail(msg: str, code: int = 1) -> int:

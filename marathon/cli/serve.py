@@ -116,5 +116,30 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 log.warning("no Anthropic API key: set MARATHON_ANTHROPIC_API_KEY (environment, .env or marathon.toml)")
             node = await nursery.start(serve_node, node_config, backend, secret)
         if info is not None:
+            if role == "all":
+                await bootstrap_local_admin(info, config)
             print(f"marathon {role}: API on {info.url}", file=sys.stderr, flush=True)
         task_status.started((info, node))
+
+
+async def bootstrap_local_admin(info, config: Config) -> None:
+    """Embedded mode on a laptop: whoever starts the server owns it.  The first start creates
+    a local administrator; any start whose saved credentials no longer work mints a new key
+    for it and saves it where the CLI looks, so `marathon run` needs no set-up."""
+    from marathon.cli import credentials
+    from marathon.errors import AuthError
+    from marathon.orchestrator.auth import Principal
+
+    urls = {info.url.rstrip("/"), config.url.rstrip("/")}
+    for url in urls:
+        saved = credentials.load(url)
+        if saved:
+            try:
+                await info.accounts.authenticate(f"Bearer {saved['token']}")
+                continue
+            except AuthError:
+                pass
+        admin = await info.accounts.ensure_local_admin()
+        key, _ = await info.accounts.create_key(Principal(admin.id, admin.email, True), "local (marathon serve --role all)")
+        where = credentials.save(url, key, email=admin.email)
+        log.info("local administrator %s: API key saved in %s for %s", admin.email, where, url)

@@ -23,6 +23,7 @@ from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, Repo
 from marathon.node.git import prepare_workspace
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
+from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.transports import open_stream
@@ -38,6 +39,8 @@ class TaskHandle:
         self.stop = trio.Event()
         self.stop_reason = ""
         self.usage = m.Usage()
+        self.cost = 0.0
+        self.budget_message = ""
         self.scopes: set[trio.CancelScope] = set()
 
     def cancel(self, reason: str) -> None:
@@ -148,11 +151,37 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                  emit, deadline: float, t0: float) -> m.TaskOutcome:
     spec = handle.spec
 
+    prices, fallback = spec.prices, spec.price_fallback or DEFAULT_FALLBACK
+
+    def spent() -> tuple[int, float]:
+        return handle.usage.total, handle.cost
+
+    def budget_left() -> str | None:
+        tokens, usd = spent()
+        if spec.max_tokens is not None and tokens >= spec.max_tokens:
+            return f"token budget exhausted: {tokens} of {spec.max_tokens} tokens used"
+        if spec.max_cost is not None and usd >= spec.max_cost:
+            return f"cost budget exhausted: ${usd:.4f} of ${spec.max_cost:.4f} spent"
+        return None
+
     def on_record(rec: RequestRecord) -> None:
         handle.usage = handle.usage + rec.usage
-        emit(m.UsageEvent(usage=handle.usage))
+        handle.cost += cost(rec.usage, price_for(rec.model, prices, fallback)[0])
+        emit(m.ApiRequestEvent(
+            model=rec.model or "", status=rec.status, usage=rec.usage, tool_calls=rec.tool_calls,
+            request_bytes=rec.request_bytes, response_bytes=rec.response_bytes, duration_s=rec.duration_s,
+            ttft_s=rec.ttft_s, complete=rec.complete, error=rec.error,
+        ))
+        reason = budget_left()
+        if reason and not handle.stop.is_set():
+            log.info("task %s: %s; stopping it", spec.task_id, reason)
+            handle.budget_message = reason
+            handle.cancel("budget_exhausted")
 
-    grant = ProxyGrant(task_id=spec.task_id, token="mt_" + secrets.token_urlsafe(32), on_record=on_record)
+    grant = ProxyGrant(
+        task_id=spec.task_id, token="mt_" + secrets.token_urlsafe(32), on_record=on_record,
+        budget_check=budget_left, expires_at=time.time() + (deadline - trio.current_time()) + STOP_GRACE,
+    )
     mux = TunnelMux(fs.send, first_id=2)
 
     async def stopper() -> None:
@@ -199,11 +228,10 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                 outcome = await pump(nursery)
     finally:
         await fs.aclose()
-    if outcome is None:  # stopped, and the agent never reported
+    if handle.stop.is_set():
         reason = handle.stop_reason or "timeout"
-        state = "timed_out" if reason == "timeout" else "cancelled"
-        return _ended(handle, t0, state=state, reason=reason, message=f"stopped: {reason}")
-    if handle.stop.is_set() and outcome.state not in ("cancelled", "timed_out"):
-        state = "timed_out" if handle.stop_reason == "timeout" else "cancelled"
-        outcome = msgspec.structs.replace(outcome, state=state, reason=handle.stop_reason)
+        message = handle.budget_message or f"stopped: {reason}"
+        if outcome is None:  # the agent never reported
+            return _ended(handle, t0, state=m.stopped_state(reason), reason=reason, message=message)
+        return msgspec.structs.replace(outcome, state=m.stopped_state(reason), reason=reason, message=message)
     return outcome

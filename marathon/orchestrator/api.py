@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -13,9 +14,12 @@ from quart_trio import QuartTrio
 
 from marathon import __version__
 from marathon.bus import Bus
-from marathon.errors import AuthError, InvalidRequest, MarathonError, NotFound, StoreError
+from marathon.errors import AuthError, Conflict, InvalidRequest, MarathonError, NotFound, RateLimited, StoreError
+from marathon.bus.ratelimit import RateLimiter
+from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.lifecycle import State, is_terminal
 from marathon.orchestrator.nodes import NodeRegistry
+from marathon.orchestrator.api_accounts import register_account_routes
 from marathon.orchestrator.openapi import openapi_document
 from marathon.orchestrator.tasks import TaskService, task_topic
 from marathon.store import TaskRecord, TaskRequest
@@ -24,13 +28,7 @@ log = logging.getLogger("marathon.api")
 MAX_BODY = 1024 * 1024
 _json = msgspec.json.Encoder()
 
-STATUS = {AuthError: 401, NotFound: 404, InvalidRequest: 400, StoreError: 503}
-
-
-@dataclass
-class Principal:
-    user: str
-    admin: bool = False
+STATUS = {AuthError: 401, NotFound: 404, InvalidRequest: 400, Conflict: 409, RateLimited: 429, StoreError: 503}
 
 
 @dataclass
@@ -39,7 +37,10 @@ class ApiContext:
     nodes: NodeRegistry
     bus: Bus
     send_cancel: Callable[[str, str], Awaitable[bool]]
-    authenticate: Callable[[Any], Awaitable[Principal]]
+    accounts: Accounts
+    limiter: RateLimiter
+    submit_rate: float = 60.0  # per minute
+    submit_burst: int = 20
     keepalive: float = 15.0
 
 
@@ -69,7 +70,12 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     @app.errorhandler(MarathonError)
     async def _marathon_error(exc: MarathonError):
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
-        return error_response(status, exc.code, str(exc))
+        headers = {}
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        elif isinstance(exc, AuthError):
+            headers["WWW-Authenticate"] = 'Bearer realm="marathon"'
+        return error_response(status, exc.code, str(exc), headers)
 
     @app.errorhandler(404)
     async def _not_found(exc):
@@ -94,7 +100,7 @@ def create_app(ctx: ApiContext) -> QuartTrio:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
     async def principal() -> Principal:
-        return await ctx.authenticate(request)
+        return await ctx.accounts.authenticate(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
 
     def owner_filter(p: Principal) -> str | None:
         return None if p.admin else p.user
@@ -111,6 +117,9 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     async def submit():
         p = await principal()
         req = await body_as(TaskRequest)
+        retry = await ctx.limiter.take(f"submit:{p.user}", rate=ctx.submit_rate / 60.0, burst=ctx.submit_burst)
+        if retry:
+            raise RateLimited(f"too many submissions; try again in {math.ceil(retry)}s", retry)
         up = ctx.nodes.connected()
         if up and not any(s.capacity.api_key for s in up):
             raise InvalidRequest(
@@ -183,6 +192,7 @@ def create_app(ctx: ApiContext) -> QuartTrio:
         await principal()
         return json_response({"nodes": [s.public() for s in ctx.nodes.sessions.values()]})
 
+    register_account_routes(app, ctx, principal, body_as)
     return app
 
 

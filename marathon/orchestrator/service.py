@@ -14,7 +14,9 @@ from marathon.bus import Bus
 from marathon.bus.memory import MemoryBus
 from marathon.config import Config
 from marathon.errors import ConfigError, StoreError
-from marathon.orchestrator.api import ApiContext, Principal, create_app
+from marathon.bus.ratelimit import MemoryRateLimiter
+from marathon.orchestrator.api import ApiContext, create_app
+from marathon.orchestrator.auth import Accounts
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.nodes import NodeRegistry
@@ -33,6 +35,7 @@ class OrchestratorInfo:
     node_secret: str
     tasks: TaskService
     nodes: NodeRegistry
+    accounts: Accounts
 
 
 def load_node_secret(config: Config) -> str:
@@ -130,10 +133,6 @@ class Scheduler:
                 )
 
 
-async def local_principal(request) -> Principal:
-    return Principal(user="local", admin=True)
-
-
 async def serve_orchestrator(
     config: Config,
     *,
@@ -153,7 +152,11 @@ async def serve_orchestrator(
         nodes = NodeRegistry()
         gateway = Gateway(config, tasks, nodes, secret)
         scheduler = Scheduler(config, tasks, nodes, gateway)
-        app = create_app(ApiContext(tasks, nodes, bus, gateway.send_cancel, local_principal))
+        accounts = Accounts(store, session_ttl=config.session_ttl, allow_registration=config.allow_registration)
+        app = create_app(ApiContext(
+            tasks, nodes, bus, gateway.send_cancel, accounts, MemoryRateLimiter(),
+            submit_rate=config.submit_rate, submit_burst=config.submit_burst,
+        ))
 
         hc = HyperConfig()
         listen = config.http_listen
@@ -173,7 +176,7 @@ async def serve_orchestrator(
             await nursery.start(scheduler.run)
             url = binds[0] if binds else ""
             log.info("orchestrator API on %s", url)
-            task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes))
+            task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts))
     finally:
         if own_store:
             await store.close()

@@ -18,7 +18,9 @@ from marathon.config import Config
 from marathon.errors import IllegalTransition, InvalidRequest, NotFound
 from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, transition
 from marathon.protocol import messages as m
+from marathon.pricing import cost, merged_table, price_for
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
+from marathon.store.models import LedgerRow
 
 log = logging.getLogger("marathon.orchestrator")
 _json = msgspec.json.Encoder()
@@ -48,12 +50,18 @@ def validate_request(req: TaskRequest) -> TaskRequest:
         raise InvalidRequest("max_turns must be between 1 and 1000")
     if req.timeout is not None and not 1 <= req.timeout <= 7 * 86400:
         raise InvalidRequest("timeout must be between 1 second and 7 days")
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise InvalidRequest("max_tokens must be positive")
+    if req.max_cost is not None and req.max_cost <= 0:
+        raise InvalidRequest("max_cost must be positive")
     return req
 
 
 class TaskService:
     def __init__(self, store: Store, bus: Bus, config: Config):
         self.store, self.bus, self.config = store, bus, config
+        self.prices = merged_table(config.prices)
+        self._unpriced_warned: set[str] = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -74,6 +82,10 @@ class TaskService:
             max_turns=req.max_turns or self.config.max_turns,
             timeout_s=req.timeout or self.config.timeout,
             attempt=rec.attempt,
+            max_tokens=req.max_tokens,
+            max_cost=req.max_cost,
+            prices=self.prices,
+            price_fallback=self.config.price_fallback,
         )
 
     # ------------------------------------------------------------------ writes
@@ -144,9 +156,26 @@ class TaskService:
             changes={"node_id": None},
         )
 
+    def price(self, task_id: str, owner: str, ev: m.ApiRequestEvent) -> tuple[m.ApiRequestEvent, LedgerRow]:
+        price, known = price_for(ev.model, self.prices, self.config.price_fallback)
+        if not known and ev.model not in self._unpriced_warned:
+            self._unpriced_warned.add(ev.model)
+            log.warning("no price for model %r: metered at the fallback price %s", ev.model, self.config.price_fallback)
+        usd = cost(ev.usage, price)
+        u = ev.usage
+        row = LedgerRow(
+            task_id=task_id, user_id=owner, ts=time.time(), model=ev.model or "", input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens, cache_creation_input_tokens=u.cache_creation_input_tokens,
+            cache_read_input_tokens=u.cache_read_input_tokens, tool_calls=ev.tool_calls, cost_usd=usd,
+            status=ev.status, duration_s=ev.duration_s, ttft_s=ev.ttft_s, request_bytes=ev.request_bytes,
+            response_bytes=ev.response_bytes, complete=ev.complete, priced=known,
+        )
+        return msgspec.structs.replace(ev, cost_usd=usd), row
+
     async def record_events(self, node_id: str, msgs: list[m.TaskEvent]) -> None:
         """Persist a batch of events from one node, in order, idempotently (node_seq)."""
         batch: list[EventIn] = []
+        owners: dict[str, str] = {}
         for msg in msgs:
             ev = msg.event
             if isinstance(ev, m.StateEvent) and ev.state == State.RUNNING:
@@ -157,8 +186,18 @@ class TaskService:
                     changes={"started_at": time.time(), "last_node_seq": msg.node_seq},
                 )
                 continue
-            if isinstance(ev, (m.StateEvent, m.ResultEvent)):
+            if isinstance(ev, m.StateEvent):
                 continue  # states are the orchestrator's to record
+            if isinstance(ev, m.ApiRequestEvent):
+                if msg.task_id not in owners:
+                    rec = await self.store.get_task(msg.task_id)
+                    if rec is None:
+                        continue
+                    owners[msg.task_id] = rec.owner
+                ev, row = self.price(msg.task_id, owners[msg.task_id], ev)
+                batch.append(msgspec.structs.replace(
+                    event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id), ledger=row))
+                continue
             batch.append(event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id))
         await self._flush(batch)
 
@@ -166,6 +205,10 @@ class TaskService:
         if not batch:
             return
         stored = await self.store.append_events(batch)
+        metered = {ev.task_id for ev, s in zip(batch, stored) if s is not None and ev.ledger is not None}
+        for task_id in metered:  # live usage and cost on the task, from the ledger
+            usage, usd = await self.store.ledger_totals(task_id)
+            await self.store.update_task(task_id, expect_state=None, changes={"usage": usage, "cost_usd": usd})
         for task_id in {s.task_id for s in stored if s is not None}:
             await self.bus.notify(task_topic(task_id))
 
@@ -177,10 +220,11 @@ class TaskService:
             target, out = State.FAILED, msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}")
         if out.diff:
             await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
+        usage, usd = await self.store.ledger_totals(msg.task_id)
         changes = {
-            "usage": out.usage, "cost_usd": out.cost_usd, "num_turns": out.num_turns,
+            "usage": usage, "cost_usd": usd, "num_turns": out.num_turns, "claude_usage": out.claude_usage,
             "exit_code": out.exit_code, "is_error": out.is_error, "diff_stat": out.diff_stat,
-            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq,
+            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq, "compute_s": out.duration_s,
         }
         rec = await self.move(
             msg.task_id, target, reason=out.reason, message=out.message, changes=changes,

@@ -48,6 +48,23 @@ class Usage(msgspec.Struct, frozen=True):
         )
 
 
+class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cache_write: float | None = None  # default: 1.25 x input (5-minute cache writes)
+    cache_read: float | None = None  # default: 0.1 x input
+
+    @property
+    def cw(self) -> float:
+        return self.cache_write if self.cache_write is not None else self.input * 1.25
+
+    @property
+    def cr(self) -> float:
+        return self.cache_read if self.cache_read is not None else self.input * 0.1
+
+
 class TaskSpec(msgspec.Struct, frozen=True):
     """What a node needs to run one task.  Identity (tokens) travels here, never in images."""
 
@@ -60,6 +77,10 @@ class TaskSpec(msgspec.Struct, frozen=True):
     timeout_s: float = 3600.0
     attempt: int = 1
     env: dict[str, str] = {}
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
+    price_fallback: Price | None = None
 
 
 class Capacity(msgspec.Struct, frozen=True):
@@ -85,6 +106,7 @@ class TaskOutcome(msgspec.Struct, frozen=True):
     diff: str = ""
     diff_stat: str = ""
     final_text: str = ""
+    claude_usage: Usage | None = None  # what Claude Code itself reported (result.usage)
 
 
 # --------------------------------------------------------------------------- events
@@ -119,16 +141,32 @@ class LogEvent(_Msg, tag="log"):
     source: str = "node"
 
 
-class UsageEvent(_Msg, tag="usage"):
+class ApiRequestEvent(_Msg, tag="api_request"):
+    """One Messages API request the task made, as the node's metering proxy saw it.
+    The orchestrator prices it (``cost_usd``) and writes it to the ledger."""
+
+    model: str
+    status: int
     usage: Usage
+    tool_calls: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    duration_s: float = 0.0
+    ttft_s: float | None = None
+    complete: bool = True
+    error: str | None = None
     cost_usd: float | None = None
 
 
-class ResultEvent(_Msg, tag="result"):
-    outcome: TaskOutcome
+Event = Union[TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
 
 
-Event = Union[TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, UsageEvent, ResultEvent]
+# how a task that was told to stop ends, by the reason it was stopped
+STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed"}
+
+
+def stopped_state(reason: str) -> str:
+    return STOP_STATES.get(reason, "cancelled")
 
 
 # --------------------------------------------------------------------------- common

@@ -16,6 +16,8 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     model: str | None = None
     max_turns: int | None = None
     timeout: float | None = None  # seconds, wall clock for the whole task
+    max_tokens: int | None = None  # budget: all tokens of all API requests
+    max_cost: float | None = None  # budget: USD
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -41,6 +43,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     is_error: bool = False
     diff_stat: str = ""
     final_text: str = ""
+    compute_s: float = 0.0  # sandbox wall-clock
+    claude_usage: Usage | None = None  # what Claude Code reported; ``usage`` is what the proxy metered
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -54,13 +58,15 @@ class StoredEvent(msgspec.Struct, frozen=True):
 class EventIn(msgspec.Struct, frozen=True):
     """An event to persist.  ``node_seq`` (when set) makes the write idempotent: an event
     whose node_seq is not above the task's last one, or from a node that no longer owns
-    the task, is dropped."""
+    the task, is dropped.  A ``ledger`` row rides along and is written in the same
+    transaction only when the event is (so metering is exactly once too)."""
 
     task_id: str
     kind: str
     data: bytes
     node_seq: int | None = None
     node_id: str | None = None
+    ledger: "LedgerRow | None" = None
 
 
 # Columns a store may change with update_task().
@@ -68,6 +74,67 @@ UPDATABLE = frozenset(
     {
         "state", "reason", "message", "node_id", "attempt", "started_at", "finished_at",
         "last_node_seq", "usage", "cost_usd", "num_turns", "exit_code", "is_error",
-        "diff_stat", "final_text", "request",
+        "diff_stat", "final_text", "request", "compute_s", "claude_usage",
     }
 )
+
+
+class User(msgspec.Struct, kw_only=True):
+    id: str
+    email: str
+    password_hash: str
+    admin: bool = False
+    created_at: float = 0.0
+
+
+class ApiKey(msgspec.Struct, kw_only=True):
+    id: str
+    user_id: str
+    name: str
+    prefix: str  # first characters of the key, for listing; the key itself is only hashed
+    key_hash: str
+    created_at: float = 0.0
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+
+class Session(msgspec.Struct, kw_only=True):
+    token_hash: str
+    user_id: str
+    created_at: float
+    expires_at: float
+
+
+class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One API request a task made, as the node's proxy metered it, priced by the orchestrator."""
+
+    task_id: str
+    user_id: str
+    ts: float
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    tool_calls: int
+    cost_usd: float
+    status: int
+    duration_s: float
+    ttft_s: float | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    complete: bool = True
+    priced: bool = True  # False when the model was unknown and the fallback price was used
+
+
+class UsageBucket(msgspec.Struct, kw_only=True):
+    key: str  # the day, task id or model (or "total")
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    tool_calls: int = 0
+    cost_usd: float = 0.0
+    compute_s: float = 0.0
+    tasks: int = 0

@@ -13,6 +13,7 @@ import trio
 from marathon.errors import StoreError
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord, TaskRequest
+from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
 
 T = TypeVar("T")
 
@@ -31,7 +32,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     usage TEXT NOT NULL DEFAULT '{}',
     cost_usd REAL, num_turns INTEGER NOT NULL DEFAULT 0,
     exit_code INTEGER, is_error INTEGER NOT NULL DEFAULT 0,
-    diff_stat TEXT NOT NULL DEFAULT '', final_text TEXT NOT NULL DEFAULT ''
+    diff_stat TEXT NOT NULL DEFAULT '', final_text TEXT NOT NULL DEFAULT '',
+    compute_s REAL NOT NULL DEFAULT 0,
+    claude_usage TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks(created_at, id);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state, created_at);
@@ -40,6 +43,27 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (task_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (
+    task_id TEXT NOT NULL, user_id TEXT NOT NULL, ts REAL NOT NULL, model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+    cache_creation_input_tokens INTEGER NOT NULL, cache_read_input_tokens INTEGER NOT NULL,
+    tool_calls INTEGER NOT NULL, cost_usd REAL NOT NULL, status INTEGER NOT NULL,
+    duration_s REAL NOT NULL, ttft_s REAL, request_bytes INTEGER NOT NULL,
+    response_bytes INTEGER NOT NULL, complete INTEGER NOT NULL, priced INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_user ON ledger(user_id, ts);
+CREATE INDEX IF NOT EXISTS ledger_by_task ON ledger(task_id);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, revoked_at REAL, last_used_at REAL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (task_id, name)
@@ -49,7 +73,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 _COLUMNS = (
     "id, owner, state, request, reason, message, node_id, attempt, created_at, updated_at, "
     "started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code, "
-    "is_error, diff_stat, final_text"
+    "is_error, diff_stat, final_text, compute_s, claude_usage"
 )
 _json = msgspec.json.Encoder()
 
@@ -57,7 +81,7 @@ _json = msgspec.json.Encoder()
 def _row_to_task(row: tuple) -> TaskRecord:
     (id_, owner, state, request, reason, message, node_id, attempt, created_at, updated_at,
      started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code,
-     is_error, diff_stat, final_text) = row
+     is_error, diff_stat, final_text, compute_s, claude_usage) = row
     return TaskRecord(
         id=id_, owner=owner, state=state, request=msgspec.json.decode(request, type=TaskRequest),
         reason=reason, message=message, node_id=node_id, attempt=attempt,
@@ -65,12 +89,14 @@ def _row_to_task(row: tuple) -> TaskRecord:
         finished_at=finished_at, last_seq=last_seq, last_node_seq=last_node_seq,
         usage=msgspec.json.decode(usage, type=Usage), cost_usd=cost_usd, num_turns=num_turns,
         exit_code=exit_code, is_error=bool(is_error), diff_stat=diff_stat, final_text=final_text,
+        compute_s=compute_s,
+        claude_usage=msgspec.json.decode(claude_usage, type=Usage) if claude_usage else None,
     )
 
 
 def _to_column(name: str, value: Any) -> Any:
-    if name in ("usage", "request"):
-        return _json.encode(value).decode()
+    if name in ("usage", "request", "claude_usage"):
+        return None if value is None else _json.encode(value).decode()
     if name == "is_error":
         return int(bool(value))
     return value
@@ -90,7 +116,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise StoreError(f"bad cursor {cursor!r}") from None
 
 
-class SqliteStore:
+class SqliteStore(AccountsMixin):
     def __init__(self, path: str):
         self.path = path
         self._writer: sqlite3.Connection | None = None
@@ -245,11 +271,20 @@ class SqliteStore:
             "INSERT INTO events (task_id, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
             (ev.task_id, seq, now, ev.kind, ev.data),
         )
+        if ev.ledger is not None:
+            insert_ledger(conn, ev.ledger)
         return StoredEvent(ev.task_id, seq, now, ev.kind, ev.data)
 
     async def append_events(self, items: list[EventIn]) -> list[StoredEvent | None]:
         now = time.time()
         return await self._write(lambda conn: [self._append_one(conn, ev, now) for ev in items])
+
+    async def ledger_totals(self, task_id: str) -> tuple[Usage, float]:
+        row = await self._read(lambda c: c.execute(
+            "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
+            "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
+            "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = ?", (task_id,)).fetchone())
+        return Usage(row[0], row[1], row[2], row[3]), row[4]
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         def fn(conn):

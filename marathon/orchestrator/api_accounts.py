@@ -1,0 +1,124 @@
+"""/v1/auth, /v1/keys and /v1/usage."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import msgspec
+from quart import request
+
+from marathon.errors import AuthError, InvalidRequest, NotFound
+from marathon.store.models import UsageBucket
+
+
+class Credentials(msgspec.Struct, forbid_unknown_fields=True):
+    email: str
+    password: str
+
+
+class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "key"
+
+
+def parse_since(text: str | None, now: float | None = None) -> float:
+    """'7d', '24h', '30m', '90s', an epoch number, or YYYY-MM-DD; default 30 days."""
+    now = time.time() if now is None else now
+    if not text:
+        return now - 30 * 86400
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise InvalidRequest(f"bad 'since' {text!r}: use 7d, 24h, 30m, an epoch time or YYYY-MM-DD") from None
+
+
+def _user_json(user) -> dict:
+    return {"id": user.id, "email": user.email, "admin": user.admin, "created_at": user.created_at}
+
+
+def register_account_routes(app, ctx, principal, body_as) -> None:
+    from marathon.orchestrator.api import json_response
+
+    accounts = ctx.accounts
+
+    @app.post("/v1/auth/register")
+    async def register():
+        body = await body_as(Credentials)
+        user = await accounts.register(body.email, body.password)
+        return json_response(_user_json(user), 201)
+
+    @app.post("/v1/auth/login")
+    async def login():
+        body = await body_as(Credentials)
+        token, session, user = await accounts.login(body.email, body.password)
+        return json_response({"token": token, "expires_at": session.expires_at, "user": _user_json(user)})
+
+    @app.post("/v1/auth/logout")
+    async def logout():
+        await principal()
+        auth = request.headers.get("Authorization", "")
+        await accounts.logout(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        return json_response({"ok": True})
+
+    @app.get("/v1/auth/whoami")
+    async def whoami():
+        p = await principal()
+        return json_response({"id": p.user, "email": p.email, "admin": p.admin})
+
+    @app.post("/v1/keys")
+    async def create_key():
+        p = await principal()
+        body = await body_as(KeyRequest)
+        key, rec = await accounts.create_key(p, body.name)
+        return json_response({"id": rec.id, "name": rec.name, "prefix": rec.prefix, "key": key, "created_at": rec.created_at}, 201)
+
+    @app.get("/v1/keys")
+    async def list_keys():
+        p = await principal()
+        keys = await ctx.tasks.store.list_api_keys(p.user)
+        return json_response({"keys": [
+            {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
+            for k in keys
+        ]})
+
+    @app.delete("/v1/keys/<key_id>")
+    async def revoke_key(key_id: str):
+        p = await principal()
+        await accounts.revoke_key(p, key_id)
+        return json_response({"id": key_id, "revoked": True})
+
+    @app.get("/v1/usage")
+    async def usage():
+        p = await principal()
+        by = request.args.get("by", "total")
+        if by not in ("day", "task", "model", "total", "user"):
+            raise InvalidRequest("by must be day, task, model, user or total")
+        since = parse_since(request.args.get("since"))
+        who = request.args.get("user")
+        user_id: str | None = p.user
+        if who:
+            if not p.admin:
+                raise AuthError("only an administrator can see another user's usage")
+            if who == "*":
+                user_id = None
+            else:
+                u = await ctx.tasks.store.get_user_by_email(who.lower()) or await ctx.tasks.store.get_user(who)
+                if u is None:
+                    raise NotFound(f"no user {who!r}")
+                user_id = u.id
+        if by == "user" and not p.admin:
+            raise AuthError("only an administrator can break usage down by user")
+        rows = await ctx.tasks.store.usage_summary(user_id=user_id, since=since, by=by)
+        total = UsageBucket(key="total")
+        for r in rows:
+            for f in ("requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+                      "cache_read_input_tokens", "tool_calls", "cost_usd", "compute_s", "tasks"):
+                setattr(total, f, getattr(total, f) + getattr(r, f))
+        return json_response({"since": since, "by": by, "user": user_id or "*", "rows": rows, "total": total})

@@ -1,0 +1,169 @@
+"""SQLite: users, API keys, login sessions, and the usage ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from marathon.errors import Conflict
+from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
+
+_LEDGER_COLS = (
+    "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
+    "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
+    "response_bytes, complete, priced"
+)
+
+
+def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
+    conn.execute(
+        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 17)})",
+        (r.task_id, r.user_id, r.ts, r.model, r.input_tokens, r.output_tokens,
+         r.cache_creation_input_tokens, r.cache_read_input_tokens, r.tool_calls, r.cost_usd,
+         r.status, r.duration_s, r.ttft_s, r.request_bytes, r.response_bytes, int(r.complete), int(r.priced)),
+    )
+
+
+def _user(row) -> User:
+    return User(id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4])
+
+
+_USER = "SELECT id, email, password_hash, admin, created_at FROM users"
+_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at"
+
+
+def _key(row) -> ApiKey:
+    return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], key_hash=row[4],
+                  created_at=row[5], revoked_at=row[6], last_used_at=row[7])
+
+
+_GROUPS = {
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "task": "task_id",
+    "model": "model",
+    "user": "user_id",
+    "total": "'total'",
+}
+
+
+class AccountsMixin:
+    # ------------------------------------------------------------------ users
+
+    async def create_user(self, user: User) -> User:
+        user.created_at = user.created_at or time.time()
+
+        def fn(conn):
+            try:
+                conn.execute("INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (user.id, user.email, user.password_hash, int(user.admin), user.created_at))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"{user.email} is already registered") from None
+            return user
+
+        return await self._write(fn)
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._read(lambda c: c.execute(f"{_USER} WHERE id = ?", (user_id,)).fetchone())
+        return _user(row) if row else None
+
+    async def get_user_by_email(self, email: str) -> User | None:
+        row = await self._read(lambda c: c.execute(f"{_USER} WHERE email = ?", (email,)).fetchone())
+        return _user(row) if row else None
+
+    async def count_users(self) -> int:
+        return (await self._read(lambda c: c.execute("SELECT count(*) FROM users").fetchone()))[0]
+
+    # ------------------------------------------------------------------ API keys
+
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        key.created_at = key.created_at or time.time()
+        await self._write(lambda c: c.execute(
+            f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None)))
+        return key
+
+    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
+        rows = await self._read(lambda c: c.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE user_id = ? ORDER BY created_at", (user_id,)).fetchall())
+        return [_key(r) for r in rows]
+
+    async def revoke_api_key(self, user_id: str, key_id: str) -> bool:
+        cur = await self._write(lambda c: c.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+            (time.time(), key_id, user_id)))
+        return cur.rowcount == 1
+
+    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at "
+            "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+            (key_hash,)).fetchone())
+        return (_key(row[:8]), _user(row[8:])) if row else None
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, session: Session) -> None:
+        await self._write(lambda c: c.execute(
+            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+            (session.token_hash, session.user_id, session.created_at, session.expires_at)))
+
+    async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
+        row = await self._read(lambda c: c.execute(
+            "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at "
+            "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+            (token_hash, time.time())).fetchone())
+        if not row:
+            return None
+        return Session(token_hash=row[0], user_id=row[1], created_at=row[2], expires_at=row[3]), _user(row[4:])
+
+    async def revoke_session(self, token_hash: str) -> None:
+        await self._write(lambda c: c.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)))
+
+    # ------------------------------------------------------------------ ledger
+
+    async def ledger_rows(self, task_id: str) -> list[LedgerRow]:
+        rows = await self._read(lambda c: c.execute(
+            f"SELECT {_LEDGER_COLS} FROM ledger WHERE task_id = ? ORDER BY ts", (task_id,)).fetchall())
+        names = [x.strip() for x in _LEDGER_COLS.split(",")]
+        out = []
+        for r in rows:
+            d = dict(zip(names, r))
+            d["complete"], d["priced"] = bool(d["complete"]), bool(d["priced"])
+            out.append(LedgerRow(**d))
+        return out
+
+    async def usage_summary(self, *, user_id: str | None, since: float, by: str) -> list[UsageBucket]:
+        group = _GROUPS[by]
+        where, args = ["ts >= ?"], [since]
+        if user_id is not None:
+            where.append("user_id = ?")
+            args.append(user_id)
+        sql = (
+            f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
+            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
+            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
+        )
+        tgroup = {"day": "strftime('%Y-%m-%d', created_at, 'unixepoch')", "task": "id", "model": None,
+                  "user": "owner", "total": "'total'"}[by]
+        twhere, targs = ["created_at >= ?"], [since]
+        if user_id is not None:
+            twhere.append("owner = ?")
+            targs.append(user_id)
+
+        def fn(conn):
+            rows = conn.execute(sql, args).fetchall()
+            compute = {}
+            if tgroup is not None:
+                compute = dict(conn.execute(
+                    f"SELECT {tgroup} AS k, sum(compute_s) FROM tasks WHERE {' AND '.join(twhere)} GROUP BY k", targs
+                ).fetchall())
+            return rows, compute
+
+        rows, compute = await self._read(fn)
+        out = {r[0]: UsageBucket(key=r[0], requests=r[1], input_tokens=r[2] or 0, output_tokens=r[3] or 0,
+                                 cache_creation_input_tokens=r[4] or 0, cache_read_input_tokens=r[5] or 0,
+                                 tool_calls=r[6] or 0, cost_usd=r[7] or 0.0, tasks=r[8]) for r in rows}
+        for k, secs in compute.items():
+            if secs:
+                out.setdefault(k, UsageBucket(key=k)).compute_s = secs
+        return [out[k] for k in sorted(out)]
