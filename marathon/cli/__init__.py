@@ -96,6 +96,8 @@ def run(
     model: str | None = None,
     max_turns: int | None = None,
     timeout: float | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
     detach: bool = False,
     cancel_on_interrupt: bool = False,
     url: Url = None,
@@ -116,6 +118,10 @@ def run(
         Upper bound on agent turns.
     timeout
         Wall-clock limit for the whole task, in seconds.
+    max_tokens
+        Token budget (all tokens of all API requests); the task ends budget_exhausted beyond it.
+    max_cost
+        Cost budget in USD.
     detach
         Print the task id and return at once.
     cancel_on_interrupt
@@ -132,7 +138,8 @@ def run(
         if not os.path.exists(os.path.join(path, ".git")):
             return _fail(f"{repo!r} is not a git repository (no .git)", 2)
         repo = path
-    body = {"prompt": prompt, "repo": repo, "branch": branch, "model": model, "max_turns": max_turns, "timeout": timeout}
+    body = {"prompt": prompt, "repo": repo, "branch": branch, "model": model, "max_turns": max_turns,
+            "timeout": timeout, "max_tokens": max_tokens, "max_cost": max_cost}
     client = _client(url)
     try:
         task = client.post("/v1/tasks", {k: v for k, v in body.items() if v is not None})
@@ -268,6 +275,9 @@ def nodes(*, url: Url = None) -> int:
     if not data["nodes"]:
         print("no nodes")
     return 0
+
+
+from marathon.cli import accounts as _accounts  # noqa: E402,F401  (registers login, keys, usage…)
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ def event_line(kind: str, data: dict) -> str | None:
         return _c("31", text) if data.get("is_error") else _c("2", text)
     if kind == "log":
         return _c("2", f"· {data.get('message', '')}")
+    if kind == "api_request" and (data.get("status", 200) >= 400 or data.get("error")):
+        return _c("31", f"· API {data.get('status')}: {data.get('error') or 'error'}")
     return None  # usage and others are shown in the summary
 
 
@@ -68,6 +70,7 @@ def status(task: dict) -> str:
         ("started", _ts(task.get("started_at"))), ("finished", _ts(task.get("finished_at"))),
         ("duration", duration(task)), ("turns", task.get("num_turns")),
         ("tokens", tokens(task.get("usage") or {})),
+        ("claude", tokens(task["claude_usage"]) + " as Claude Code reported" if task.get("claude_usage") else None),
         ("cost", f"${task['cost_usd']:.4f}" if task.get("cost_usd") is not None else None),
         ("changes", task.get("diff_stat")),
     ]

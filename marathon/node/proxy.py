@@ -178,7 +178,7 @@ class MeteringProxy:
                     (k, v) for k, v in resp.headers.multi_items()
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
                 ]
-                await stream.send_all(conn.send(h11.Response(status_code=status, headers=out_headers)))
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=out_headers, reason=resp.reason_phrase.encode())))
                 nonstream = bytearray()
                 ctype = resp.headers.get("content-type", "")
                 async for chunk in resp.aiter_raw():

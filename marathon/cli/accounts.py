@@ -1,0 +1,177 @@
+"""register, login, whoami, logout, keys, usage."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from typing import Annotated, Literal
+
+from cyclopts import App, Parameter
+
+from marathon.cli import _client, _fail, app, Url
+from marathon.cli import render
+
+
+def _password(password_stdin: bool, confirm: bool = False) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    pw = getpass.getpass("password: ")
+    if confirm and getpass.getpass("again: ") != pw:
+        raise SystemExit(_fail("the passwords differ", 2))
+    return pw
+
+
+@app.command
+def register(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
+    """Create an account on the orchestrator (the first account administers it).
+
+    Parameters
+    ----------
+    password_stdin
+        Read the password from standard input instead of prompting.
+    """
+    from marathon.cli.client import ApiError
+
+    try:
+        user = _client(url).post("/v1/auth/register", {"email": email, "password": _password(password_stdin, True)})
+    except ApiError as exc:
+        return _fail(exc.message, 2 if exc.status in (400, 409) else 1)
+    print(f"registered {user['email']}{' (administrator)' if user['admin'] else ''}; now: marathon login {email}")
+    return 0
+
+
+@app.command
+def login(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
+    """Log in and keep the token in your config directory (mode 0600)."""
+    from marathon.cli import credentials
+    from marathon.cli.client import ApiError
+
+    client = _client(url)
+    try:
+        res = client.post("/v1/auth/login", {"email": email, "password": _password(password_stdin)})
+    except ApiError as exc:
+        return _fail(exc.message)
+    where = credentials.save(client.url, res["token"], email=res["user"]["email"])
+    print(f"logged in as {res['user']['email']} (token saved in {where})")
+    return 0
+
+
+@app.command
+def logout(*, url: Url = None) -> int:
+    """Revoke this login token and forget it."""
+    from marathon.cli import credentials
+    from marathon.cli.client import ApiError
+
+    client = _client(url)
+    try:
+        client.post("/v1/auth/logout")
+    except ApiError as exc:
+        if exc.status != 401:
+            return _fail(exc.message)
+    credentials.forget(client.url)
+    print("logged out")
+    return 0
+
+
+@app.command
+def whoami(*, url: Url = None) -> int:
+    """Who the CLI is authenticated as."""
+    from marathon.cli.client import ApiError
+
+    try:
+        me = _client(url).get("/v1/auth/whoami")
+    except ApiError as exc:
+        return _fail(exc.message)
+    print(f"{me['email']} ({me['id']}){' administrator' if me['admin'] else ''}")
+    return 0
+
+
+keys = App(name="keys", help="Manage your API keys (for scripts and CI).")
+app.command(keys)
+
+
+@keys.command(name="create")
+def keys_create(name: str = "key", *, url: Url = None) -> int:
+    """Create an API key; it is shown once."""
+    from marathon.cli.client import ApiError
+
+    try:
+        k = _client(url).post("/v1/keys", {"name": name})
+    except ApiError as exc:
+        return _fail(exc.message)
+    print(k["key"])
+    print(f"(id {k['id']}; shown once — use it as MARATHON_TOKEN or 'Authorization: Bearer …')", file=sys.stderr)
+    return 0
+
+
+@keys.command(name="list")
+def keys_list(*, url: Url = None) -> int:
+    """List your API keys (prefixes only)."""
+    from marathon.cli.client import ApiError
+
+    try:
+        data = _client(url).get("/v1/keys")
+    except ApiError as exc:
+        return _fail(exc.message)
+    for k in data["keys"]:
+        state = "revoked" if k["revoked_at"] else "active"
+        print(f"{k['id']}  {k['prefix']}…  {state:<8} {render.age(k['created_at']):>4}  {k['name']}")
+    if not data["keys"]:
+        print("no keys")
+    return 0
+
+
+@keys.command(name="revoke")
+def keys_revoke(key_id: str, *, url: Url = None) -> int:
+    """Revoke an API key."""
+    from marathon.cli.client import ApiError
+
+    try:
+        _client(url).request("DELETE", f"/v1/keys/{key_id}")
+    except ApiError as exc:
+        return _fail(exc.message)
+    print(f"revoked {key_id}")
+    return 0
+
+
+@app.command
+def usage(
+    *,
+    since: str = "30d",
+    by: Literal["total", "day", "task", "model", "user"] = "total",
+    user: str | None = None,
+    json_output: Annotated[bool, Parameter(name="--json")] = False,
+    url: Url = None,
+) -> int:
+    """Tokens, cost and compute time, metered per API request.
+
+    Parameters
+    ----------
+    since
+        7d, 24h, 30m, YYYY-MM-DD or an epoch time.
+    by
+        Break down by day, task, model (or user, for administrators).
+    user
+        Administrators: whose usage (email or id; * for everyone).
+    """
+    from marathon.cli.client import ApiError
+
+    params = {"since": since, "by": by, **({"user": user} if user else {})}
+    try:
+        data = _client(url).get("/v1/usage", params=params)
+    except ApiError as exc:
+        return _fail(exc.message)
+    if json_output:
+        print(json.dumps(data, indent=2))
+        return 0
+    head = f"{by:<24} {'requests':>8} {'input':>10} {'output':>10} {'cache w':>9} {'cache r':>9} {'tools':>6} {'cost $':>10} {'compute':>8}"
+    print(head)
+    rows = data["rows"] + ([data["total"]] if by != "total" else [])
+    if by == "total":
+        rows = [data["total"]]
+    for r in rows:
+        print(f"{str(r['key'])[:24]:<24} {r['requests']:>8} {r['input_tokens']:>10,} {r['output_tokens']:>10,} "
+              f"{r['cache_creation_input_tokens']:>9,} {r['cache_read_input_tokens']:>9,} {r['tool_calls']:>6} "
+              f"{r['cost_usd']:>10.4f} {r['compute_s']:>7.0f}s")
+    return 0
