@@ -1,4 +1,5 @@
-"""Per-VM networking for Firecracker: a network namespace of its own holding the TAP.
+"""Host-side resources of a Firecracker VM: its network namespace with the TAP, its jail
+cgroups, its directory; and the reaper that removes them after a crash.
 
 Every VM gets ``ip netns add <prefix><id>`` with a TAP named ``tap0`` inside, addressed
 172.16.0.1/30 (the guest is 172.16.0.2).  Because the names and addresses are the same in
@@ -13,6 +14,9 @@ pair with it) and the host rules; it is idempotent.
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import shlex
 import shutil
@@ -23,6 +27,13 @@ from dataclasses import dataclass
 import trio
 
 from marathon.errors import SandboxError
+from marathon.node.procs import kill_tree
+
+log = logging.getLogger("marathon.sandbox.firecracker")
+
+DEFAULT_PREFIX = "mfc-"  # VM ids, network namespaces, jail ids all start with it
+MARKER = "fc-vm.json"  # in every VM directory: what to clean up after a crash
+CLEANUP_TIMEOUT = 15.0
 
 NETNS_DIR = "/run/netns"
 TAP = "tap0"
@@ -163,3 +174,125 @@ async def remove_host_rules(tag_prefix: str) -> None:
             # "-A CHAIN ..." -> "-D CHAIN ..." (iptables -S quotes the comment: split like a shell)
             args = shlex.split(line)
             await run(["iptables", "-t", table, "-D"] + args[1:], check=False)
+
+
+def _cgroup_mounts() -> list[tuple[str, str]]:
+    out = []
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] in ("cgroup", "cgroup2"):
+                    out.append((parts[2], parts[1]))
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_version() -> int:
+    kinds = {k for k, _ in _cgroup_mounts()}
+    return 2 if kinds == {"cgroup2"} else 1
+
+
+async def remove_cgroups(parent: str, vm_id: str, *, timeout: float = 2.0) -> None:
+    """rmdir the VM's cgroup in every hierarchy.  A cgroup stays busy until its last process
+    is reaped (by us, or by init for an orphan), so EBUSY is retried for a bounded time."""
+    for _, mnt in _cgroup_mounts():
+        path = os.path.join(mnt, parent, vm_id)
+        with trio.move_on_after(timeout):
+            while os.path.isdir(path):
+                try:
+                    os.rmdir(path)
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        log.warning("could not remove cgroup %s: %s", path, exc)
+                        break
+                    await trio.sleep(0.01)
+        if os.path.isdir(path):
+            log.warning("could not remove cgroup %s: still busy", path)
+
+
+def stale_cgroups(parent: str, prefix: str) -> list[str]:
+    """Cgroup directories of jailed VMs named with our prefix, in every hierarchy."""
+    out = []
+    for _, mnt in _cgroup_mounts():
+        base = os.path.join(mnt, parent)
+        if os.path.isdir(base):
+            out += [os.path.join(base, d) for d in os.listdir(base) if d.startswith(prefix)]
+    return out
+
+
+async def cleanup_vm_dir(vm_dir: str, *, id: str, jail_dir: str, netns: str, parent_cgroup: str) -> None:
+    """Remove what a VM made on the host (its process must be gone already)."""
+    if netns:
+        await teardown_net(netns)
+    if parent_cgroup:
+        await remove_cgroups(parent_cgroup, id)
+    if jail_dir:
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(jail_dir, ignore_errors=True))
+    await trio.to_thread.run_sync(lambda: shutil.rmtree(vm_dir, ignore_errors=True))
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
+
+
+def find_stale_vmms(run_root: str, prefix: str) -> list[int]:
+    """Firecracker (or jailer) processes that are ours: ``--id <prefix>…`` or an API socket
+    under ``run_root``."""
+    root = os.path.abspath(run_root).rstrip("/") + "/"
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (1, os.getpid()):
+            continue
+        argv = _cmdline(int(entry))
+        if not argv or os.path.basename(argv[0]) not in ("firecracker", "jailer"):
+            continue
+        if _arg(argv, "--id").startswith(prefix) or _arg(argv, "--api-sock").startswith(root):
+            out.append(int(entry))
+    return out
+
+
+async def reap_leftovers(run_root: str, *, prefix: str = DEFAULT_PREFIX,
+                         parent_cgroup: str = "firecracker") -> list[str]:
+    """At node start: kill our stale VMMs, remove their VM directories under ``run_root``
+    (found by their marker file), jails, cgroups, network namespaces and host NAT rules.
+    Returns what was removed."""
+    removed: list[str] = []
+    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT * 2):
+        for pid in find_stale_vmms(run_root, prefix):
+            await kill_tree(pid)
+            removed.append(f"process {pid}")
+        markers = []
+        if os.path.isdir(run_root):
+            for dirpath, dirnames, filenames in os.walk(run_root):
+                if MARKER in filenames:
+                    markers.append(dirpath)
+                    dirnames[:] = []
+        for vm_dir in markers:
+            try:
+                with open(os.path.join(vm_dir, MARKER)) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError):
+                doc = {}
+            await cleanup_vm_dir(vm_dir, id=doc.get("id", ""), jail_dir=doc.get("jail_dir", ""),
+                                 netns=doc.get("netns", ""), parent_cgroup=doc.get("parent_cgroup", ""))
+            removed.append(f"dir {vm_dir}")
+        for path in stale_cgroups(parent_cgroup, prefix):
+            await remove_cgroups(parent_cgroup, os.path.basename(path))
+            removed.append(f"cgroup {path}")
+        for ns in list_netns(prefix):
+            await teardown_net(ns)
+            removed.append(f"netns {ns}")
+        await remove_host_rules(f"marathon-fc:{prefix}")
+    if removed:
+        log.info("reaped firecracker leftovers: %s", ", ".join(removed))
+    return removed
