@@ -15,15 +15,16 @@ SOURCE = os.path.join(HERE, "guest.S")
 BANNER = "MARATHON-FC-GUEST up"
 
 
-def build_guest(out_dir: str) -> str:
-    """Assemble and link ``guest.S`` at 1 MiB (one RWX segment, entry = _start).  Returns the
-    ELF's path; raises RuntimeError with what to install when binutils is missing."""
+def build_guest(out_dir: str, *, period_ns: int = 50_000_000) -> str:
+    """Assemble and link ``guest.S`` at 1 MiB (one RWX segment, entry = _start), ticking every
+    ``period_ns`` (APIC timer count at KVM's 1 GHz bus).  Returns the ELF's path; raises
+    RuntimeError with what to install when binutils is missing."""
     for tool in ("as", "ld"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"`{tool}` not found: install binutils (apt-get install binutils)")
     os.makedirs(out_dir, exist_ok=True)
     obj, elf = os.path.join(out_dir, "guest.o"), os.path.join(out_dir, "guest.elf")
-    subprocess.run(["as", "--64", "-o", obj, SOURCE], check=True, capture_output=True)
+    subprocess.run(["as", "--64", f"--defsym=PERIOD={period_ns}", "-o", obj, SOURCE], check=True, capture_output=True)
     quiet = ["--no-warn-rwx-segments"] if "--no-warn-rwx-segments" in subprocess.run(
         ["ld", "--help"], capture_output=True, text=True).stdout else []  # binutils >= 2.39
     subprocess.run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-N", *quiet,

@@ -13,6 +13,9 @@
  * After a snapshot is restored the counter continues from where it was: proof that the
  * restored memory and vCPU state are the snapshot's and that the guest runs again.
  */
+    .ifndef PERIOD
+    .set PERIOD, 50000000          /* 50 ms at KVM's 1 GHz APIC bus */
+    .endif
     .code64
     .text
     .globl _start
@@ -56,8 +59,8 @@ _start:
     mov $0x832, %ecx               /* LVT timer: periodic, vector 32 */
     mov $0x20020, %eax
     wrmsr
-    mov $0x838, %ecx               /* initial count */
-    mov $50000000, %eax
+    mov $0x838, %ecx               /* initial count: PERIOD ns (as --defsym PERIOD=...) */
+    mov $PERIOD, %eax
     wrmsr
     lea armed(%rip), %rsi
     mov $armedlen, %ecx

@@ -139,7 +139,7 @@ class Jailer:
     binary: str
     uid: int
     gid: int
-    chroot_base: str = ""  # default: <vm_dir>/jail
+    chroot_base: str = "/srv/jailer"  # short: the API socket path in the jail must fit AF_UNIX
     cgroups: tuple[str, ...] = ()  # e.g. ("cpu.shares=512", "memory.limit_in_bytes=1073741824")
     cgroup_version: int = 0  # 0: 2 when only the unified hierarchy is mounted, else 1
     parent_cgroup: str = "firecracker"
@@ -203,7 +203,7 @@ class FirecrackerVM:
         self.api_timeout, self.ready_timeout, self.log_level = api_timeout, ready_timeout, log_level
         self.serial_log = os.path.join(self.vm_dir, "serial.log")
         if jailer:
-            base = os.path.abspath(jailer.chroot_base or os.path.join(self.vm_dir, "jail"))
+            base = os.path.abspath(jailer.chroot_base or "/srv/jailer")
             self.jail_dir = os.path.join(base, os.path.basename(self.firecracker_bin), self.id)
             self.root, self.view = os.path.join(self.jail_dir, "root"), "/"
             self.api_sock = os.path.join(self.root, "run", "firecracker.socket")
