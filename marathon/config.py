@@ -50,6 +50,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_grace: float = 10.0  # a lost node's tasks wait this long for it to come back
     assign_timeout: float = 10.0
     max_attempts: int = 3
+    max_artifact: int = 512 * 1024 * 1024  # largest result bundle kept per task
     # node
     orchestrator: str = "tcp:127.0.0.1:8601"
     node_name: str = msgspec.field(default_factory=socket.gethostname)
@@ -63,6 +64,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     connect_timeout: float = 30.0
     anthropic_api_key: str = ""
     anthropic_base_url: str = "https://api.anthropic.com"
+    github_url: str = "https://github.com"  # where owner/name repositories live (GitHub Enterprise: your host)
+    github_api_url: str = "https://api.github.com"
+    github_token: str = ""  # node fallback when the submitting user has none
     # task defaults
     model: str = ""
     max_turns: int = 50
@@ -85,7 +89,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
-        for key in ("token", "node_secret", "anthropic_api_key"):
+        for key in ("token", "node_secret", "anthropic_api_key", "github_token"):
             if out.get(key):
                 out[key] = "***"
         return out

@@ -6,31 +6,20 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import trio
 
 from marathon import __version__
-from marathon.agent.runner import find_claude, make_run_user, run_claude, run_git, workspace_diff
+from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
 from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, single_errors
 from marathon.protocol import FramedStream
+from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol import messages as m
 from marathon.protocol.transports import listener_address, open_listeners
 from marathon.protocol.tunnel import TunnelMux, pipe
 
 log = logging.getLogger("marathon.agent")
-
-
-class Cancellation:
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.reason = ""
-
-    def cancel(self, reason: str) -> None:
-        if not self.event.is_set():
-            self.reason = reason
-            self.event.set()
 
 
 async def serve_agent(config: Config, listen: str, *, once: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -72,6 +61,10 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
 async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
     cancel = Cancellation()
     mux = TunnelMux(fs.send, first_id=1)
+    bundle = f"/tmp/marathon-repo-{os.getpid()}.bundle"
+    result_bundle = f"/tmp/marathon-result-{os.getpid()}.bundle"
+    repo_ready = trio.Event()
+    received = BlobWriter(bundle)
 
     async def read_node(scope: trio.CancelScope) -> None:
         try:
@@ -79,6 +72,9 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
                 msg = await fs.receive()
                 if isinstance(msg, (m.TunnelData, m.TunnelAck, m.TunnelClose, m.TunnelOpen)):
                     mux.feed(msg)
+                elif isinstance(msg, m.Blob) and msg.name == "repo":
+                    if received.add(msg.offset, msg.data, msg.last):
+                        repo_ready.set()
                 elif isinstance(msg, m.CancelRun):
                     log.info("agent: cancel requested (%s)", msg.reason)
                     cancel.cancel(msg.reason)
@@ -88,6 +84,7 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
             log.warning("agent: lost the node (%s); stopping the task", exc)
             cancel.cancel("node_lost")
             mux.close_all()
+            repo_ready.set()
 
     async def serve_tunnel(listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async def one(client: trio.SocketStream) -> None:
@@ -110,52 +107,19 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
             tunnel = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
             port = tunnel.socket.getsockname()[1]
             await nursery.start(serve_tunnel, tunnel)
-            outcome = await execute(config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel)
+            with trio.move_on_after(config.connect_timeout * 10):
+                await repo_ready.wait()
+            if not received.done:
+                outcome = m.TaskOutcome(state="failed", reason="sandbox_failed", message="the repository bundle did not arrive")
+            else:
+                outcome = await execute(config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel,
+                                        bundle, result_bundle)
+            if outcome.has_bundle:
+                await send_file(fs, "result", result_bundle)
             await fs.send(m.AgentResult(outcome=outcome))
             nursery.cancel_scope.cancel()
 
 
-async def execute(config: Config, start: m.Start, api_url: str, emit, cancel: Cancellation) -> m.TaskOutcome:
-    """Run the task on the workspace; never raises for task-level failures."""
-    task = start.task
-    t0 = time.monotonic()
-    workspace = start.workspace
-    try:
-        claude = find_claude(config.claude_bin)
-        user = make_run_user(config.sandbox_uid, "/tmp")
-        base = (await run_git(user, workspace, "rev-parse", "HEAD")).strip()
-    except MarathonError as exc:
-        return m.TaskOutcome(state="failed", reason="sandbox_failed", message=str(exc), duration_s=time.monotonic() - t0)
-
-    await emit([m.StateEvent(state="running")])
-    run = await run_claude(
-        claude=claude, prompt=task.prompt, workspace=workspace, user=user, api_url=api_url,
-        api_key=start.api_key, model=task.model, max_turns=task.max_turns, emit=emit, cancel=cancel.event,
-    )
-    try:
-        diff, stat = await workspace_diff(user, workspace, base)
-    except MarathonError as exc:
-        diff, stat = "", f"(diff unavailable: {exc})"
-    res = run.parser.result
-    common = dict(
-        exit_code=run.exit_code,
-        is_error=res.is_error if res else True,
-        num_turns=res.num_turns if res else 0,
-        usage=res.usage if res else m.Usage(),
-        claude_usage=res.usage if res else None,
-        cost_usd=res.total_cost_usd if res else None,
-        duration_s=time.monotonic() - t0,
-        diff=diff, diff_stat=stat,
-        final_text=(res.result if res else run.parser.last_text)[-4000:],
-    )
-    if cancel.event.is_set():
-        reason = cancel.reason or "cancelled"
-        return m.TaskOutcome(state=m.stopped_state(reason), reason=reason, message=f"stopped: {reason}", **common)
-    if res is None:
-        return m.TaskOutcome(state="failed", reason="agent_error",
-                             message=f"Claude Code exited with {run.exit_code} without a result: {run.stderr_tail[-500:]}", **common)
-    if res.subtype == "error_max_turns":
-        return m.TaskOutcome(state="failed", reason="max_turns", message=f"reached --max-turns {task.max_turns}", **common)
-    if res.is_error or run.exit_code != 0:
-        return m.TaskOutcome(state="failed", reason="claude_error", message=(res.result or run.stderr_tail)[-500:], **common)
-    return m.TaskOutcome(state="succeeded", **common)
+async def send_file(fs: FramedStream, name: str, path: str) -> None:
+    for offset, data, last in chunks(path):
+        await fs.send(m.Blob(name=name, offset=offset, data=data, last=last))

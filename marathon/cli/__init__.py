@@ -98,6 +98,14 @@ def run(
     timeout: float | None = None,
     max_tokens: int | None = None,
     max_cost: float | None = None,
+    max_iterations: int = 1,
+    promise: str | None = None,
+    verify: str | None = None,
+    base: str | None = None,
+    branch_name: str | None = None,
+    pr: bool = False,
+    pr_title: str | None = None,
+    keep_workspace: bool = False,
     detach: bool = False,
     cancel_on_interrupt: bool = False,
     url: Url = None,
@@ -109,7 +117,7 @@ def run(
     prompt
         What Claude Code should do.
     repo
-        A git repository: a local path (on the node) or a URL.
+        A git repository: an https or ssh URL, owner/name on GitHub, or a local path (on the node).
     branch
         Branch to start from (default: the repository's default branch).
     model
@@ -122,6 +130,22 @@ def run(
         Token budget (all tokens of all API requests); the task ends budget_exhausted beyond it.
     max_cost
         Cost budget in USD.
+    max_iterations
+        Run Claude Code up to N times until the job is done (see --promise, --verify).
+    promise
+        Completion promise: the task is done only when Claude prints <promise>TEXT</promise>.
+    verify
+        A command (e.g. "pytest -q") that must exit 0 before a claimed completion counts.
+    base
+        Base branch of the pull request (default: the branch the work started from).
+    branch_name
+        Name of the work branch (default marathon/<short task id>).
+    pr
+        Push the work branch and open a pull request (needs your GitHub token: marathon github-token).
+    pr_title
+        Pull request title (default: the last commit's first line).
+    keep_workspace
+        Keep the sandbox's workspace on the node after the task.
     detach
         Print the task id and return at once.
     cancel_on_interrupt
@@ -131,15 +155,17 @@ def run(
 
     if not prompt.strip():
         return _fail("the prompt is empty", 2)
-    if repo and "://" not in repo and "@" not in repo:
+    if repo and _looks_local(repo):
         path = os.path.abspath(os.path.expanduser(repo))
         if not os.path.isdir(path):
             return _fail(f"repository {repo!r} does not exist", 2)
-        if not os.path.exists(os.path.join(path, ".git")):
-            return _fail(f"{repo!r} is not a git repository (no .git)", 2)
+        if not (os.path.exists(os.path.join(path, ".git")) or os.path.exists(os.path.join(path, "HEAD"))):
+            return _fail(f"{repo!r} is not a git repository", 2)
         repo = path
     body = {"prompt": prompt, "repo": repo, "branch": branch, "model": model, "max_turns": max_turns,
-            "timeout": timeout, "max_tokens": max_tokens, "max_cost": max_cost}
+            "timeout": timeout, "max_tokens": max_tokens, "max_cost": max_cost, "max_iterations": max_iterations,
+            "promise": promise, "verify": verify, "base": base, "branch_name": branch_name, "pr": pr,
+            "pr_title": pr_title, "keep_workspace": keep_workspace}
     client = _client(url)
     try:
         task = client.post("/v1/tasks", {k: v for k, v in body.items() if v is not None})
@@ -150,6 +176,17 @@ def run(
         print(task["id"])
         return 0
     return _follow(client, task["id"], cancel_on_interrupt=cancel_on_interrupt, summary=True)
+
+
+def _looks_local(repo: str) -> bool:
+    """A path, not a URL and not GitHub's owner/name shorthand."""
+    import re
+
+    if "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo):
+        return False
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo):
+        return False
+    return True
 
 
 def _follow(client, task_id: str, *, cancel_on_interrupt: bool, summary: bool, after: int = 0) -> int:
@@ -278,6 +315,7 @@ def nodes(*, url: Url = None) -> int:
 
 
 from marathon.cli import accounts as _accounts  # noqa: E402,F401  (registers login, keys, usage…)
+from marathon.cli import work as _work  # noqa: E402,F401  (registers reply, fetch, github-token)
 
 
 def main() -> None:

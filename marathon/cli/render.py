@@ -13,6 +13,8 @@ def _c(code: str, text: str) -> str:
 
 
 def event_line(kind: str, data: dict) -> str | None:
+    if kind == "iteration":
+        return _c("1;35", f"── iteration {data.get('iteration')} ──")
     if kind == "state":
         extra = f" ({data['reason']})" if data.get("reason") else ""
         msg = f": {data['message']}" if data.get("message") else ""
@@ -58,6 +60,14 @@ def summary(task: dict) -> str:
         lines.append(f"  cost ${task['cost_usd']:.4f}")
     if task.get("diff_stat"):
         lines.append("  " + task["diff_stat"].replace("\n", "\n  "))
+    if task.get("commits"):
+        lines.append(f"  {task['commits']} commit(s) on {task.get('branch')} (marathon fetch {task['id']})")
+    if task.get("pr_url"):
+        lines.append(f"  pull request: {task['pr_url']}")
+    elif task.get("pr_error"):
+        lines.append(f"  pull request: {task['pr_error']}")
+    if task.get("question"):
+        lines.append(f"  question: {task['question']}\n  answer with: marathon reply {task['id']} \"…\"")
     return "\n".join(lines)
 
 
@@ -72,9 +82,13 @@ def status(task: dict) -> str:
         ("tokens", tokens(task.get("usage") or {})),
         ("claude", tokens(task["claude_usage"]) + " as Claude Code reported" if task.get("claude_usage") else None),
         ("cost", f"${task['cost_usd']:.4f}" if task.get("cost_usd") is not None else None),
+        ("iterations", task.get("iterations") or None),
+        ("branch", f"{task['branch']} ({task.get('commits', 0)} commits, head {(task.get('head') or '')[:10]})" if task.get("branch") else None),
+        ("pr", task.get("pr_url") or task.get("pr_error")),
+        ("question", task.get("question")),
         ("changes", task.get("diff_stat")),
     ]
-    return "\n".join(f"{k:>9}  {v}" for k, v in rows if v not in (None, ""))
+    return "\n".join(f"{k:>10}  {v}" for k, v in rows if v not in (None, ""))
 
 
 def _ts(t: float | None) -> str | None:

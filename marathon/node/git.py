@@ -1,9 +1,18 @@
-"""Preparing the task's repository on the node (the sandbox never sees credentials)."""
+"""Repositories on the node: a mirror cache per node, bundles in and out, pushes.
+
+The sandbox never sees a remote, a credential or the cache: the node turns the repository
+into a git bundle, the agent clones from it, and the agent's commits come back as a bundle.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
+import shutil
+from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import trio
 
@@ -16,52 +25,147 @@ GIT_ENV = {
     "LANG": "C.UTF-8",
 }
 _URLISH = re.compile(r"^(https?|ssh|git|file)://|^[\w.-]+@[\w.-]+:")
+_OWNER_NAME = re.compile(r"^([\w.-]+)/([\w.-]+?)(?:\.git)?$")
 
 
-def classify_repo(repo: str) -> str:
-    """'url' or 'path'.  (owner/name GitHub shorthand comes with the git issue.)"""
-    return "url" if _URLISH.match(repo) else "path"
+@dataclass(frozen=True)
+class RepoRef:
+    url: str  # what git fetches from (and pushes to)
+    github: tuple[str, str] | None = None  # (owner, name) when the repository lives on the GitHub host
 
 
-async def git(*args: str, cwd: str | None = None, timeout: float = 600) -> str:
-    env = {**os.environ, **GIT_ENV}
+def resolve_repo(repo: str, github_url: str = "https://github.com") -> RepoRef:
+    """A URL, ``owner/name`` on the GitHub host, or a local path."""
+    gh = github_url.rstrip("/")
+    if _URLISH.match(repo):
+        if repo.startswith(gh + "/"):
+            m = _OWNER_NAME.match(repo[len(gh) + 1:])
+            return RepoRef(repo, (m.group(1), m.group(2)) if m else None)
+        return RepoRef(repo)
+    m = _OWNER_NAME.match(repo)
+    if m and not os.path.exists(repo) and not repo.startswith("."):
+        return RepoRef(f"{gh}/{m.group(1)}/{m.group(2)}.git", (m.group(1), m.group(2)))
+    path = os.path.abspath(os.path.expanduser(repo))
+    if not os.path.isdir(path):
+        raise RepoError(f"repository {repo!r} does not exist on this node")
+    return RepoRef(path)
+
+
+def auth_env(url: str, token: str | None) -> dict[str, str]:
+    """Credentials for an https remote, as git config in the environment (never in a URL,
+    a file or a command line)."""
+    if not token or not url.startswith("https://"):
+        return {}
+    p = urlparse(url)
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    return {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"http.{p.scheme}://{p.netloc}/.extraheader",
+        "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
+    }
+
+
+async def git(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 600) -> str:
+    full_env = {**os.environ, **GIT_ENV, **(env or {})}
     with trio.move_on_after(timeout) as scope:
-        res = await trio.run_process(["git", *args], cwd=cwd, capture_stdout=True, capture_stderr=True, check=False, env=env)
+        res = await trio.run_process(["git", *args], cwd=cwd, capture_stdout=True, capture_stderr=True,
+                                     check=False, env=full_env)
     if scope.cancelled_caught:
         raise RepoError(f"git {args[0]} timed out after {timeout:.0f}s")
     if res.returncode != 0:
-        raise RepoError(f"git {args[0]} failed: {res.stderr.decode(errors='replace').strip()[-500:]}")
+        err = res.stderr.decode(errors="replace").strip()[-500:]
+        for secret in (env or {}).values():
+            if "Authorization" in secret:
+                err = err.replace(secret, "***")
+        raise RepoError(f"git {args[0]} failed: {err}")
     return res.stdout.decode(errors="replace")
 
 
-async def prepare_workspace(repo: str | None, branch: str | None, dest: str, *, owner_uid: int | None) -> str:
-    """Clone ``repo`` (or start an empty repository) into ``dest``; returns the base commit."""
-    if repo:
-        src = repo
-        if classify_repo(repo) == "path":
-            src = os.path.abspath(os.path.expanduser(repo))
-            if not os.path.isdir(src):
-                raise RepoError(f"repository {repo!r} does not exist on this node")
-        args = ["clone", "--quiet", "--no-hardlinks"]
-        if branch:
-            args += ["--branch", branch]
-        await git(*args, "--", src, dest)
-    else:
-        os.makedirs(dest, exist_ok=True)
-        await git("init", "--quiet", dest)
-        await git("commit", "--quiet", "--allow-empty", "-m", "empty workspace", cwd=dest)
+class MirrorCache:
+    """``git clone --mirror`` once per repository, ``git fetch`` on every later use."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._locks: dict[str, trio.Lock] = {}
+        self.clones = 0
+        self.fetches = 0
+
+    def path_for(self, url: str) -> str:
+        return os.path.join(self.root, hashlib.sha256(url.encode()).hexdigest()[:20] + ".git")
+
+    async def ensure(self, url: str, *, token: str | None = None) -> tuple[str, bool]:
+        """The mirror's path, and whether it was already cached."""
+        path = self.path_for(url)
+        lock = self._locks.setdefault(path, trio.Lock())
+        env = auth_env(url, token)
+        async with lock:
+            if os.path.isdir(path):
+                await git("-C", path, "fetch", "--prune", "--quiet", "origin", env=env)
+                self.fetches += 1
+                return path, True
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            tmp = path + ".partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                await git("clone", "--mirror", "--quiet", "--", url, tmp, env=env)
+            except RepoError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            os.rename(tmp, path)
+            self.clones += 1
+            return path, False
+
+
+async def default_branch(repo: str) -> str:
     try:
-        base = (await git("rev-parse", "HEAD", cwd=dest)).strip()
+        return (await git("-C", repo, "symbolic-ref", "--short", "HEAD")).strip()
     except RepoError:
-        await git("commit", "--quiet", "--allow-empty", "-m", "empty workspace", cwd=dest)
-        base = (await git("rev-parse", "HEAD", cwd=dest)).strip()
-    if owner_uid is not None:
-        await trio.to_thread.run_sync(_chown_tree, dest, owner_uid)
+        return "main"
+
+
+async def rev(repo: str, ref: str) -> str:
+    try:
+        return (await git("-C", repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")).strip()
+    except RepoError:
+        raise RepoError(f"branch {ref.removeprefix('refs/heads/')!r} does not exist in the repository") from None
+
+
+async def make_bundle(mirror: str, branch: str, out: str, *, resume: str | None = None, work_branch: str | None = None) -> str:
+    """Bundle ``branch`` (and, when resuming, the work branch from the previous result bundle)
+    into ``out``; returns the base commit."""
+    base = await rev(mirror, f"refs/heads/{branch}")
+    if resume is None:
+        await git("-C", mirror, "bundle", "create", out, f"refs/heads/{branch}")
+        return base
+    scratch = out + ".git"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        await git("clone", "--bare", "--shared", "--quiet", "--single-branch", "--branch", branch, mirror, scratch)
+        await git("-C", scratch, "fetch", "--quiet", resume, f"refs/heads/{work_branch}:refs/heads/{work_branch}")
+        await git("-C", scratch, "bundle", "create", out, f"refs/heads/{branch}", f"refs/heads/{work_branch}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return base
 
 
-def _chown_tree(root: str, uid: int) -> None:
-    os.chown(root, uid, uid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+async def empty_repo_bundle(scratch: str, out: str) -> tuple[str, str]:
+    """A repository with one empty commit on ``main``, for tasks without --repo."""
+    await git("init", "--quiet", "-b", "main", scratch)
+    await git("-C", scratch, "commit", "--quiet", "--allow-empty", "-m", "empty workspace")
+    await git("-C", scratch, "bundle", "create", out, "refs/heads/main")
+    return (await git("-C", scratch, "rev-parse", "HEAD")).strip(), "main"
+
+
+async def push_result(mirror: str, url: str, result_bundle: str, work_branch: str, token: str | None) -> None:
+    """Push the work branch from the agent's result bundle to the repository's remote."""
+    scratch = result_bundle + ".push.git"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        await git("init", "--bare", "--quiet", scratch)
+        with open(os.path.join(scratch, "objects", "info", "alternates"), "w") as f:
+            f.write(os.path.join(os.path.abspath(mirror), "objects") + "\n")
+        await git("-C", scratch, "fetch", "--quiet", result_bundle, f"refs/heads/{work_branch}:refs/heads/{work_branch}")
+        await git("-C", scratch, "push", "--quiet", url, f"refs/heads/{work_branch}:refs/heads/{work_branch}",
+                  env=auth_env(url, token))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

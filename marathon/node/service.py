@@ -9,6 +9,7 @@ dropped on the other side by that sequence number).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -20,12 +21,14 @@ import trio
 from marathon import __version__
 from marathon.config import Config
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.node.git import MirrorCache
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
 from marathon.node.supervisor import TaskHandle, supervise
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import node_mac
+from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol.transports import open_stream
 
 log = logging.getLogger("marathon.node")
@@ -60,6 +63,8 @@ class NodeService:
         self._link: FramedStream | None = None
         self.connected = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.cache = MirrorCache(os.path.join(config.data_dir, "mirrors"))
+        self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
 
     # ------------------------------------------------------------------ outbox
 
@@ -176,8 +181,10 @@ class NodeService:
                 msg = await fs.receive()
             if isinstance(msg, m.HeartbeatAck):
                 self._ack(msg.acked)
+            elif isinstance(msg, m.AssignBlob):
+                self._receive_blob(msg)
             elif isinstance(msg, m.Assign):
-                await self._assign(fs, msg.task)
+                await self._assign(fs, msg)
             elif isinstance(msg, m.Cancel):
                 handle = self.tasks.get(msg.task_id)
                 if handle is not None:
@@ -190,7 +197,16 @@ class NodeService:
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the orchestrator")
 
-    async def _assign(self, fs: FramedStream, spec: m.TaskSpec) -> None:
+    def _receive_blob(self, msg: m.AssignBlob) -> None:
+        key = (msg.task_id, msg.name)
+        if key not in self._incoming or msg.offset == 0:
+            d = os.path.join(self.config.data_dir, "incoming")
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            self._incoming[key] = BlobWriter(os.path.join(d, f"{msg.task_id}.{msg.name}"))
+        self._incoming[key].add(msg.offset, msg.data, msg.last)
+
+    async def _assign(self, fs: FramedStream, assign: m.Assign) -> None:
+        spec = assign.task
         if spec.task_id in self.tasks:
             await fs.send(m.Accepted(task_id=spec.task_id))
             return
@@ -201,6 +217,13 @@ class NodeService:
             await fs.send(m.Rejected(task_id=spec.task_id, reason="no free slot"))
             return
         handle = TaskHandle(spec)
+        handle.github_token = assign.github_token or self.config.github_token or None
+        if spec.resume:
+            blob = self._incoming.pop((spec.task_id, "bundle"), None)
+            if blob is None or not blob.done:
+                await fs.send(m.Rejected(task_id=spec.task_id, reason="the task's bundle did not arrive"))
+                return
+            handle.resume_bundle = blob.path
         self.tasks[spec.task_id] = handle
         await fs.send(m.Accepted(task_id=spec.task_id))
         assert self._nursery is not None
@@ -212,10 +235,17 @@ class NodeService:
         def emit_event(ev: m.Event) -> None:
             self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev))
 
+        def upload(name: str, path: str) -> None:
+            for offset, data, last in chunks(path):
+                self.emit(m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), name=name, offset=offset, data=data, last=last))
+
         try:
-            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event)
+            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache)
         finally:
             self.tasks.pop(task_id, None)
+            if handle.resume_bundle:
+                with contextlib.suppress(OSError):
+                    os.unlink(handle.resume_bundle)
         self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome))
         log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
 

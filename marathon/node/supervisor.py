@@ -20,11 +20,13 @@ import trio
 from marathon import __version__
 from marathon.config import Config
 from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError, single_errors
-from marathon.node.git import prepare_workspace
+from marathon.node.git import MirrorCache
+from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
 from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
 from marathon.protocol import FramedStream
+from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol import messages as m
 from marathon.protocol.transports import open_stream
 from marathon.protocol.tunnel import TunnelMux
@@ -41,6 +43,9 @@ class TaskHandle:
         self.usage = m.Usage()
         self.cost = 0.0
         self.budget_message = ""
+        self.iteration = 0
+        self.github_token: str | None = None
+        self.resume_bundle: str | None = None  # path of the previous result bundle, when resuming
         self.scopes: set[trio.CancelScope] = set()
 
     def cancel(self, reason: str) -> None:
@@ -81,29 +86,40 @@ async def connect_agent(sandbox: Sandbox, timeout: float) -> FramedStream:
 
 async def supervise(
     handle: TaskHandle, config: Config, backend: SandboxBackend, proxy: MeteringProxy,
-    emit: Callable[[m.Event], None],
+    emit: Callable[[m.Event], None], upload: Callable[[str, str], None], cache: MirrorCache,
 ) -> m.TaskOutcome:
+    """``emit`` sends an event; ``upload(name, path)`` sends a file to the orchestrator."""
     spec = handle.spec
     t0 = time.monotonic()
     deadline = trio.current_time() + spec.timeout_s
     root = os.path.join(config.data_dir, "sandboxes", spec.task_id)
     workspace, run_dir = os.path.join(root, "workspace"), os.path.join(root, "run")
+    result_bundle = os.path.join(root, "result.bundle")
     sandbox: Sandbox | None = None
+    keep = False
     try:
         os.makedirs(os.path.dirname(root), mode=0o711, exist_ok=True)
         os.makedirs(root, mode=0o711, exist_ok=True)
         os.chmod(root, 0o711)
-        emit(m.LogEvent(message=f"preparing workspace{f' from {spec.repo}' if spec.repo else ''}"))
+        emit(m.LogEvent(message=f"preparing the repository{f' {spec.repo}' if spec.repo else ''}"))
         try:
-            with trio.move_on_at(deadline) as scope:
-                with _stop_scope(handle):
-                    await prepare_workspace(spec.repo, spec.branch, workspace, owner_uid=_uid(config))
+            prep = None
+            t_repo = time.monotonic()
+            with trio.move_on_at(deadline) as scope, _stop_scope(handle):
+                prep = await prepare(spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle)
             if scope.cancelled_caught:
-                return _ended(handle, t0, state="timed_out", reason="timeout", message="timed out preparing the workspace")
-            if handle.stop.is_set():
+                return _ended(handle, t0, state="timed_out", reason="timeout", message="timed out preparing the repository")
+            if prep is None or handle.stop.is_set():
                 return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
         except RepoError as exc:
             return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
+        if prep.ref is not None:
+            how = "cache hit, fetched" if prep.cached else "cloned into the node's mirror cache"
+            emit(m.LogEvent(message=f"repository {prep.branch}@{prep.base[:10]} ({how}; {time.monotonic() - t_repo:.2f}s, "
+                                    f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"))
+        os.makedirs(workspace, mode=0o755)
+        if os.geteuid() == 0:
+            os.chown(workspace, config.sandbox_uid, config.sandbox_uid)
 
         sandbox = await backend.create(spec.task_id, workspace, run_dir)
         emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
@@ -114,7 +130,11 @@ async def supervise(
             if fs is not None:
                 await fs.aclose()
             return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
-        return await _drive(handle, fs, sandbox, proxy, emit, deadline, t0)
+        outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle)
+        await sandbox.destroy()
+        outcome = await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
+        keep = spec.keep_workspace
+        return outcome
     except (SandboxError, ProtocolError, ConnectionClosed) as exc:
         log.warning("task %s: sandbox failed: %s", spec.task_id, exc)
         return _ended(handle, t0, state="failed", reason="sandbox_failed", message=str(exc))
@@ -127,7 +147,29 @@ async def supervise(
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             if sandbox is not None:
                 await sandbox.destroy()
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+            if not keep:
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+            else:
+                log.info("task %s: workspace kept at %s", spec.task_id, workspace)
+
+
+async def _hand_over(handle: TaskHandle, outcome: m.TaskOutcome, prep: Prepared, result_bundle: str,
+                     config: Config, upload, emit) -> m.TaskOutcome:
+    """The work is out of the sandbox: send the commits to the orchestrator, and push and
+    open the pull request when asked (only for a task that succeeded)."""
+    spec = handle.spec
+    if outcome.has_bundle:
+        upload("bundle", result_bundle)
+    if not spec.pr:
+        return outcome
+    if outcome.state != "succeeded":
+        return msgspec.structs.replace(outcome, pr_error=f"no pull request: the task ended {outcome.state} (its commits are kept)")
+    emit(m.LogEvent(message=f"pushing {spec.work_branch} and opening a pull request"))
+    url, error = await publish(prep, spec, outcome, result_bundle, config, token=handle.github_token,
+                               usage=handle.usage, cost_usd=handle.cost)
+    emit(m.LogEvent(message=f"pull request: {url}" if url else f"pull request failed: {error}",
+                    level="info" if url else "warning"))
+    return msgspec.structs.replace(outcome, pr_url=url, pr_error=error)
 
 
 @contextmanager
@@ -143,13 +185,10 @@ def _stop_scope(handle: TaskHandle):
             handle.scopes.discard(scope)
 
 
-def _uid(config: Config) -> int | None:
-    return config.sandbox_uid if os.geteuid() == 0 else None
-
-
 async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: MeteringProxy,
-                 emit, deadline: float, t0: float) -> m.TaskOutcome:
+                 emit, deadline: float, t0: float, prep: Prepared, result_bundle: str) -> m.TaskOutcome:
     spec = handle.spec
+    result = BlobWriter(result_bundle)
 
     prices, fallback = spec.prices, spec.price_fallback or DEFAULT_FALLBACK
 
@@ -168,7 +207,7 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
         handle.usage = handle.usage + rec.usage
         handle.cost += cost(rec.usage, price_for(rec.model, prices, fallback)[0])
         emit(m.ApiRequestEvent(
-            model=rec.model or "", status=rec.status, usage=rec.usage, tool_calls=rec.tool_calls,
+            iteration=handle.iteration, model=rec.model or "", status=rec.status, usage=rec.usage, tool_calls=rec.tool_calls,
             request_bytes=rec.request_bytes, response_bytes=rec.response_bytes, duration_s=rec.duration_s,
             ttft_s=rec.ttft_s, complete=rec.complete, error=rec.error,
         ))
@@ -201,7 +240,12 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             while True:
                 msg = await fs.receive()
                 if isinstance(msg, m.AgentEvent):
-                    emit(msg.event)
+                    ev = msg.event
+                    if isinstance(ev, m.IterationEvent):
+                        handle.iteration = ev.iteration
+                    emit(ev)
+                elif isinstance(msg, m.Blob) and msg.name == "result":
+                    result.add(msg.offset, msg.data, msg.last)
                 elif isinstance(msg, (m.TunnelOpen, m.TunnelData, m.TunnelAck, m.TunnelClose)):
                     stream = mux.feed(msg)
                     if stream is not None:
@@ -220,18 +264,25 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             mux.close_all()
             nursery.cancel_scope.cancel()
 
+    async def send_repo() -> None:
+        for offset, data, last in chunks(prep.bundle):
+            await fs.send(m.Blob(name="repo", offset=offset, data=data, last=last))
+
     try:
-        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, api_key=grant.token))
+        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, base_branch=prep.branch, api_key=grant.token))
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)
+                nursery.start_soon(send_repo)
                 outcome = await pump(nursery)
     finally:
         await fs.aclose()
+    if outcome is not None and outcome.has_bundle and not result.done:
+        outcome = msgspec.structs.replace(outcome, has_bundle=False, message=(outcome.message or "") + " (result bundle incomplete)")
     if handle.stop.is_set():
         reason = handle.stop_reason or "timeout"
         message = handle.budget_message or f"stopped: {reason}"
         if outcome is None:  # the agent never reported
             return _ended(handle, t0, state=m.stopped_state(reason), reason=reason, message=message)
-        return msgspec.structs.replace(outcome, state=m.stopped_state(reason), reason=reason, message=message)
+        outcome = msgspec.structs.replace(outcome, state=m.stopped_state(reason), reason=reason, message=message)
     return outcome

@@ -44,9 +44,15 @@ class ApiContext:
     keepalive: float = 15.0
 
 
+class Reply(msgspec.Struct, forbid_unknown_fields=True):
+    answer: str
+
+
 def task_json(rec: TaskRecord) -> dict:
     d = msgspec.to_builtins(rec)
     d.pop("last_node_seq", None)
+    if rec.state == State.NEEDS_INPUT:
+        d["question"] = rec.message
     d["terminal"] = is_terminal(rec.state)
     d["duration_s"] = (
         (rec.finished_at or 0) - rec.started_at if rec.started_at and rec.finished_at else None
@@ -168,6 +174,22 @@ def create_app(ctx: ApiContext) -> QuartTrio:
         await ctx.tasks.get(task_id, owner=owner_filter(p))
         data = await ctx.tasks.store.get_artifact(task_id, "diff") or b""
         return Response(data, content_type="text/x-diff; charset=utf-8")
+
+    @app.get("/v1/tasks/<task_id>/bundle")
+    async def bundle(task_id: str):
+        p = await principal()
+        await ctx.tasks.get(task_id, owner=owner_filter(p))
+        data = await ctx.tasks.store.get_artifact(task_id, "bundle")
+        if data is None:
+            raise NotFound(f"task {task_id} has no commits")
+        return Response(data, content_type="application/octet-stream")
+
+    @app.post("/v1/tasks/<task_id>/reply")
+    async def reply(task_id: str):
+        p = await principal()
+        body = await body_as(Reply)
+        rec = await ctx.tasks.reply(task_id, body.answer, owner=owner_filter(p))
+        return json_response(task_json(rec), 202)
 
     @app.get("/v1/tasks/<task_id>/events")
     async def events(task_id: str):

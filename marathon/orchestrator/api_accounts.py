@@ -21,6 +21,10 @@ class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "key"
 
 
+class GitHubToken(msgspec.Struct, forbid_unknown_fields=True):
+    token: str | None
+
+
 def parse_since(text: str | None, now: float | None = None) -> float:
     """'7d', '24h', '30m', '90s', an epoch number, or YYYY-MM-DD; default 30 days."""
     now = time.time() if now is None else now
@@ -70,7 +74,17 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
     @app.get("/v1/auth/whoami")
     async def whoami():
         p = await principal()
-        return json_response({"id": p.user, "email": p.email, "admin": p.admin})
+        user = await ctx.tasks.store.get_user(p.user)
+        return json_response({"id": p.user, "email": p.email, "admin": p.admin,
+                              "github_token": bool(user and user.github_token)})
+
+    @app.put("/v1/auth/github-token")
+    async def github_token():
+        p = await principal()
+        body = await body_as(GitHubToken)
+        token = (body.token or "").strip() or None
+        await ctx.tasks.store.set_github_token(p.user, token)
+        return json_response({"github_token": "set" if token else "cleared"})
 
     @app.post("/v1/keys")
     async def create_key():

@@ -146,6 +146,9 @@ class Gateway:
             rec = await self.tasks.store.get_task(msg.task_id)
             if rec is not None and rec.node_id == nid and rec.state == State.SCHEDULED:
                 await self.tasks.requeue_or_fail(rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}")
+        elif isinstance(msg, m.TaskBlob):
+            await self.tasks.record_blob(nid, msg)
+            session.acked = max(session.acked, msg.node_seq)
         elif isinstance(msg, m.TaskResult):
             session.assigned.pop(msg.task_id, None)
             self.cancel_deadlines.pop(msg.task_id, None)

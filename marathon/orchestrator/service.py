@@ -97,7 +97,10 @@ class Scheduler:
             if moved is None:
                 continue
             session.assigned[task_id] = time.time() + self.config.assign_timeout
-            await session.send(m.Assign(task=self.tasks.spec_for(moved)))
+            assign, blobs = await self.tasks.assignment(moved)
+            for blob in blobs:
+                await session.send(blob)
+            await session.send(assign)
 
     async def reconcile_once(self) -> None:
         now = time.time()

@@ -7,6 +7,7 @@ then a bus notification; followers read the store, so nothing is lost or duplica
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import msgspec
 
 from marathon.bus import Bus
 from marathon.config import Config
-from marathon.errors import IllegalTransition, InvalidRequest, NotFound
+from marathon.errors import Conflict, IllegalTransition, InvalidRequest, NotFound
 from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, transition
 from marathon.protocol import messages as m
 from marathon.pricing import cost, merged_table, price_for
@@ -41,6 +42,9 @@ def new_task_id() -> str:
     return secrets.token_hex(6)
 
 
+_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])$")
+
+
 def validate_request(req: TaskRequest) -> TaskRequest:
     if not req.prompt.strip():
         raise InvalidRequest("prompt must not be empty")
@@ -54,6 +58,16 @@ def validate_request(req: TaskRequest) -> TaskRequest:
         raise InvalidRequest("max_tokens must be positive")
     if req.max_cost is not None and req.max_cost <= 0:
         raise InvalidRequest("max_cost must be positive")
+    if not 1 <= req.max_iterations <= 100:
+        raise InvalidRequest("max_iterations must be between 1 and 100")
+    if req.promise is not None and (not req.promise.strip() or "\n" in req.promise or "<" in req.promise):
+        raise InvalidRequest("promise must be one line of text without '<'")
+    if req.verify is not None and not req.verify.strip():
+        raise InvalidRequest("verify must be a command")
+    if req.branch_name is not None and not _BRANCH.match(req.branch_name):
+        raise InvalidRequest(f"bad branch name {req.branch_name!r}")
+    if req.pr and not req.repo:
+        raise InvalidRequest("--pr needs --repo")
     return req
 
 
@@ -62,6 +76,7 @@ class TaskService:
         self.store, self.bus, self.config = store, bus, config
         self.prices = merged_table(config.prices)
         self._unpriced_warned: set[str] = set()
+        self._blobs: dict[tuple[str, str], bytearray] = {}
 
     # ------------------------------------------------------------------ reads
 
@@ -71,9 +86,13 @@ class TaskService:
             raise NotFound(f"no task {task_id!r}")
         return rec
 
-    def spec_for(self, rec: TaskRecord) -> m.TaskSpec:
+    async def assignment(self, rec: TaskRecord) -> tuple[m.Assign, list[m.AssignBlob]]:
+        """What the node gets: the spec, the owner's GitHub token (for the node only), and for a
+        resumed task its last bundle and notes."""
         req = rec.request
-        return m.TaskSpec(
+        memory = await self.store.get_artifact(rec.id, "memory") if rec.iterations else None
+        bundle = await self.store.get_artifact(rec.id, "bundle") if rec.iterations else None
+        spec = m.TaskSpec(
             task_id=rec.id,
             prompt=req.prompt,
             repo=req.repo,
@@ -86,7 +105,28 @@ class TaskService:
             max_cost=req.max_cost,
             prices=self.prices,
             price_fallback=self.config.price_fallback,
+            base=req.base,
+            branch_name=req.branch_name,
+            pr=req.pr,
+            pr_title=req.pr_title,
+            keep_workspace=req.keep_workspace,
+            max_iterations=req.max_iterations,
+            promise=req.promise,
+            verify=req.verify,
+            verify_timeout=req.verify_timeout or 600.0,
+            iterations_done=rec.iterations,
+            reply=rec.reply,
+            memory=memory.decode(errors="replace") if memory else None,
+            resume=bundle is not None,
         )
+        owner = await self.store.get_user(rec.owner)
+        blobs = []
+        if bundle is not None:
+            for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):
+                data = bundle[off:off + m.BLOB_CHUNK]
+                blobs.append(m.AssignBlob(task_id=rec.id, name="bundle", offset=off, data=data,
+                                          last=off + m.BLOB_CHUNK >= len(bundle)))
+        return m.Assign(task=spec, github_token=owner.github_token if owner else None), blobs
 
     # ------------------------------------------------------------------ writes
 
@@ -212,6 +252,29 @@ class TaskService:
         for task_id in {s.task_id for s in stored if s is not None}:
             await self.bus.notify(task_topic(task_id))
 
+    async def record_blob(self, node_id: str, msg: m.TaskBlob) -> None:
+        """Reassemble an artifact the node sends in chunks; stored whole when the last arrives."""
+        key = (msg.task_id, msg.name)
+        buf = self._blobs.get(key)
+        if buf is None or msg.offset == 0:
+            buf = self._blobs[key] = bytearray()
+        if msg.offset != len(buf):
+            if msg.offset < len(buf):
+                return  # a resend after a reconnect
+            log.warning("task %s: %s chunk at %d, expected %d; dropping the artifact", msg.task_id, msg.name, msg.offset, len(buf))
+            self._blobs.pop(key, None)
+            return
+        buf += msg.data
+        if len(buf) > self.config.max_artifact:
+            log.warning("task %s: %s is larger than max_artifact; dropped", msg.task_id, msg.name)
+            self._blobs.pop(key, None)
+            return
+        if msg.last:
+            rec = await self.store.get_task(msg.task_id)
+            if rec is not None and rec.node_id == node_id:
+                await self.store.put_artifact(msg.task_id, msg.name, bytes(buf))
+            self._blobs.pop(key, None)
+
     async def record_outcome(self, node_id: str, msg: m.TaskResult) -> TaskRecord | None:
         out = msg.outcome
         try:
@@ -220,12 +283,21 @@ class TaskService:
             target, out = State.FAILED, msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}")
         if out.diff:
             await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
+        if out.memory is not None:
+            await self.store.put_artifact(msg.task_id, "memory", out.memory.encode())
         usage, usd = await self.store.ledger_totals(msg.task_id)
+        prev = await self.store.get_task(msg.task_id)
         changes = {
-            "usage": usage, "cost_usd": usd, "num_turns": out.num_turns, "claude_usage": out.claude_usage,
+            "usage": usage, "cost_usd": usd, "claude_usage": out.claude_usage,
             "exit_code": out.exit_code, "is_error": out.is_error, "diff_stat": out.diff_stat,
-            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq, "compute_s": out.duration_s,
+            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq,
+            "num_turns": (prev.num_turns if prev else 0) + out.num_turns,
+            "compute_s": (prev.compute_s if prev else 0.0) + out.duration_s,
+            "iterations": out.iterations or (prev.iterations if prev else 0),
+            "reply": None, "pr_url": out.pr_url, "pr_error": out.pr_error,
         }
+        if out.head:
+            changes.update(commits=out.commits, head=out.head, branch=out.branch)
         rec = await self.move(
             msg.task_id, target, reason=out.reason, message=out.message, changes=changes,
             expect=ACTIVE, expect_node=node_id,
@@ -233,6 +305,19 @@ class TaskService:
         if rec is None:
             log.info("task %s: ignored outcome %s from node %s (task no longer there)", msg.task_id, out.state, node_id)
         return rec
+
+    async def reply(self, task_id: str, answer: str, *, owner: str | None) -> TaskRecord:
+        """Answer a task's question: it is queued again and continues on the same work."""
+        if not answer.strip():
+            raise InvalidRequest("the answer is empty")
+        rec = await self.get(task_id, owner=owner)
+        if rec.state != State.NEEDS_INPUT:
+            raise Conflict(f"task {task_id} is {rec.state}, not waiting for an answer")
+        new = await self.move(task_id, State.QUEUED, reason="reply", message="answered; queued again",
+                              expect={State.NEEDS_INPUT}, changes={"reply": answer, "node_id": None})
+        if new is None:
+            raise Conflict(f"task {task_id} changed while answering")
+        return new
 
     async def cancel(self, task_id: str, *, owner: str | None, send_cancel) -> TaskRecord:
         """Cancel: a task not on a node ends at once; one on a node is cancelled there first.

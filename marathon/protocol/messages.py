@@ -81,6 +81,26 @@ class TaskSpec(msgspec.Struct, frozen=True):
     max_cost: float | None = None
     prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
     price_fallback: Price | None = None
+    # repository and work out
+    base: str | None = None  # PR base (default: the branch the work started from)
+    branch_name: str | None = None  # work branch (default marathon/<short id>)
+    pr: bool = False
+    pr_title: str | None = None
+    keep_workspace: bool = False
+    # the loop
+    max_iterations: int = 1
+    promise: str | None = None
+    verify: str | None = None
+    verify_timeout: float = 600.0
+    # resuming after needs_input: iterations already run, the user's answer, the notes kept
+    iterations_done: int = 0
+    reply: str | None = None
+    memory: str | None = None
+    resume: bool = False  # the task's last result bundle comes with the assignment
+
+    @property
+    def work_branch(self) -> str:
+        return self.branch_name or f"marathon/{self.task_id[:8]}"
 
 
 class Capacity(msgspec.Struct, frozen=True):
@@ -107,41 +127,60 @@ class TaskOutcome(msgspec.Struct, frozen=True):
     diff_stat: str = ""
     final_text: str = ""
     claude_usage: Usage | None = None  # what Claude Code itself reported (result.usage)
+    iterations: int = 0  # iterations run in total, across replies
+    commits: int = 0  # commits on the work branch beyond the base
+    head: str | None = None  # the work branch's last commit
+    head_subject: str | None = None  # its message's first line
+    branch: str | None = None
+    memory: str | None = None  # MEMORY.md at the end (kept for a reply)
+    pr_url: str | None = None
+    pr_error: str | None = None
+    has_bundle: bool = False  # the commits follow as a "result" blob
 
 
 # --------------------------------------------------------------------------- events
 # Events flow agent -> node -> orchestrator -> clients.  Clients see them as JSON.
 
 
-class TextEvent(_Msg, tag="text"):
+class _Ev(_Msg, kw_only=True):
+    iteration: int = 0  # which loop iteration produced it (0: outside any)
+
+
+class IterationEvent(_Ev, tag="iteration"):
+    """Marks the start of a loop iteration."""
+
+    why: str = ""
+
+
+class TextEvent(_Ev, tag="text"):
     text: str
 
 
-class ToolCallEvent(_Msg, tag="tool_call"):
+class ToolCallEvent(_Ev, tag="tool_call"):
     tool_id: str
     name: str
     summary: str
 
 
-class ToolResultEvent(_Msg, tag="tool_result"):
+class ToolResultEvent(_Ev, tag="tool_result"):
     tool_id: str
     summary: str
     is_error: bool = False
 
 
-class StateEvent(_Msg, tag="state"):
+class StateEvent(_Ev, tag="state"):
     state: str
     reason: str | None = None
     message: str | None = None
 
 
-class LogEvent(_Msg, tag="log"):
+class LogEvent(_Ev, tag="log"):
     message: str
     level: str = "info"
     source: str = "node"
 
 
-class ApiRequestEvent(_Msg, tag="api_request"):
+class ApiRequestEvent(_Ev, tag="api_request"):
     """One Messages API request the task made, as the node's metering proxy saw it.
     The orchestrator prices it (``cost_usd``) and writes it to the ledger."""
 
@@ -158,11 +197,12 @@ class ApiRequestEvent(_Msg, tag="api_request"):
     cost_usd: float | None = None
 
 
-Event = Union[TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
+Event = Union[IterationEvent, TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
 
 
 # how a task that was told to stop ends, by the reason it was stopped
-STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed"}
+STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed", "node_lost": "failed"}
+BLOB_CHUNK = 1024 * 1024
 
 
 def stopped_state(reason: str) -> str:
@@ -221,6 +261,18 @@ class HeartbeatAck(_Msg, tag="heartbeat_ack"):
 
 class Assign(_Msg, tag="assign"):
     task: TaskSpec
+    github_token: str | None = None  # stays on the node: pushes and the PR; never sent to the agent
+
+
+class AssignBlob(_Msg, tag="assign_blob"):
+    """A chunk of an artifact the node needs for an assignment (a resumed task's bundle),
+    sent before the Assign."""
+
+    task_id: str
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
 
 
 class Accepted(_Msg, tag="accepted"):
@@ -250,6 +302,17 @@ class TaskEvent(_Msg, tag="task_event"):
     event: Event
 
 
+class TaskBlob(_Msg, tag="task_blob"):
+    """A chunk of a task's artifact (the result bundle), before its TaskResult."""
+
+    task_id: str
+    node_seq: int
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
+
+
 class TaskResult(_Msg, tag="task_result"):
     task_id: str
     node_seq: int
@@ -257,8 +320,8 @@ class TaskResult(_Msg, tag="task_result"):
 
 
 GatewayMessage = Union[
-    Hello, Error, Challenge, Authenticate, Welcome, Heartbeat, HeartbeatAck, Assign, Accepted, Rejected,
-    Cancel, Drain, TaskEvent, TaskResult,
+    Hello, Error, Challenge, Authenticate, Welcome, Heartbeat, HeartbeatAck, Assign, AssignBlob, Accepted,
+    Rejected, Cancel, Drain, TaskEvent, TaskBlob, TaskResult,
 ]
 
 
@@ -272,10 +335,13 @@ class Ready(_Msg, tag="ready"):
 
 
 class Start(_Msg, tag="start"):
+    """The task.  The workspace starts from the "repo" bundle that follows in Blob chunks."""
+
     task: TaskSpec
     workspace: str
+    base_branch: str  # the branch in the bundle the work starts from
     api_base_path: str = ""  # path prefix the tunnel's upstream expects
-    api_key: str = ""  # the credential Claude Code presents (a per-task token once metered)
+    api_key: str = ""  # the credential Claude Code presents: a per-task token, never the real key
 
 
 class AgentEvent(_Msg, tag="event"):
@@ -284,6 +350,16 @@ class AgentEvent(_Msg, tag="event"):
 
 class AgentResult(_Msg, tag="result"):
     outcome: TaskOutcome
+
+
+class Blob(_Msg, tag="blob"):
+    """A chunk of a file between node and agent: "repo" (the bundle the workspace starts from)
+    after Start, "result" (the work as a bundle) before AgentResult."""
+
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
 
 
 class CancelRun(_Msg, tag="cancel_run"):
@@ -310,7 +386,7 @@ class TunnelClose(_Msg, tag="t_close"):
 
 
 AgentMessage = Union[
-    Hello, Error, Ready, Start, AgentEvent, AgentResult, CancelRun,
+    Hello, Error, Ready, Start, AgentEvent, AgentResult, Blob, CancelRun,
     TunnelOpen, TunnelData, TunnelAck, TunnelClose,
 ]
 

@@ -18,6 +18,15 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     timeout: float | None = None  # seconds, wall clock for the whole task
     max_tokens: int | None = None  # budget: all tokens of all API requests
     max_cost: float | None = None  # budget: USD
+    base: str | None = None  # pull request base (default: the branch the work started from)
+    branch_name: str | None = None  # work branch (default marathon/<short task id>)
+    pr: bool = False
+    pr_title: str | None = None
+    keep_workspace: bool = False
+    max_iterations: int = 1
+    promise: str | None = None
+    verify: str | None = None
+    verify_timeout: float | None = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -45,6 +54,13 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     final_text: str = ""
     compute_s: float = 0.0  # sandbox wall-clock
     claude_usage: Usage | None = None  # what Claude Code reported; ``usage`` is what the proxy metered
+    iterations: int = 0
+    commits: int = 0
+    branch: str | None = None
+    head: str | None = None
+    pr_url: str | None = None
+    pr_error: str | None = None
+    reply: str | None = None  # the user's answer, waiting for the next iteration
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -74,7 +90,8 @@ UPDATABLE = frozenset(
     {
         "state", "reason", "message", "node_id", "attempt", "started_at", "finished_at",
         "last_node_seq", "usage", "cost_usd", "num_turns", "exit_code", "is_error",
-        "diff_stat", "final_text", "request", "compute_s", "claude_usage",
+        "diff_stat", "final_text", "request", "compute_s", "claude_usage", "iterations", "commits",
+        "branch", "head", "pr_url", "pr_error", "reply",
     }
 )
 
@@ -85,6 +102,7 @@ class User(msgspec.Struct, kw_only=True):
     password_hash: str
     admin: bool = False
     created_at: float = 0.0
+    github_token: str | None = None
 
 
 class ApiKey(msgspec.Struct, kw_only=True):

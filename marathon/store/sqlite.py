@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     exit_code INTEGER, is_error INTEGER NOT NULL DEFAULT 0,
     diff_stat TEXT NOT NULL DEFAULT '', final_text TEXT NOT NULL DEFAULT '',
     compute_s REAL NOT NULL DEFAULT 0,
-    claude_usage TEXT
+    claude_usage TEXT,
+    iterations INTEGER NOT NULL DEFAULT 0, commits INTEGER NOT NULL DEFAULT 0,
+    branch TEXT, head TEXT, pr_url TEXT, pr_error TEXT, reply TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks(created_at, id);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state, created_at);
@@ -55,7 +57,7 @@ CREATE INDEX IF NOT EXISTS ledger_by_user ON ledger(user_id, ts);
 CREATE INDEX IF NOT EXISTS ledger_by_task ON ledger(task_id);
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
-    admin INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+    admin INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, github_token TEXT
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
@@ -70,35 +72,25 @@ CREATE TABLE IF NOT EXISTS artifacts (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS = (
-    "id, owner, state, request, reason, message, node_id, attempt, created_at, updated_at, "
-    "started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code, "
-    "is_error, diff_stat, final_text, compute_s, claude_usage"
-)
+_FIELDS = TaskRecord.__struct_fields__
+_JSON_FIELDS = frozenset({"request", "usage", "claude_usage"})
+_COLUMNS = ", ".join(_FIELDS)
 _json = msgspec.json.Encoder()
 
 
 def _row_to_task(row: tuple) -> TaskRecord:
-    (id_, owner, state, request, reason, message, node_id, attempt, created_at, updated_at,
-     started_at, finished_at, last_seq, last_node_seq, usage, cost_usd, num_turns, exit_code,
-     is_error, diff_stat, final_text, compute_s, claude_usage) = row
-    return TaskRecord(
-        id=id_, owner=owner, state=state, request=msgspec.json.decode(request, type=TaskRequest),
-        reason=reason, message=message, node_id=node_id, attempt=attempt,
-        created_at=created_at, updated_at=updated_at, started_at=started_at,
-        finished_at=finished_at, last_seq=last_seq, last_node_seq=last_node_seq,
-        usage=msgspec.json.decode(usage, type=Usage), cost_usd=cost_usd, num_turns=num_turns,
-        exit_code=exit_code, is_error=bool(is_error), diff_stat=diff_stat, final_text=final_text,
-        compute_s=compute_s,
-        claude_usage=msgspec.json.decode(claude_usage, type=Usage) if claude_usage else None,
-    )
+    d = dict(zip(_FIELDS, row))
+    for f in _JSON_FIELDS:
+        if d[f] is not None:
+            d[f] = msgspec.json.decode(d[f])
+    return msgspec.convert(d, TaskRecord, strict=False)
 
 
 def _to_column(name: str, value: Any) -> Any:
-    if name in ("usage", "request", "claude_usage"):
+    if name in _JSON_FIELDS:
         return None if value is None else _json.encode(value).decode()
-    if name == "is_error":
-        return int(bool(value))
+    if isinstance(value, bool):
+        return int(value)
     return value
 
 
@@ -189,7 +181,7 @@ class SqliteStore(AccountsMixin):
         rec.updated_at = now
 
         def fn(conn: sqlite3.Connection):
-            values = [_to_column(c.strip(), getattr(rec, c.strip())) for c in _COLUMNS.split(",")]
+            values = [_to_column(f, getattr(rec, f)) for f in _FIELDS]
             conn.execute(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * len(values))})", values)
             return self._append_one(conn, first_event, now)
 

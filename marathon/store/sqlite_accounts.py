@@ -25,10 +25,10 @@ def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
 
 
 def _user(row) -> User:
-    return User(id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4])
+    return User(id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5])
 
 
-_USER = "SELECT id, email, password_hash, admin, created_at FROM users"
+_USER = "SELECT id, email, password_hash, admin, created_at, github_token FROM users"
 _KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at"
 
 
@@ -70,6 +70,9 @@ class AccountsMixin:
         row = await self._read(lambda c: c.execute(f"{_USER} WHERE email = ?", (email,)).fetchone())
         return _user(row) if row else None
 
+    async def set_github_token(self, user_id: str, token: str | None) -> None:
+        await self._write(lambda c: c.execute("UPDATE users SET github_token = ? WHERE id = ?", (token, user_id)))
+
     async def count_users(self) -> int:
         return (await self._read(lambda c: c.execute("SELECT count(*) FROM users").fetchone()))[0]
 
@@ -95,7 +98,7 @@ class AccountsMixin:
 
     async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
         row = await self._read(lambda c: c.execute(
-            f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at "
+            f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
             "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
             (key_hash,)).fetchone())
         return (_key(row[:8]), _user(row[8:])) if row else None
@@ -109,7 +112,7 @@ class AccountsMixin:
 
     async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
         row = await self._read(lambda c: c.execute(
-            "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at "
+            "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
             "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
             (token_hash, time.time())).fetchone())
         if not row:

@@ -127,6 +127,7 @@ class ProcessSandbox:
         self.workspace = workspace
         self.log_path = log_path
         self.agent_address = f"unix:{os.path.join(run_dir, 'agent.sock')}"
+        self._destroyed = False
 
     def exited(self) -> int | None:
         return self._proc.poll()
@@ -140,7 +141,12 @@ class ProcessSandbox:
             return ""
 
     async def destroy(self) -> None:
+        if self._destroyed:
+            return
+        self._destroyed = True
         with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self._proc.poll() is not None:
+                return  # already gone (and its pid may belong to someone else by now)
             left = await kill_tree(self._proc.pid)
             if left:
                 log.error("sandbox %s: processes %s survived SIGKILL", self.id, sorted(left))

@@ -1,0 +1,50 @@
+"""Files sent as ordered chunks over a framed channel (bundles in and out of sandboxes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from marathon.errors import ProtocolError
+from marathon.protocol.messages import BLOB_CHUNK
+
+
+def chunks(path: str, size: int = BLOB_CHUNK) -> Iterator[tuple[int, bytes, bool]]:
+    """(offset, data, last) for the whole file; an empty file is one empty, last chunk."""
+    offset = 0
+    with open(path, "rb") as f:
+        data = f.read(size)
+        while True:
+            nxt = f.read(size) if len(data) == size else b""
+            last = not nxt
+            yield offset, data, last
+            if last:
+                return
+            offset += len(data)
+            data = nxt
+
+
+class BlobWriter:
+    """Reassembles a file from chunks; a chunk seen again (a resend) is ignored."""
+
+    def __init__(self, path: str, limit: int = 4 * 1024**3):
+        self.path = path
+        self.size = 0
+        self.done = False
+        self.limit = limit
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.close(fd)
+
+    def add(self, offset: int, data: bytes, last: bool) -> bool:
+        """Returns True once the last chunk is in."""
+        if self.done or offset < self.size:
+            return self.done  # a duplicate
+        if offset != self.size:
+            raise ProtocolError(f"{os.path.basename(self.path)}: chunk at {offset}, expected {self.size}")
+        if self.size + len(data) > self.limit:
+            raise ProtocolError(f"{os.path.basename(self.path)}: larger than {self.limit} bytes")
+        with open(self.path, "ab") as f:
+            f.write(data)
+        self.size += len(data)
+        self.done = last
+        return last
