@@ -8,7 +8,9 @@ every namespace, a snapshot (which records the TAP name) restores into any clone
 No egress by default: the namespace has only the TAP.  With ``egress``: a veth pair to the
 host (10.201.x.y/30 per VM), a default route through it, and NAT twice: MASQUERADE in the
 namespace (guest -> veth) and on the host (veth subnet -> the world, tagged with a comment
-so the reaper finds it).  Teardown deletes the namespace (which takes the TAP and the veth
+so the reaper finds it); this also turns on the host's net.ipv4.ip_forward.  The /30 and the
+veth name derive from the namespace name (crc32), so two VMs collide only on a crc clash,
+which ``ip link add`` then refuses.  Teardown deletes the namespace (which takes the TAP and the veth
 pair with it) and the host rules; it is idempotent.
 """
 
