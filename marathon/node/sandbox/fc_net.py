@@ -9,8 +9,8 @@ No egress by default: the namespace has only the TAP.  With ``egress``: a veth p
 host (10.201.x.y/30 per VM), a default route through it, and NAT twice: MASQUERADE in the
 namespace (guest -> veth) and on the host (veth subnet -> the world, tagged with a comment
 so the reaper finds it); this also turns on the host's net.ipv4.ip_forward.  The /30 and the
-veth name derive from the namespace name (crc32), so two VMs collide only on a crc clash,
-which ``ip link add`` then refuses.  Teardown deletes the namespace (which takes the TAP and the veth
+veth name derive from the namespace name (crc32); a /30 already on the host is skipped.
+Teardown deletes the namespace (which takes the TAP and the veth
 pair with it) and the host rules; it is idempotent.
 """
 
@@ -44,6 +44,7 @@ GUEST_IP = "172.16.0.2"
 PREFIX_LEN = 30
 GUEST_MAC = "06:00:ac:10:00:02"
 RULE_TAG = "marathon-fc"
+_SUBNET_LOCK = trio.Lock()
 
 
 @dataclass
@@ -92,11 +93,20 @@ def veth_name(netns: str) -> str:
     return f"mfc{zlib.crc32(netns.encode()):08x}"
 
 
-def veth_subnet(netns: str) -> tuple[str, str, str]:
-    """(subnet, host ip, namespace ip) of a /30 in 10.201.0.0/16, derived from the name."""
-    n = zlib.crc32(netns.encode()) % (1 << 14)
-    b, c = divmod(n * 4, 256)
-    return f"10.201.{b}.{c}/30", f"10.201.{b}.{c + 1}", f"10.201.{b}.{c + 2}"
+def veth_subnet(netns: str, taken: set[str] = frozenset()) -> tuple[str, str, str]:
+    """(subnet, host ip, namespace ip): a /30 in 10.201.0.0/16, starting from one derived from
+    the name and skipping those whose host address is in ``taken``."""
+    start = zlib.crc32(netns.encode()) % (1 << 14)
+    for i in range(1 << 14):
+        b, c = divmod(((start + i) % (1 << 14)) * 4, 256)
+        if f"10.201.{b}.{c + 1}" not in taken:
+            return f"10.201.{b}.{c}/30", f"10.201.{b}.{c + 1}", f"10.201.{b}.{c + 2}"
+    raise SandboxError("no free /30 left in 10.201.0.0/16 for a VM's veth")
+
+
+async def host_ipv4_addresses() -> set[str]:
+    res = await run(["ip", "-o", "-4", "addr", "show"], check=False)
+    return {w.split("/")[0] for line in res.stdout.decode().splitlines() for w in line.split()[3:4]}
 
 
 async def setup_net(netns: str, *, egress: bool = False) -> VMNet:
@@ -125,11 +135,13 @@ async def _setup_egress(net: VMNet) -> None:
     if shutil.which("iptables") is None:
         raise SandboxError("egress needs iptables on the host")
     hv = veth_name(net.netns)
-    subnet, host_ip, ns_ip = veth_subnet(net.netns)
-    net.host_veth, net.veth_subnet = hv, subnet
     ns = ["ip", "-n", net.netns]
     await run(["ip", "link", "add", hv, "type", "veth", "peer", "name", "veth0", "netns", net.netns])
-    await run(["ip", "addr", "add", f"{host_ip}/30", "dev", hv])
+    net.host_veth = hv
+    async with _SUBNET_LOCK:  # choose and claim a /30 atomically within this process
+        subnet, host_ip, ns_ip = veth_subnet(net.netns, await host_ipv4_addresses())
+        await run(["ip", "addr", "add", f"{host_ip}/30", "dev", hv])
+    net.veth_subnet = subnet
     await run(["ip", "link", "set", hv, "up"])
     await run(ns + ["addr", "add", f"{ns_ip}/30", "dev", "veth0"])
     await run(ns + ["link", "set", "veth0", "up"])
