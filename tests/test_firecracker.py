@@ -254,7 +254,7 @@ async def test_destroy_is_shielded_bounded_and_idempotent(fc_bin, guest, tmp_pat
 # --------------------------------------------------------------------------- jailer
 
 
-def _memory_cgroup(vm_id: str) -> tuple[str, str]:
+def _memory_cgroup() -> tuple[str, str]:
     """(cgroup setting for the jailer, file to read back) on this host's hierarchy."""
     kinds = {k for k, _ in _cgroup_mounts()}
     if kinds == {"cgroup2"}:
@@ -263,7 +263,7 @@ def _memory_cgroup(vm_id: str) -> tuple[str, str]:
 
 
 async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, guest, disk, tmp_path, short_dir):
-    setting, knob = _memory_cgroup("")
+    setting, knob = _memory_cgroup()
     jail = Jailer(binary=jailer_bin, uid=4243, gid=4243, chroot_base=short_dir, cgroups=(setting,))
     root = str(tmp_path)
     async with open_vm(f"{root}/a", firecracker_bin=fc_bin, prefix=PREFIX, jailer=jail, network="tap") as vm:
@@ -352,7 +352,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
     import json
 
     root = str(tmp_path / "run")
-    args = [root, fc_bin, jailer_bin, guest, PREFIX, short_dir, _memory_cgroup("")[0]]
+    args = [root, fc_bin, jailer_bin, guest, PREFIX, short_dir, _memory_cgroup()[0]]
     node = await trio.lowlevel.open_process([sys.executable, "-c", CRASHING_NODE, *args],
                                             stdout=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
