@@ -7,7 +7,7 @@ CACHE := .cache
 CLAUDE_CODE_VERSION := 2.1.332
 CLAUDE_DIR := $(CACHE)/claude-code
 CLAUDE_BIN := $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
-DEBIAN_PACKAGES := bubblewrap git util-linux procps
+DEBIAN_PACKAGES := bubblewrap git util-linux procps binutils iproute2 iptables
 TASK ?= add a CONTRIBUTING.md
 REPO ?=
 
@@ -37,7 +37,7 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them with apt-get)"; exit 1; fi; fi
 
-test: system-deps venv claude-code build
+test: system-deps venv claude-code build firecracker
 	MARATHON_CLAUDE_BIN=$(abspath $(CLAUDE_BIN)) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: system-deps venv claude-code
