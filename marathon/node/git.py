@@ -101,6 +101,7 @@ class MirrorCache:
         async with lock:
             if os.path.isdir(path):
                 await git("-C", path, "fetch", "--prune", "--quiet", "origin", env=env)
+                await git("-C", path, "repack", "-d", "--quiet")  # only what the fetch left loose
                 self.fetches += 1
                 return path, True
             os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -111,6 +112,8 @@ class MirrorCache:
             except RepoError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            # one pack, so bundles reuse compressed objects instead of compressing them again
+            await git("-C", tmp, "repack", "-a", "-d", "--quiet")
             os.rename(tmp, path)
             self.clones += 1
             return path, False
@@ -135,7 +138,21 @@ async def make_bundle(mirror: str, branch: str, out: str, *, resume: str | None 
     into ``out``; returns the base commit."""
     base = await rev(mirror, f"refs/heads/{branch}")
     if resume is None:
-        await git("-C", mirror, "bundle", "create", out, f"refs/heads/{branch}")
+        # the bundle of a branch head is the same for every task: made once, then linked
+        cached = os.path.join(mirror, "marathon-bundles", f"{hashlib.sha256(branch.encode()).hexdigest()[:12]}-{base}.bundle")
+        if not os.path.exists(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            tmp = f"{cached}.{os.getpid()}-{id(out)}.tmp"
+            await git("-C", mirror, "bundle", "create", "--quiet", tmp, f"refs/heads/{branch}")
+            os.replace(tmp, cached)
+            prefix = os.path.basename(cached).split("-")[0] + "-"
+            for old in os.listdir(os.path.dirname(cached)):
+                if old.startswith(prefix) and old.endswith(".bundle") and old != os.path.basename(cached):
+                    os.unlink(os.path.join(os.path.dirname(cached), old))
+        try:
+            os.link(cached, out)
+        except OSError:
+            shutil.copyfile(cached, out)
         return base
     scratch = out + ".git"
     shutil.rmtree(scratch, ignore_errors=True)
