@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from marathon.errors import SandboxError
 from marathon.node.sandbox import SandboxInfo
+from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
 from marathon.node.sandbox.fc_api import (
     DEFAULT_VIEW, REPO_ROOT, FirecrackerAPI, FirecrackerVM, Jailer, Snapshot, find_binary, open_vm,
 )
@@ -36,42 +37,24 @@ DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw quiet "
                      "marathon.listen=vsock:{any_cid}:{port} {net}")
 
 
-def default_image_dir() -> str:
-    return os.environ.get("MARATHON_IMAGE_DIR") or str(REPO_ROOT / ".cache" / "image" / "current")
-
-
-def cpu_virt_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {w for line in f if line.startswith("flags") for w in line.split() if w in ("vmx", "svm")}
-    except OSError:
-        return set()
-
-
 def detect(firecracker_bin: str | None = None, image_dir: str | None = None) -> tuple[bool, str]:
     """(True, what) when Firecracker can boot the Linux guest image here, else (False, every
     reason why not, joined by "; ")."""
     reasons: list[str] = []
-    flags = cpu_virt_flags()
-    if not os.path.exists("/dev/kvm"):
-        reasons.append("no /dev/kvm (no KVM on this host)")
-    elif os.path.isdir("/sys/module/kvm_pvm") and not flags:
-        reasons.append("/dev/kvm is kvm_pvm, a software PVM driver, and the CPU has no vmx/svm: "
-                       "Firecracker starts but a stock Linux guest cannot run")
-    elif not flags:
-        reasons.append("the CPU has no vmx/svm flag (no hardware virtualisation)")
-    elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        reasons.append("/dev/kvm is not readable and writable by this user")
+    kvm_ok, kvm = hardware_kvm()
+    if not kvm_ok:
+        reasons.append(kvm.replace("stock Linux guests cannot run on it",
+                                   "Firecracker starts but a stock Linux guest cannot run"))
     fc = firecracker_bin if firecracker_bin is not None else find_binary("firecracker")
     if not fc or not os.access(fc, os.X_OK):
         reasons.append(f"firecracker binary missing ({fc or 'not found'}): run make firecracker")
     image = image_dir if image_dir is not None else default_image_dir()
-    missing = [n for n in ("vmlinux", "rootfs.ext4") if not os.path.isfile(os.path.join(image, n))]
-    if missing:
-        reasons.append(f"guest image missing ({', '.join(missing)} in {image}): run make image")
+    problem = image_problem(image, ("vmlinux", "rootfs.ext4"))
+    if problem:
+        reasons.append(problem)
     if reasons:
         return False, "; ".join(reasons)
-    return True, f"hardware KVM ({'/'.join(sorted(flags))}), firecracker at {fc}, image at {image}"
+    return True, f"{kvm}, firecracker at {fc}, image at {image}"
 
 
 class FirecrackerSandbox:
