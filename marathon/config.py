@@ -60,7 +60,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     bwrap: str = "auto"  # auto | required | off
     sandbox_uid: int = 4242
     claude_bin: str = ""
-    agent_command: str = ""  # how to start `marathon serve --role agent` (default: this executable)
+    image_dir: str = ""  # guest image for qemu/firecracker (default <data_dir>/image or .cache/image/current)
+    vm_vcpus: int = 2
+    vm_mem_mib: int = 1024
+    qemu_accel: str = "auto"  # auto | kvm | tcg
+    firecracker_bin: str = ""
+    warm_pool_target: int = -1  # VMs kept restored and ready; -1: one per slot (VM backends), 0: off
     connect_timeout: float = 30.0
     anthropic_api_key: str = ""
     anthropic_base_url: str = "https://api.anthropic.com"
@@ -84,6 +89,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("slots must be at least 1")
         if self.sandbox not in ("process", "qemu", "firecracker"):
             raise ValueError(f"sandbox must be process, qemu or firecracker, not {self.sandbox!r}")
+        if self.qemu_accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"qemu_accel must be auto, kvm or tcg, not {self.qemu_accel!r}")
         if self.bwrap not in ("auto", "required", "off"):
             raise ValueError(f"bwrap must be auto, required or off, not {self.bwrap!r}")
 

@@ -34,6 +34,10 @@ class Cancellation:
 async def setup_workspace(user: RunUser, start: m.Start, bundle: str) -> str:
     """Clone the bundle into the (empty) workspace and check out the work branch; returns the base commit."""
     spec, ws = start.task, start.workspace
+    if not os.path.isdir(ws):  # in a VM the workspace is the guest's own directory
+        os.makedirs(ws, mode=0o755)
+        if os.geteuid() == 0:
+            os.chown(ws, user.uid, user.gid)
     await run_git(user, ws, "clone", "--quiet", "--no-checkout", bundle, ".")
     base_ref = f"refs/remotes/origin/{start.base_branch}"
     work = spec.work_branch

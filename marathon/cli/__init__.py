@@ -308,7 +308,12 @@ def nodes(*, url: Url = None) -> int:
         return _fail(exc.message)
     for n in data["nodes"]:
         state = "up" if n["connected"] else "down"
-        print(f"{n['id']}  {n['name']:<20} {state:<5} {n['active']}/{n['slots']} busy  warm {n['warm']}  {n['backend']}")
+        pool = n.get("pool") or {}
+        extra = ""
+        if pool.get("hits") or pool.get("misses") or pool.get("note"):
+            claim = f", claim p50 {pool['claim_ms_p50']:.1f} ms" if pool.get("claim_ms_p50") is not None else ""
+            extra = f"  pool {pool['hits']} hits / {pool['misses']} misses{claim}" + (f" ({pool['note']})" if pool.get("note") else "")
+        print(f"{n['id']}  {n['name']:<20} {state:<5} {n['active']}/{n['slots']} busy  warm {n['warm']}  {n['backend']}{extra}")
     if not data["nodes"]:
         print("no nodes")
     return 0

@@ -47,13 +47,28 @@ def make_backend(config: Config):
     from marathon.node.sandbox.process import ProcessBackend
     from marathon.errors import ConfigError
 
-    if config.sandbox == "process":
-        claude = config.claude_bin or os.environ.get("MARATHON_CLAUDE_BIN", "")
-        return ProcessBackend(
-            bwrap=config.bwrap, data_dir=config.data_dir, claude_bin=claude,
-            sandbox_uid=config.sandbox_uid, log_level=config.log_level,
-        )
-    raise ConfigError(f"sandbox backend {config.sandbox!r} is not available in this build")
+    from marathon.errors import SandboxError
+
+    try:
+        if config.sandbox == "process":
+            claude = config.claude_bin or os.environ.get("MARATHON_CLAUDE_BIN", "")
+            return ProcessBackend(
+                bwrap=config.bwrap, data_dir=config.data_dir, claude_bin=claude,
+                sandbox_uid=config.sandbox_uid, log_level=config.log_level,
+            )
+        if config.sandbox == "qemu":
+            from marathon.node.sandbox.qemu import QemuBackend
+
+            return QemuBackend(image_dir=config.image_dir, data_dir=config.data_dir, vcpus=config.vm_vcpus,
+                               mem_mib=config.vm_mem_mib, accel=config.qemu_accel)
+        from marathon.node.sandbox.detect import default_image_dir
+        from marathon.node.sandbox.firecracker import FirecrackerBackend
+
+        return FirecrackerBackend(firecracker_bin=config.firecracker_bin,
+                                  image_dir=config.image_dir or default_image_dir(config.data_dir),
+                                  vcpus=config.vm_vcpus, mem_mib=config.vm_mem_mib)
+    except SandboxError as exc:
+        raise ConfigError(f"node cannot start: {exc}") from None
 
 
 def run_serve(role: str, flags: dict, listen: str | None) -> int:

@@ -24,7 +24,8 @@ from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_e
 from marathon.node.git import MirrorCache
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
-from marathon.node.supervisor import TaskHandle, supervise
+from marathon.node.pool import WarmPool
+from marathon.node.supervisor import TaskHandle, connect_agent, supervise
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import node_mac
@@ -64,6 +65,12 @@ class NodeService:
         self.connected = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.cache = MirrorCache(os.path.join(config.data_dir, "mirrors"))
+        self.pool: WarmPool | None = None
+        target = config.warm_pool_target if config.warm_pool_target >= 0 else config.slots
+        if target > 0 and hasattr(backend, "restore") and hasattr(backend, "snapshot"):
+            self.pool = WarmPool(backend, target=min(target, config.slots), slots=config.slots,
+                                 active=lambda: len(self.tasks), root=os.path.join(config.data_dir, "pool"),
+                                 connect=connect_agent, connect_timeout=max(config.connect_timeout, 300.0))
         self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
 
     # ------------------------------------------------------------------ outbox
@@ -88,9 +95,11 @@ class NodeService:
             self._outbox.popleft()
 
     def capacity(self) -> m.Capacity:
+        p = self.pool.stats() if self.pool is not None else {}
         return m.Capacity(
-            slots=self.config.slots, active=len(self.tasks), warm=0, backend=self.backend.name,
-            api_key=bool(self.config.anthropic_api_key),
+            slots=self.config.slots, active=len(self.tasks), warm=p.get("warm", 0), backend=self.backend.name,
+            api_key=bool(self.config.anthropic_api_key), pool_hits=p.get("hits", 0), pool_misses=p.get("misses", 0),
+            claim_ms_p50=p.get("claim_ms_p50"), pool_note=p.get("disabled"),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -98,6 +107,8 @@ class NodeService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.pool is not None:
+                await nursery.start(self.pool.run)
             nursery.start_soon(self._connection_loop)
             task_status.started(self)
 
@@ -240,9 +251,12 @@ class NodeService:
                 self.emit(m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), name=name, offset=offset, data=data, last=last))
 
         try:
-            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache)
+            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache,
+                                      self.pool)
         finally:
             self.tasks.pop(task_id, None)
+            if self.pool is not None:
+                self.pool.poke()
             if handle.resume_bundle:
                 with contextlib.suppress(OSError):
                     os.unlink(handle.resume_bundle)

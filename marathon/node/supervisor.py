@@ -19,8 +19,11 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError, single_errors
+from marathon.errors import (
+    ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError, VersionMismatch, single_errors,
+)
 from marathon.node.git import MirrorCache
+from marathon.node.pool import WarmPool
 from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
@@ -60,33 +63,41 @@ def _ended(handle: TaskHandle, t0: float, **kw) -> m.TaskOutcome:
     return m.TaskOutcome(duration_s=time.monotonic() - t0, usage=handle.usage, **kw)
 
 
-async def connect_agent(sandbox: Sandbox, timeout: float) -> FramedStream:
-    """Dial the agent until it answers, the sandbox dies, or ``timeout`` passes."""
+async def connect_agent(sandbox: Sandbox, timeout: float, *, attempt_timeout: float = 3.0) -> FramedStream:
+    """Dial the agent until it answers, the sandbox dies, or ``timeout`` passes.
+
+    A connection is not an answer: QEMU's user networking and Firecracker's vsock accept the
+    host side before anything listens in the guest.  Only the agent's Hello and Ready count."""
     delay = 0.005
-    with trio.move_on_after(timeout) as scope:
+    last: Exception | None = None
+    with trio.move_on_after(timeout):
         while True:
+            if sandbox.exited() is not None:
+                raise SandboxError(f"the sandbox exited ({sandbox.exited()}) before its agent was up: {sandbox.diagnostics()[-800:]}")
+            fs = None
             try:
-                stream = await open_stream(sandbox.agent_address)
-                break
-            except OSError:
-                if sandbox.exited() is not None:
-                    raise SandboxError(f"the sandbox exited ({sandbox.exited()}) before its agent was up: {sandbox.diagnostics()[-800:]}") from None
-                await trio.sleep(delay)
-                delay = min(delay * 2, 0.2)
-    if scope.cancelled_caught:
-        raise SandboxError(f"the agent did not come up within {timeout:.0f}s: {sandbox.diagnostics()[-800:]}")
-    fs = FramedStream(stream, m.AgentMessage)
-    await fs.handshake("node", __version__, initiator=True, timeout=timeout)
-    with trio.fail_after(timeout):
-        ready = await fs.receive()
-    if not isinstance(ready, m.Ready):
-        raise ProtocolError(f"expected ready from the agent, got {type(ready).__name__}")
-    return fs
+                with trio.fail_after(attempt_timeout):
+                    fs = FramedStream(await open_stream(sandbox.agent_address), m.AgentMessage)
+                    await fs.handshake("node", __version__, initiator=True, timeout=attempt_timeout)
+                    ready = await fs.receive()
+                if not isinstance(ready, m.Ready):
+                    raise SandboxError(f"expected ready from the agent, got {type(ready).__name__}")
+                return fs
+            except (VersionMismatch, SandboxError):
+                raise
+            except (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as exc:
+                last = exc
+                if fs is not None:
+                    await fs.aclose()
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+    raise SandboxError(f"the agent did not come up within {timeout:.0f}s ({last}): {sandbox.diagnostics()[-800:]}")
 
 
 async def supervise(
     handle: TaskHandle, config: Config, backend: SandboxBackend, proxy: MeteringProxy,
     emit: Callable[[m.Event], None], upload: Callable[[str, str], None], cache: MirrorCache,
+    pool: WarmPool | None = None,
 ) -> m.TaskOutcome:
     """``emit`` sends an event; ``upload(name, path)`` sends a file to the orchestrator."""
     spec = handle.spec
@@ -121,11 +132,20 @@ async def supervise(
         if os.geteuid() == 0:
             os.chown(workspace, config.sandbox_uid, config.sandbox_uid)
 
-        sandbox = await backend.create(spec.task_id, workspace, run_dir)
-        emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
         fs = None
-        with _stop_scope(handle):
-            fs = await connect_agent(sandbox, config.connect_timeout)
+        warm = pool.claim() if pool is not None else None
+        if warm is not None:
+            sandbox, fs = warm.sandbox, warm.channel
+            emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
+                                    f"{time.monotonic() - warm.ready_at:.1f}s ago"))
+        else:
+            if pool is not None:
+                why = pool.disabled or ("the pool is empty" if not pool.failures else "restoring from the snapshot failed")
+                emit(m.LogEvent(message=f"warm pool: {why}; booting a sandbox cold"))
+            sandbox = await backend.create(spec.task_id, workspace, run_dir)
+            emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
+            with _stop_scope(handle):
+                fs = await connect_agent(sandbox, config.connect_timeout)
         if fs is None or handle.stop.is_set():
             if fs is not None:
                 await fs.aclose()
@@ -269,7 +289,8 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             await fs.send(m.Blob(name="repo", offset=offset, data=data, last=last))
 
     try:
-        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, base_branch=prep.branch, api_key=grant.token))
+        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, base_branch=prep.branch, api_key=grant.token,
+                              now=time.time(), entropy=secrets.token_bytes(64)))
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)

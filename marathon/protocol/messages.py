@@ -109,6 +109,10 @@ class Capacity(msgspec.Struct, frozen=True):
     warm: int = 0
     backend: str = "process"
     api_key: bool = True  # whether this node can reach the upstream API with a key
+    pool_hits: int = 0
+    pool_misses: int = 0
+    claim_ms_p50: float | None = None
+    pool_note: str | None = None  # why the warm pool is off, when it is
 
 
 class TaskOutcome(msgspec.Struct, frozen=True):
@@ -342,6 +346,9 @@ class Start(_Msg, tag="start"):
     base_branch: str  # the branch in the bundle the work starts from
     api_base_path: str = ""  # path prefix the tunnel's upstream expects
     api_key: str = ""  # the credential Claude Code presents: a per-task token, never the real key
+    # identity re-injected into a VM restored from a snapshot (never baked into the snapshot)
+    now: float = 0.0  # the node's clock: a restored guest's clock is behind by the time since the snapshot
+    entropy: bytes = b""  # mixed into the guest's RNG, so clones of one snapshot diverge
 
 
 class AgentEvent(_Msg, tag="event"):
