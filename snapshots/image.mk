@@ -17,7 +17,15 @@ image-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "missing Debian packages:$$missing (install them with apt-get)"; exit 1; fi; fi
 
-image: image-deps claude-code
+# The image cache lives outside the checkout (default ~/.cache/marathon/image), so a fresh
+# clone — CI's — reuses every image already built for the same inputs.
+MARATHON_IMAGE_CACHE ?= $(HOME)/.cache/marathon/image
+
+$(IMAGE_CACHE):
+	mkdir -p $(CACHE) $(MARATHON_IMAGE_CACHE)
+	ln -sfn $(MARATHON_IMAGE_CACHE) $(IMAGE_CACHE)
+
+image: image-deps claude-code | $(IMAGE_CACHE)
 	MARATHON_BIN="$(MARATHON_BIN)" IMAGE_HEADROOM_MB="$(IMAGE_HEADROOM_MB)" CLAUDE_BIN="$(abspath $(CLAUDE_BIN))" \
 	  $(IMAGE_PY) snapshots/build_image.py
 

@@ -78,3 +78,34 @@ def github_token(*, clear: bool = False, url: Url = None) -> int:
         return _fail(exc.message)
     print(f"GitHub token {res['github_token']}")
     return 0
+
+
+@app.command
+def doctor(*, data_dir: str | None = None) -> int:
+    """Which sandbox backends can run on this host, and why not."""
+    from marathon.config import load_config
+    from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
+    from marathon.node.sandbox.firecracker import detect as fc_detect
+    from marathon.node.sandbox.process import probe_bwrap
+
+    cfg = load_config({"data_dir": data_dir})
+    image = cfg.image_dir or default_image_dir(cfg.data_dir)
+    rows = []
+    problem = probe_bwrap()
+    rows.append(("process", True, "bubblewrap namespaces" if problem is None else f"runs WITHOUT isolation: {problem}"))
+    kvm_ok, kvm = hardware_kvm()
+    import shutil as _sh
+
+    reasons = []
+    if not _sh.which("qemu-system-x86_64"):
+        reasons.append("qemu-system-x86_64 not installed (Debian qemu-system-x86)")
+    img = image_problem(image, ("vmlinux", "initramfs.cpio.gz", "rootfs.ext4", "manifest.json"))
+    if img:
+        reasons.append(img)
+    accel = "KVM" if kvm_ok else f"TCG emulation ({kvm})"
+    rows.append(("qemu", not reasons, "; ".join(reasons) if reasons else f"{accel}, image {image}"))
+    ok, why = fc_detect(cfg.firecracker_bin or None, image)
+    rows.append(("firecracker", ok, why))
+    for name, ok, why in rows:
+        print(f"{name:<12} {'yes' if ok else 'no ':<4} {why}")
+    return 0

@@ -107,17 +107,19 @@ class WarmPool:
         self._seq += 1
         name = f"warm-{self._seq}"
         sb = None
+        kept = False
         try:
             sb = await self.backend.restore(name, os.path.join(self.root, name), self.snapshot)
             fs = await self._connect(sb, self.connect_timeout)
             self.ready.append(Warm(sb, fs, time.monotonic()))
+            kept = True
             self.failures = 0
         except (MarathonError, OSError, trio.TooSlowError) as exc:
             self.failures += 1
             log.warning("warm pool: restore failed: %s", exc)
-            if sb is not None:
-                await sb.destroy()
         finally:
+            if sb is not None and not kept:
+                await sb.destroy()  # shielded: also when we are cancelled half-way
             self.filling -= 1
             self.poke()
 

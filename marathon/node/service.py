@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import shutil
 import uuid
 
 import trio
@@ -264,7 +265,32 @@ class NodeService:
         log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
 
 
+async def reap(config: Config, backend: SandboxBackend) -> None:
+    """At node start, before any task: nothing of a previous run (a crash) may survive —
+    VMMs, their sockets, disks, jails, network namespaces, and sandbox directories."""
+    roots = [os.path.join(config.data_dir, d) for d in ("sandboxes", "pool", "incoming")]
+    removed: list[str] = []
+    if backend.name == "qemu":
+        from marathon.node.sandbox.qemu import reap_leftovers
+
+        for root in roots[:2]:
+            removed += await reap_leftovers(root)
+    elif backend.name == "firecracker":
+        from marathon.node.sandbox.firecracker import reap_leftovers
+
+        for root in roots[:2]:
+            removed += await reap_leftovers(root)
+    for root in roots:
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                removed.append(os.path.join(root, name))
+                await trio.to_thread.run_sync(shutil.rmtree, os.path.join(root, name), True)
+    if removed:
+        log.warning("removed %d leftovers of a previous run: %s", len(removed), ", ".join(removed[:5]))
+
+
 async def serve_node(config: Config, backend: SandboxBackend, secret: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await reap(config, backend)
     proxy = MeteringProxy(config.anthropic_base_url, config.anthropic_api_key)
     try:
         service = NodeService(config, backend, proxy, secret)

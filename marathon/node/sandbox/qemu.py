@@ -281,6 +281,9 @@ class QemuBackend:
             diag = sb.diagnostics()
             await sb.destroy()
             raise SandboxError(f"restore failed: {exc}; {diag[-500:]}") from None
+        except BaseException:  # cancelled: the VM must not outlive us
+            await sb.destroy()
+            raise
         return sb
 
     async def aclose(self) -> None:
