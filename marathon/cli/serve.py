@@ -73,8 +73,10 @@ def make_backend(config: Config):
 
 def run_serve(role: str, flags: dict, listen: str | None) -> int:
     if role == "agent":
-        # the agent never reads config files from its working directory (the repository)
+        # the agent never reads config files from its working directory (the repository),
+        # and what it writes is for the sandbox's user to read (whatever umask the node had)
         config = load_config(flags, cwd="/nonexistent")
+        os.umask(0o022)
     else:
         config = load_config(flags)
     setup_logging(config, role)
