@@ -140,6 +140,14 @@ class FirecrackerBackend:
         log.debug("firecracker sandbox %s: vm %s (pid %s)", task_id, vm.id, vm.proc.pid if vm.proc else "?")
         return FirecrackerSandbox(task_id, vm, self.agent_port)
 
+    async def snapshot(self, sandbox: FirecrackerSandbox, directory: str) -> Snapshot:
+        """The warm pool's base: pause the VM whose agent is up, write a Full snapshot, and
+        end that VM (its clones restore from the snapshot, each in its own namespace)."""
+        try:
+            return await sandbox.vm.snapshot(directory)
+        finally:
+            await sandbox.destroy()
+
     async def restore(self, task_id: str, run_dir: str, snapshot: Snapshot | str) -> FirecrackerSandbox:
         """Warm start: a fresh VMM loading ``snapshot`` (taken with the same network mode and
         jailer setting); identity is re-injected by the caller over the agent channel."""
