@@ -28,6 +28,26 @@ def _default_data_dir() -> str:
     return os.path.join(base, "marathon")
 
 
+def state_value(data_dir: str, name: str, make) -> str:
+    """A value kept in ``<data_dir>/<name>`` (mode 0600): read it, or make it once and keep it."""
+    path = os.path.join(data_dir, name)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        pass
+    os.makedirs(data_dir, mode=0o711, exist_ok=True)
+    value = make()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made by someone else meanwhile: theirs wins
+        with open(path) as f:
+            return f.read().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
 def config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "marathon"

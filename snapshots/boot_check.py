@@ -56,23 +56,14 @@ HELLO_FRAME = (lambda payload: len(payload).to_bytes(4, "big") + payload)(
 
 
 def host_tsc_khz() -> int:
-    """Host TSC frequency in kHz: $MARATHON_TSC_KHZ, the kernel log, else /proc/cpuinfo."""
-    if os.environ.get("MARATHON_TSC_KHZ"):
-        return int(os.environ["MARATHON_TSC_KHZ"])
-    try:
-        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        log = ""
-    for pattern in (r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
-                    r"tsc: Detected ([0-9.]+) MHz TSC", r"tsc: Detected ([0-9.]+) MHz processor"):
-        found = re.findall(pattern, log)
-        if found:
-            return round(float(found[-1]) * 1000)
-    with open("/proc/cpuinfo") as f:
-        match = re.search(r"cpu MHz\s*:\s*([0-9.]+)", f.read())
-    if not match:
+    """Host TSC frequency in kHz (the node's own detection: $MARATHON_TSC_KHZ, the kernel log, /proc/cpuinfo)."""
+    sys.path.insert(0, str(REPO))
+    from marathon.node.sandbox.detect import host_tsc_khz as detect_tsc
+
+    khz = detect_tsc()
+    if not khz:
         raise SystemExit("cannot find the host TSC frequency: set MARATHON_TSC_KHZ")
-    return round(float(match.group(1)) * 1000)
+    return khz
 
 
 def free_port() -> int:

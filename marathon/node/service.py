@@ -20,7 +20,7 @@ import uuid
 import trio
 
 from marathon import __version__
-from marathon.config import Config
+from marathon.config import Config, state_value
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
 from marathon.node.git import MirrorCache
 from marathon.node.proxy import MeteringProxy
@@ -38,18 +38,7 @@ OUTBOX_LIMIT = 200_000
 
 
 def load_node_id(config: Config) -> str:
-    if config.node_id:
-        return config.node_id
-    path = os.path.join(config.data_dir, "node_id")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        node_id = f"n-{uuid.uuid4().hex[:12]}"
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(node_id + "\n")
-        return node_id
+    return config.node_id or state_value(config.data_dir, "node_id", lambda: f"n-{uuid.uuid4().hex[:12]}")
 
 
 class NodeService:

@@ -12,7 +12,7 @@ import trio
 
 from marathon.bus import Bus
 from marathon.bus.memory import MemoryBus
-from marathon.config import Config
+from marathon.config import Config, state_value
 from marathon.errors import ConfigError, StoreError
 from marathon.bus.ratelimit import MemoryRateLimiter
 from marathon.orchestrator.api import ApiContext, create_app
@@ -40,21 +40,7 @@ class OrchestratorInfo:
 
 def load_node_secret(config: Config) -> str:
     """The configured node secret, or one generated once and kept in the data dir (0600)."""
-    if config.node_secret:
-        return config.node_secret
-    path = os.path.join(config.data_dir, "node_secret")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        pass
-    os.makedirs(config.data_dir, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    log.info("generated a node secret in %s", path)
-    return secret
+    return config.node_secret or state_value(config.data_dir, "node_secret", lambda: secrets.token_urlsafe(32))
 
 
 class Scheduler:
