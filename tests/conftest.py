@@ -5,7 +5,18 @@ import tempfile
 import pytest
 
 # The CLI keeps credentials under XDG_CONFIG_HOME: keep the tests' out of the real home.
-os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="marathon-test-config-")
+_CONFIG_HOME = os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="marathon-test-config-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_scratch_dirs():
+    yield
+    import shutil
+
+    from tests.harness import SCRATCH
+
+    for d in SCRATCH + [_CONFIG_HOME]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

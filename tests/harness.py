@@ -29,10 +29,15 @@ def claude_bin() -> str:
     return path
 
 
+SCRATCH: list[str] = []
+
+
 def scratch_dir(prefix: str = "marathon-test-") -> str:
-    """A temp dir the sandbox uid can traverse (pytest's tmp_path is 0700)."""
+    """A temp dir the sandbox uid can traverse (pytest's tmp_path is 0700); removed at the
+    end of the test session (conftest)."""
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(d, 0o711)
+    SCRATCH.append(d)
     return d
 
 

@@ -90,6 +90,7 @@ class WarmPool:
                 with trio.CancelScope(shield=True):
                     while self.ready:
                         await self.ready.popleft().sandbox.destroy()
+                    await trio.to_thread.run_sync(lambda: shutil.rmtree(self.root, ignore_errors=True))
 
     async def _make_snapshot(self) -> None:
         t0 = time.monotonic()
