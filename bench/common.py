@@ -31,3 +31,17 @@ def prepare_claude_stub() -> str:
         out.write(src.read())
     os.chmod(dst, 0o755)
     return dst
+
+
+def _cleanup() -> None:
+    import shutil
+
+    from tests.harness import SCRATCH
+
+    for d in SCRATCH:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_cleanup)
