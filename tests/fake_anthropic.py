@@ -399,7 +399,7 @@ def _parse_body(raw: bytes, headers: dict) -> Any:
         if headers.get("content-encoding") == "gzip":  # Claude Code 2.1.332 sends plain JSON
             raw = gzip.decompress(raw)
         return json.loads(raw) if raw else None
-    except (ValueError, OSError):
+    except (ValueError, OSError, RecursionError):
         return None
 
 

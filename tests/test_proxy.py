@@ -153,3 +153,58 @@ async def test_keep_alive_serves_several_requests_on_one_connection():
             assert r.status_code == 200 and "message_stop" in r.text
         assert len(h.records) == 3 and [r.turn for r in h.fake.requests] == [0, 1, 2]
         n.cancel_scope.cancel()
+
+
+async def raw_request(url: str, target: str, body: bytes = b"{}", token: str = TOKEN) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    head = (f"POST {target} HTTP/1.1\r\nhost: x\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    await stream.send_all(head + body)
+    out = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    await stream.aclose()
+    return out
+
+
+@pytest.mark.parametrize("target", [
+    "@127.0.0.1:9/v1/messages", ".evil.example/v1/messages", ":abc/v1/messages", "//evil.example/v1/messages",
+    "/x/../v1/messages", "/v1/messages/../../admin", "/v1/messages?x=@evil&y=/", "http://evil.example/v1/messages",
+    "/v1/messagesX", "/prefix/v1/messages",
+])
+async def test_a_sandbox_cannot_steer_the_request_or_the_key_elsewhere(target):
+    async with trio.open_nursery() as n:
+        h = await start(n, [fa.text("never")])
+        out = await raw_request(h.url, target)
+        assert out.startswith(b"HTTP/1.1 404") or out.startswith(b"HTTP/1.1 400"), out[:200]
+        assert h.fake.requests == [] and h.records == []
+        # and the proxy is still serving
+        r = await h.post(body())
+        assert r.status_code == 200
+        n.cancel_scope.cancel()
+
+
+async def test_a_pathological_body_costs_only_its_connection():
+    async with trio.open_nursery() as n:
+        h = await start(n, [fa.text("fine")], max_body=10_000_000)
+        out = await raw_request(h.url, "/v1/messages", b"[" * 200_000)
+        assert out.startswith(b"HTTP/1.1 4")  # the upstream refuses it; nothing crashed
+        r = await h.post(body())
+        assert r.status_code == 200
+        n.cancel_scope.cancel()
+
+
+async def test_a_client_that_leaves_mid_stream_is_metered_to_the_end():
+    async with trio.open_nursery() as n:
+        h = await start(n, [fa.text("x" * 3000, usage={"input_tokens": 10, "output_tokens": 777}, delay=0.01)])
+        async with h.client.stream("POST", "/v1/messages", json=body(), headers={"x-api-key": TOKEN}) as r:
+            async for _ in r.aiter_raw():
+                break  # read the first bytes, then hang up
+        with trio.fail_after(10):
+            while not h.records:
+                await trio.sleep(0.01)
+        assert h.records[0].usage == Usage(10, 777)  # message_delta's output count, though nobody read it
+        assert not h.records[0].complete
+        n.cancel_scope.cancel()

@@ -49,7 +49,7 @@ class UsageMeter:
     def _data(self, raw: bytes) -> None:
         try:
             obj = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(obj, dict):
             self.event(obj)

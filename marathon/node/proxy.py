@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,7 +31,10 @@ HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
 }
-ALLOWED_SUFFIXES = ("/v1/messages", "/v1/messages/count_tokens")
+ALLOWED_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+_QUERY = re.compile(r"[A-Za-z0-9_.~=&%-]*")
+DRAIN_LIMIT = 16 * 1024 * 1024  # after the client left: read at most this much more to meter
+DRAIN_TIME = 120.0
 
 
 @dataclass
@@ -70,6 +74,7 @@ class MeteringProxy:
     def __init__(self, upstream: str, api_key: str, *, client: httpx.AsyncClient | None = None,
                  max_body: int = MAX_BODY, timeout: float = 600.0):
         self.upstream = upstream.rstrip("/")
+        self._base = httpx.URL(self.upstream)
         self._api_key = api_key
         self.max_body = max_body
         self._client = client or httpx.AsyncClient(
@@ -96,8 +101,21 @@ class MeteringProxy:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
             log.debug("proxy connection for %s ended: %s", grant.task_id, exc)
+        except Exception:  # whatever a sandbox sends, it costs it this connection and nothing more
+            log.exception("proxy: unexpected error on a connection of task %s; closing it", grant.task_id)
         finally:
             await trio.aclose_forcefully(stream)
+
+    def upstream_url(self, target: str) -> httpx.URL | None:
+        """The upstream URL for a request target, or None when the target is not one we proxy.
+        Only the exact Messages API paths, with a plain query; the host is always the upstream's."""
+        path, _, query = target.partition("?")
+        if path not in ALLOWED_PATHS or not _QUERY.fullmatch(query):
+            return None
+        url = self._base.copy_with(path=self._base.path.rstrip("/") + path, query=query.encode() or None)
+        if (url.scheme, url.host, url.port) != (self._base.scheme, self._base.host, self._base.port):
+            return None
+        return url
 
     async def _next(self, conn: h11.Connection, stream: trio.abc.Stream):
         while True:
@@ -154,8 +172,9 @@ class MeteringProxy:
             return await self._send_simple(conn, stream, 401, "authentication_error", "invalid task token")
         if grant.expires_at is not None and time.time() > grant.expires_at:
             return await self._send_simple(conn, stream, 401, "authentication_error", "task token expired")
-        if req.method != b"POST" or not path.endswith(ALLOWED_SUFFIXES):
-            return await self._send_simple(conn, stream, 404, "not_found_error", f"{req.method.decode()} {path} is not proxied")
+        url = self.upstream_url(target) if req.method == b"POST" else None
+        if url is None:
+            return await self._send_simple(conn, stream, 404, "not_found_error", f"{req.method.decode()} {path[:200]} is not proxied")
         reason = grant.budget_check()
         if reason:
             return await self._send_simple(conn, stream, 402, "budget_exhausted", reason)
@@ -167,10 +186,22 @@ class MeteringProxy:
         is_stream = False
         try:
             is_stream = bool(json.loads(body).get("stream")) if body else False
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             pass
         status, sent, ttft, complete, error = 502, 0, None, False, None
-        url = self.upstream + target
+        client_gone = False
+
+        async def deliver(data: bytes) -> None:
+            """To the client while it listens; after it left, keep metering (bounded): the
+            upstream bills the whole answer whether or not the sandbox reads it."""
+            nonlocal client_gone
+            if client_gone:
+                return
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                client_gone = True
+
         try:
             async with self._client.stream("POST", url, content=body, headers=fwd) as resp:
                 status = resp.status_code
@@ -178,25 +209,36 @@ class MeteringProxy:
                     (k, v) for k, v in resp.headers.multi_items()
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
                 ]
-                await stream.send_all(conn.send(h11.Response(status_code=status, headers=out_headers, reason=resp.reason_phrase.encode())))
+                await deliver(conn.send(h11.Response(status_code=status, headers=out_headers, reason=resp.reason_phrase.encode())))
                 nonstream = bytearray()
                 ctype = resp.headers.get("content-type", "")
-                async for chunk in resp.aiter_raw():
-                    if ttft is None:
-                        ttft = time.monotonic() - started
-                    sent += len(chunk)
-                    if "text/event-stream" in ctype:
-                        meter.feed(chunk)
-                    elif len(nonstream) < 8 * 1024 * 1024:
-                        nonstream += chunk
-                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+                drained = 0
+                with trio.move_on_after(DRAIN_TIME) as drain_scope:
+                    drain_scope.deadline = float("inf")
+                    async for chunk in resp.aiter_raw():
+                        if ttft is None:
+                            ttft = time.monotonic() - started
+                        sent += len(chunk)
+                        if "text/event-stream" in ctype:
+                            meter.feed(chunk)
+                        elif len(nonstream) < 8 * 1024 * 1024:
+                            nonstream += chunk
+                        if client_gone:
+                            drained += len(chunk)
+                            if drained > DRAIN_LIMIT:
+                                break
+                            if drain_scope.deadline == float("inf"):
+                                drain_scope.deadline = trio.current_time() + DRAIN_TIME
+                        await deliver(conn.send(h11.Data(data=chunk)))
                 if nonstream and "json" in ctype:
                     try:
                         meter.message(json.loads(nonstream))
-                    except ValueError:
+                    except (ValueError, RecursionError, AttributeError):
                         pass
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                complete = True
+                await deliver(conn.send(h11.EndOfMessage()))
+                complete = not client_gone
+                if client_gone:
+                    raise trio.BrokenResourceError("the client left; the answer was metered to its end")
         except httpx.HTTPError as exc:
             error = f"upstream: {type(exc).__name__}: {exc}"
             log.warning("proxy: task %s: %s", grant.task_id, error)
