@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import shutil
 import uuid
 
@@ -35,6 +36,7 @@ from marathon.protocol.transports import open_stream
 
 log = logging.getLogger("marathon.node")
 OUTBOX_LIMIT = 200_000
+TASK_ID = re.compile(r"[0-9a-f]{12}")
 
 
 def load_node_id(config: Config) -> str:
@@ -199,6 +201,8 @@ class NodeService:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the orchestrator")
 
     def _receive_blob(self, msg: m.AssignBlob) -> None:
+        if not TASK_ID.fullmatch(msg.task_id) or msg.name != "bundle":
+            raise ProtocolError(f"unexpected assignment blob {msg.name[:20]!r} for task {msg.task_id[:20]!r}")
         key = (msg.task_id, msg.name)
         if key not in self._incoming or msg.offset == 0:
             d = os.path.join(self.config.data_dir, "incoming")
@@ -208,6 +212,9 @@ class NodeService:
 
     async def _assign(self, fs: FramedStream, assign: m.Assign) -> None:
         spec = assign.task
+        if not TASK_ID.fullmatch(spec.task_id):  # it becomes a path on this node
+            await fs.send(m.Rejected(task_id=spec.task_id[:64], reason="bad task id"))
+            return
         if spec.task_id in self.tasks:
             await fs.send(m.Accepted(task_id=spec.task_id))
             return

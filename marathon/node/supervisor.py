@@ -160,9 +160,9 @@ async def supervise(
         return _ended(handle, t0, state="failed", reason="sandbox_failed", message=str(exc))
     except MarathonError as exc:
         return _ended(handle, t0, state="failed", reason=exc.code, message=str(exc))
-    except OSError as exc:
+    except Exception as exc:  # a bug or a surprise fails this task, never the node
         log.exception("task %s: node error", spec.task_id)
-        return _ended(handle, t0, state="failed", reason="node_error", message=str(exc))
+        return _ended(handle, t0, state="failed", reason="node_error", message=f"{type(exc).__name__}: {exc}")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             if sandbox is not None:
@@ -247,11 +247,13 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
         with trio.move_on_at(deadline):
             await handle.stop.wait()
         handle.cancel(handle.stop_reason or "timeout")
-        try:
-            await fs.send(m.CancelRun(reason=handle.stop_reason))
-        except ConnectionClosed:
-            pass
-        await trio.sleep(STOP_GRACE)
+        t_stop = trio.current_time()
+        with trio.move_on_after(STOP_GRACE):  # a wedged agent may not read: never wait on it forever
+            try:
+                await fs.send(m.CancelRun(reason=handle.stop_reason))
+            except ConnectionClosed:
+                pass
+        await trio.sleep_until(t_stop + STOP_GRACE)
         log.warning("task %s: the agent did not stop within %.0fs; killing the sandbox", spec.task_id, STOP_GRACE)
         await sandbox.destroy()
 
@@ -263,6 +265,8 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                     ev = msg.event
                     if isinstance(ev, m.IterationEvent):
                         handle.iteration = ev.iteration
+                    if isinstance(ev, m.ApiRequestEvent) or (isinstance(ev, m.StateEvent) and ev.state != "running"):
+                        continue  # metering is the proxy's and states the orchestrator's: not the sandbox's to say
                     emit(ev)
                 elif isinstance(msg, m.Blob) and msg.name == "result":
                     result.add(msg.offset, msg.data, msg.last)
@@ -271,7 +275,11 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                     if stream is not None:
                         nursery.start_soon(proxy.handle, stream, grant)
                 elif isinstance(msg, m.AgentResult):
-                    return msg.outcome
+                    out = msg.outcome
+                    if out.state not in m.TERMINAL_OUTCOMES:
+                        out = msgspec.structs.replace(out, state="failed", reason="agent_error",
+                                                      message=f"the agent reported state {out.state[:40]!r}")
+                    return out
                 elif isinstance(msg, m.Error):
                     raise ProtocolError(f"agent says {msg.code}: {msg.message}")
                 else:

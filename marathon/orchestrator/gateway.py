@@ -62,6 +62,9 @@ class Gateway:
         except trio.TooSlowError:
             log.warning("node connection from %s timed out", peer)
             await fs.send_error("timeout", "no heartbeat within node_timeout")
+        except Exception as exc:  # a store error or a bug ends this node's connection, not the orchestrator
+            log.exception("node connection from %s failed", peer)
+            await fs.send_error("internal", f"orchestrator error: {type(exc).__name__}")
         finally:
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
