@@ -91,7 +91,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     anthropic_base_url: str = "https://api.anthropic.com"
     github_url: str = "https://github.com"  # where owner/name repositories live (GitHub Enterprise: your host)
     github_api_url: str = "https://api.github.com"
-    github_token: str = ""  # node fallback when the submitting user has none
     # task defaults
     model: str = ""
     max_turns: int = 50
@@ -116,7 +115,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
-        for key in ("token", "node_secret", "anthropic_api_key", "github_token"):
+        for key in ("token", "node_secret", "anthropic_api_key"):
             if out.get(key):
                 out[key] = "***"
         return out

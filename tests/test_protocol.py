@@ -17,7 +17,7 @@ def sample_messages():
     return [
         m.Hello(protocol=1, role="node", version="x"),
         m.Challenge(nonce=b"\x00" * 32),
-        m.Authenticate(node_id="n", name="n", mac=b"m", capacity=m.Capacity(slots=2), running=["t1"]),
+        m.Authenticate(node_id="n", name="n", mac=b"m", capacity=m.Capacity(slots=2), running={"t1": 2}, nonce=b"x"),
         m.Assign(task=spec),
         m.TaskEvent(task_id="t1", node_seq=7, event=m.ToolCallEvent(tool_id="1", name="Bash", summary="ls")),
         m.TaskResult(task_id="t1", node_seq=8, outcome=m.TaskOutcome(state="succeeded", usage=m.Usage(1, 2, 3, 4))),

@@ -35,7 +35,7 @@ def setup_logging(config: Config, role: str) -> None:
     level = getattr(logging, config.log_level.upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_Redact([config.anthropic_api_key, config.node_secret, config.token, config.github_token]))
+    handler.addFilter(_Redact([config.anthropic_api_key, config.node_secret, config.token]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

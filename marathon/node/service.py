@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hmac
 import itertools
 import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import uuid
 
@@ -30,12 +32,13 @@ from marathon.node.pool import WarmPool
 from marathon.node.supervisor import TaskHandle, connect_agent, supervise
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
-from marathon.protocol.auth import node_mac
-from marathon.protocol.blobs import BlobWriter, chunks
+from marathon.protocol.auth import node_mac, orchestrator_mac
+from marathon.protocol.blobs import BlobWriter
 from marathon.protocol.transports import open_stream
 
 log = logging.getLogger("marathon.node")
 OUTBOX_LIMIT = 200_000
+SEND_TIMEOUT = 60.0  # an orchestrator that reads nothing for this long is gone
 TASK_ID = re.compile(r"[0-9a-f]{12}")
 
 
@@ -125,7 +128,7 @@ class NodeService:
     async def _session(self) -> None:
         with trio.fail_after(self.config.connect_timeout):
             stream = await open_stream(self.config.orchestrator)
-        fs = FramedStream(stream, m.GatewayMessage)
+        fs = FramedStream(stream, m.GatewayMessage, send_timeout=SEND_TIMEOUT)
         try:
             await fs.handshake("node", __version__, initiator=True, timeout=self.config.connect_timeout)
             with trio.fail_after(self.config.connect_timeout):
@@ -134,11 +137,11 @@ class NodeService:
                     raise ProtocolError(f"{challenge.code}: {challenge.message}")
                 if not isinstance(challenge, m.Challenge):
                     raise ProtocolError(f"expected challenge, got {type(challenge).__name__}")
-                running = sorted(set(self.tasks) | {msg.task_id for _, msg in self._outbox})
+                nonce = secrets.token_bytes(32)
                 await fs.send(m.Authenticate(
                     node_id=self.node_id, name=self.config.node_name,
                     mac=node_mac(self.secret, challenge.nonce, self.node_id),
-                    capacity=self.capacity(), running=running,
+                    capacity=self.capacity(), running=self.running(include_outbox=True), nonce=nonce,
                 ))
                 welcome = await fs.receive()
             if isinstance(welcome, m.Error):
@@ -147,6 +150,8 @@ class NodeService:
                 raise ProtocolError(f"{welcome.code}: {welcome.message}")
             if not isinstance(welcome, m.Welcome):
                 raise ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+            if not hmac.compare_digest(welcome.mac, orchestrator_mac(self.secret, nonce, self.node_id)):
+                raise AuthError(f"{self.config.orchestrator} did not prove the node secret: not our orchestrator")
             log.info("connected to the orchestrator at %s as %s", self.config.orchestrator, self.node_id)
             self._link = fs
             self.connected.set()
@@ -161,7 +166,7 @@ class NodeService:
 
     async def _heartbeat(self, fs: FramedStream, interval: float) -> None:
         while True:
-            await fs.send(m.Heartbeat(capacity=self.capacity(), running=sorted(self.tasks)))
+            await fs.send(m.Heartbeat(capacity=self.capacity(), running=self.running()))
             await trio.sleep(interval)
 
     async def _sender(self, fs: FramedStream) -> None:
@@ -172,10 +177,16 @@ class NodeService:
                 self._outbox_changed = trio.Event()
                 await self._outbox_changed.wait()
                 continue
-            for i in range(0, len(pending), 512):
-                chunk = pending[i:i + 512]
-                await fs.send_many([msg for _, msg in chunk])
-                sent = chunk[-1][0]
+            batch, size = [], 0
+            for s, msg in pending:  # writes of a few MiB at most, whatever is queued
+                batch.append(msg)
+                size += len(getattr(msg, "data", b"")) + 256
+                if size >= 4 * 1024 * 1024:
+                    await fs.send_many(batch)
+                    sent, batch, size = s, [], 0
+            if batch:
+                await fs.send_many(batch)
+                sent = pending[-1][0]
 
     async def _receiver(self, fs: FramedStream) -> None:
         timeout = max(self.config.node_timeout, 3 * self.config.heartbeat_interval)
@@ -190,7 +201,7 @@ class NodeService:
                 await self._assign(fs, msg)
             elif isinstance(msg, m.Cancel):
                 handle = self.tasks.get(msg.task_id)
-                if handle is not None:
+                if handle is not None and msg.attempt in (0, handle.spec.attempt):
                     handle.cancel(msg.reason if msg.reason == "timeout" else "cancelled")
             elif isinstance(msg, m.Drain):
                 self.draining = True
@@ -215,49 +226,77 @@ class NodeService:
         if not TASK_ID.fullmatch(spec.task_id):  # it becomes a path on this node
             await fs.send(m.Rejected(task_id=spec.task_id[:64], reason="bad task id"))
             return
-        if spec.task_id in self.tasks:
-            await fs.send(m.Accepted(task_id=spec.task_id))
+        ids = dict(task_id=spec.task_id, attempt=spec.attempt)
+        previous = self.tasks.get(spec.task_id)
+        if previous is not None and previous.spec.attempt == spec.attempt:
+            await fs.send(m.Accepted(**ids))  # a repeated assignment
             return
+        blob = self._incoming.pop((spec.task_id, "bundle"), None)
+        reason = None
         if self.draining:
-            await fs.send(m.Rejected(task_id=spec.task_id, reason="node is draining"))
-            return
-        if len(self.tasks) >= self.config.slots:
-            await fs.send(m.Rejected(task_id=spec.task_id, reason="no free slot"))
+            reason = "node is draining"
+        elif previous is None and len(self.tasks) >= self.config.slots:
+            reason = "no free slot"
+        elif spec.resume and (blob is None or not blob.done):
+            reason = "the task's bundle did not arrive"
+        if reason:
+            if blob is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(blob.path)
+            await fs.send(m.Rejected(reason=reason, **ids))
             return
         handle = TaskHandle(spec)
-        handle.github_token = assign.github_token or self.config.github_token or None
-        if spec.resume:
-            blob = self._incoming.pop((spec.task_id, "bundle"), None)
-            if blob is None or not blob.done:
-                await fs.send(m.Rejected(task_id=spec.task_id, reason="the task's bundle did not arrive"))
-                return
-            handle.resume_bundle = blob.path
+        handle.github_token = assign.github_token or None
+        handle.resume_bundle = blob.path if spec.resume else None
+        if previous is not None:  # an older attempt still stopping here: the new one waits for it
+            previous.cancel("superseded")
+            handle.after = previous
         self.tasks[spec.task_id] = handle
-        await fs.send(m.Accepted(task_id=spec.task_id))
+        await fs.send(m.Accepted(**ids))
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, handle)
 
+    def running(self, *, include_outbox: bool = False) -> dict[str, int]:
+        """task id -> attempt: what runs here (and, after a reconnect, what has unsent results)."""
+        out = {tid: h.spec.attempt for tid, h in self.tasks.items()}
+        if include_outbox:
+            for _, msg in self._outbox:
+                out.setdefault(msg.task_id, msg.attempt)
+        return out
+
     async def _run_task(self, handle: TaskHandle) -> None:
-        task_id = handle.spec.task_id
+        task_id, attempt = handle.spec.task_id, handle.spec.attempt
 
         def emit_event(ev: m.Event) -> None:
-            self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev))
+            self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
-        def upload(name: str, path: str) -> None:
-            for offset, data, last in chunks(path):
-                self.emit(m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), name=name, offset=offset, data=data, last=last))
+        async def upload(name: str, path: str) -> None:
+            with open(path, "rb") as f:
+                offset = 0
+                while True:
+                    data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
+                    last = len(data) < m.BLOB_CHUNK
+                    self.emit(m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), name=name, offset=offset,
+                                         data=data, last=last, attempt=attempt))
+                    offset += len(data)
+                    if last:
+                        return
 
         try:
+            if handle.after is not None:
+                await handle.after.finished.wait()
             outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache,
                                       self.pool)
         finally:
-            self.tasks.pop(task_id, None)
+            handle.finished.set()
+            if self.tasks.get(task_id) is handle:
+                del self.tasks[task_id]
             if self.pool is not None:
                 self.pool.poke()
             if handle.resume_bundle:
                 with contextlib.suppress(OSError):
                     os.unlink(handle.resume_bundle)
-        self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome))
+        self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome, attempt=attempt))
         log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
 
 

@@ -12,7 +12,7 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Awaitable, Callable
 
 import msgspec
 import trio
@@ -49,6 +49,8 @@ class TaskHandle:
         self.iteration = 0
         self.github_token: str | None = None
         self.resume_bundle: str | None = None  # path of the previous result bundle, when resuming
+        self.after: "TaskHandle | None" = None  # an older attempt of the same task to wait for
+        self.finished = trio.Event()
         self.scopes: set[trio.CancelScope] = set()
 
     def cancel(self, reason: str) -> None:
@@ -96,7 +98,7 @@ async def connect_agent(sandbox: Sandbox, timeout: float, *, attempt_timeout: fl
 
 async def supervise(
     handle: TaskHandle, config: Config, backend: SandboxBackend, proxy: MeteringProxy,
-    emit: Callable[[m.Event], None], upload: Callable[[str, str], None], cache: MirrorCache,
+    emit: Callable[[m.Event], None], upload: Callable[[str, str], Awaitable[None]], cache: MirrorCache,
     pool: WarmPool | None = None,
 ) -> m.TaskOutcome:
     """``emit`` sends an event; ``upload(name, path)`` sends a file to the orchestrator."""
@@ -179,7 +181,7 @@ async def _hand_over(handle: TaskHandle, outcome: m.TaskOutcome, prep: Prepared,
     open the pull request when asked (only for a task that succeeded)."""
     spec = handle.spec
     if outcome.has_bundle:
-        upload("bundle", result_bundle)
+        await upload("bundle", result_bundle)
     if not spec.pr:
         return outcome
     if outcome.state != "succeeded":

@@ -12,15 +12,16 @@ import trio
 from marathon import __version__
 from marathon.config import Config
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError
-from marathon.orchestrator.lifecycle import State
+from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.tasks import TaskService
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
-from marathon.protocol.auth import verify_node_mac
+from marathon.protocol.auth import orchestrator_mac, verify_node_mac
 from marathon.protocol.transports import listener_address, open_listeners
 
 log = logging.getLogger("marathon.gateway")
+SEND_TIMEOUT = 60.0  # a node that reads nothing for this long is dropped (it reconnects)
 
 
 def _peer(stream) -> str:
@@ -46,7 +47,7 @@ class Gateway:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
-        fs = FramedStream(stream, m.GatewayMessage)
+        fs = FramedStream(stream, m.GatewayMessage, send_timeout=SEND_TIMEOUT)
         session: NodeSession | None = None
         try:
             session = await self._handshake(fs, peer)
@@ -90,26 +91,34 @@ class Gateway:
         old = self.nodes.attach(session)
         if old is not None and old.stream is not None and old.stream is not fs:
             await old.stream.aclose()
-        await fs.send(m.Welcome(node_id=auth.node_id, heartbeat_interval=self.config.heartbeat_interval))
+        await fs.send(m.Welcome(node_id=auth.node_id, heartbeat_interval=self.config.heartbeat_interval,
+                                mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id)))
         log.info("node %s (%s) connected from %s: %d slots, backend %s", auth.name, auth.node_id, peer, auth.capacity.slots, auth.capacity.backend)
-        await self._reconcile(session, set(auth.running))
+        await self._reconcile(session, auth.running)
         await self.tasks.bus.notify("scheduler")
         return session
 
-    async def _reconcile(self, session: NodeSession, running: set[str]) -> None:
-        """After a (re)connect: keep what the node still runs, cancel what it should not."""
-        for task_id in running:
+    async def _reconcile(self, session: NodeSession, running: dict[str, int]) -> None:
+        """After a (re)connect — of the node, or of us after a restart — make the store and the
+        node agree: what the node runs of its current assignments it keeps (an assignment whose
+        acknowledgement was lost counts as accepted); what it runs otherwise is cancelled; what
+        the store has on this node and the node does not run goes back to the queue."""
+        for task_id, attempt in running.items():
             rec = await self.tasks.store.get_task(task_id)
-            if rec is None or rec.node_id != session.node_id or rec.state not in (State.STARTING, State.RUNNING):
-                await session.send(m.Cancel(task_id=task_id, reason="no longer assigned to this node"))
-            else:
+            ours = rec is not None and rec.node_id == session.node_id and rec.attempt == attempt
+            if ours and rec.state == State.SCHEDULED:
+                await self.tasks.move(task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=session.node_id)
                 session.assigned[task_id] = None
-        for task_id in list(session.assigned):
-            if task_id not in running:
-                session.assigned.pop(task_id)
-                rec = await self.tasks.store.get_task(task_id)
-                if rec is not None and rec.node_id == session.node_id and rec.state in (State.SCHEDULED, State.STARTING, State.RUNNING):
-                    await self.tasks.requeue_or_fail(rec, "node_lost", f"node {session.name} restarted without the task")
+            elif ours and rec.state in (State.STARTING, State.RUNNING):
+                session.assigned[task_id] = None
+            elif not ours or rec.state not in TERMINAL:
+                await session.send(m.Cancel(task_id=task_id, attempt=attempt, reason="no longer assigned to this node"))
+        active, _ = await self.tasks.store.list_tasks(
+            states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=100_000, oldest_first=True)
+        for rec in active:
+            if rec.node_id == session.node_id and rec.id not in running:
+                session.assigned.pop(rec.id, None)
+                await self.tasks.requeue_or_fail(rec, "node_lost", f"node {session.name} came back without the task")
 
     async def _loop(self, fs: FramedStream, session: NodeSession) -> None:
         while True:
@@ -135,22 +144,36 @@ class Gateway:
         await self.tasks.record_events(session.node_id, batch)
         session.acked = max(session.acked, batch[-1].node_seq)
 
+    def ack_point(self, session: NodeSession) -> int:
+        """What the node may forget: everything processed, but never a chunk of an artifact that
+        is not stored whole yet (after a restart it must be sent again from its first chunk)."""
+        floor = min(session.open_blobs.values(), default=None)
+        return session.acked if floor is None else min(session.acked, floor - 1)
+
     async def _handle(self, session: NodeSession, msg) -> None:
         nid = session.node_id
         if isinstance(msg, m.Heartbeat):
             session.capacity = msg.capacity
-            await session.send(m.HeartbeatAck(acked=session.acked))
+            await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
         elif isinstance(msg, m.Accepted):
-            if msg.task_id in session.assigned:
+            moved = await self.tasks.move(msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid,
+                                          expect_attempt=msg.attempt)
+            rec = moved or await self.tasks.store.get_task(msg.task_id)
+            if rec is not None and rec.node_id == nid and rec.attempt == msg.attempt and rec.state in (State.STARTING, State.RUNNING):
                 session.assigned[msg.task_id] = None
-            await self.tasks.move(msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid)
+            else:  # too late: the task went back to the queue (or elsewhere) meanwhile
+                await session.send(m.Cancel(task_id=msg.task_id, attempt=msg.attempt, reason="assignment expired"))
         elif isinstance(msg, m.Rejected):
             session.assigned.pop(msg.task_id, None)
             rec = await self.tasks.store.get_task(msg.task_id)
-            if rec is not None and rec.node_id == nid and rec.state == State.SCHEDULED:
+            if rec is not None and rec.node_id == nid and rec.attempt == msg.attempt and rec.state == State.SCHEDULED:
                 await self.tasks.requeue_or_fail(rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}")
         elif isinstance(msg, m.TaskBlob):
-            await self.tasks.record_blob(nid, msg)
+            key = (msg.task_id, msg.name)
+            if msg.offset == 0:
+                session.open_blobs[key] = msg.node_seq
+            if await self.tasks.record_blob(nid, msg) or msg.last:
+                session.open_blobs.pop(key, None)
             session.acked = max(session.acked, msg.node_seq)
         elif isinstance(msg, m.TaskResult):
             session.assigned.pop(msg.task_id, None)

@@ -23,6 +23,7 @@ class NodeSession:
     disconnected_at: float | None = None
     draining: bool = False
     acked: int = 0  # highest node_seq processed on this connection
+    open_blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # artifact -> node_seq of its first chunk
     # task_id -> acknowledgement deadline (None once accepted)
     assigned: dict[str, float | None] = field(default_factory=dict)
 

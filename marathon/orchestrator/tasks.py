@@ -148,6 +148,7 @@ class TaskService:
         changes: dict[str, Any] | None = None,
         expect: frozenset[State] | set[State] | None = None,
         expect_node: str | None = None,
+        expect_attempt: int | None = None,
     ) -> TaskRecord | None:
         """Move a task to ``target`` if the lifecycle allows it from its current state.
 
@@ -162,6 +163,8 @@ class TaskService:
             if expect is not None and State(rec.state) not in expect:
                 return None
             if expect_node is not None and rec.node_id != expect_node:
+                return None
+            if expect_attempt is not None and rec.attempt != expect_attempt:
                 return None
             try:
                 transition(rec.state, target)
@@ -215,26 +218,26 @@ class TaskService:
     async def record_events(self, node_id: str, msgs: list[m.TaskEvent]) -> None:
         """Persist a batch of events from one node, in order, idempotently (node_seq)."""
         batch: list[EventIn] = []
-        owners: dict[str, str] = {}
+        recs: dict[str, TaskRecord | None] = {}
         for msg in msgs:
+            if msg.task_id not in recs:
+                recs[msg.task_id] = await self.store.get_task(msg.task_id)
+            rec = recs[msg.task_id]
+            if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
+                continue  # from an attempt that is no longer the task's
             ev = msg.event
             if isinstance(ev, m.StateEvent) and ev.state == State.RUNNING:
                 await self._flush(batch)
                 batch = []
                 await self.move(
-                    msg.task_id, State.RUNNING, expect={State.STARTING}, expect_node=node_id,
+                    msg.task_id, State.RUNNING, expect={State.STARTING}, expect_node=node_id, expect_attempt=msg.attempt,
                     changes={"started_at": time.time(), "last_node_seq": msg.node_seq},
                 )
                 continue
             if isinstance(ev, m.StateEvent):
                 continue  # states are the orchestrator's to record
             if isinstance(ev, m.ApiRequestEvent):
-                if msg.task_id not in owners:
-                    rec = await self.store.get_task(msg.task_id)
-                    if rec is None:
-                        continue
-                    owners[msg.task_id] = rec.owner
-                ev, row = self.price(msg.task_id, owners[msg.task_id], ev)
+                ev, row = self.price(msg.task_id, rec.owner, ev)
                 batch.append(msgspec.structs.replace(
                     event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id), ledger=row))
                 continue
@@ -252,28 +255,35 @@ class TaskService:
         for task_id in {s.task_id for s in stored if s is not None}:
             await self.bus.notify(task_topic(task_id))
 
-    async def record_blob(self, node_id: str, msg: m.TaskBlob) -> None:
-        """Reassemble an artifact the node sends in chunks; stored whole when the last arrives."""
+    async def record_blob(self, node_id: str, msg: m.TaskBlob) -> bool:
+        """Reassemble an artifact the node sends in chunks; stored whole when the last arrives
+        (then True)."""
         key = (msg.task_id, msg.name)
+        if msg.name != "bundle":
+            log.warning("task %s: unexpected artifact %r from node %s", msg.task_id, msg.name[:40], node_id)
+            return False
         buf = self._blobs.get(key)
         if buf is None or msg.offset == 0:
             buf = self._blobs[key] = bytearray()
         if msg.offset != len(buf):
             if msg.offset < len(buf):
-                return  # a resend after a reconnect
+                return False  # a resend after a reconnect
             log.warning("task %s: %s chunk at %d, expected %d; dropping the artifact", msg.task_id, msg.name, msg.offset, len(buf))
             self._blobs.pop(key, None)
-            return
+            return False
         buf += msg.data
         if len(buf) > self.config.max_artifact:
             log.warning("task %s: %s is larger than max_artifact; dropped", msg.task_id, msg.name)
             self._blobs.pop(key, None)
-            return
-        if msg.last:
-            rec = await self.store.get_task(msg.task_id)
-            if rec is not None and rec.node_id == node_id:
-                await self.store.put_artifact(msg.task_id, msg.name, bytes(buf))
-            self._blobs.pop(key, None)
+            return False
+        if not msg.last:
+            return False
+        self._blobs.pop(key, None)
+        rec = await self.store.get_task(msg.task_id)
+        if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
+            return False
+        await self.store.put_artifact(msg.task_id, msg.name, bytes(buf))
+        return True
 
     async def record_outcome(self, node_id: str, msg: m.TaskResult) -> TaskRecord | None:
         out = msg.outcome
@@ -281,26 +291,29 @@ class TaskService:
             target = State(out.state)
         except ValueError:
             target, out = State.FAILED, msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}")
+        prev = await self.store.get_task(msg.task_id)
+        if prev is None or prev.node_id != node_id or prev.attempt != msg.attempt or State(prev.state) not in ACTIVE:
+            log.info("task %s: ignored outcome %s from node %s (attempt %d is not current)", msg.task_id, out.state, node_id, msg.attempt)
+            return None
         if out.diff:
             await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
         if out.memory is not None:
             await self.store.put_artifact(msg.task_id, "memory", out.memory.encode())
         usage, usd = await self.store.ledger_totals(msg.task_id)
-        prev = await self.store.get_task(msg.task_id)
         changes = {
             "usage": usage, "cost_usd": usd, "claude_usage": out.claude_usage,
             "exit_code": out.exit_code, "is_error": out.is_error, "diff_stat": out.diff_stat,
             "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq,
-            "num_turns": (prev.num_turns if prev else 0) + out.num_turns,
-            "compute_s": (prev.compute_s if prev else 0.0) + out.duration_s,
-            "iterations": out.iterations or (prev.iterations if prev else 0),
+            "num_turns": prev.num_turns + out.num_turns,
+            "compute_s": prev.compute_s + out.duration_s,
+            "iterations": out.iterations or prev.iterations,
             "reply": None, "pr_url": out.pr_url, "pr_error": out.pr_error,
         }
         if out.head:
             changes.update(commits=out.commits, head=out.head, branch=out.branch)
         rec = await self.move(
             msg.task_id, target, reason=out.reason, message=out.message, changes=changes,
-            expect=ACTIVE, expect_node=node_id,
+            expect=ACTIVE, expect_node=node_id, expect_attempt=msg.attempt,
         )
         if rec is None:
             log.info("task %s: ignored outcome %s from node %s (task no longer there)", msg.task_id, out.state, node_id)

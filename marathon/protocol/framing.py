@@ -53,32 +53,39 @@ def decode_frame(buf: bytes | bytearray, decoder: msgspec.msgpack.Decoder, *, ma
 
 
 class FramedStream(Generic[T]):
-    def __init__(self, stream: trio.abc.Stream, message_type: Any, *, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, stream: trio.abc.Stream, message_type: Any, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 send_timeout: float | None = None):
         self.stream = stream
         self.max_frame = max_frame
+        self.send_timeout = send_timeout  # a peer that stops reading for this long: TooSlowError
         self._decoder = msgspec.msgpack.Decoder(message_type)
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._eof = False
 
     async def send(self, msg: Any) -> None:
-        data = encode_frame(msg, max_frame=self.max_frame)
-        async with self._send_lock:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ConnectionClosed(f"peer closed the connection: {exc}") from None
+        await self._write(encode_frame(msg, max_frame=self.max_frame))
 
     async def send_many(self, msgs) -> None:
         """Several messages in one write (one syscall instead of one per message)."""
         data = b"".join(encode_frame(msg, max_frame=self.max_frame) for msg in msgs)
-        if not data:
-            return
+        if data:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         async with self._send_lock:
             try:
-                await self.stream.send_all(data)
+                if self.send_timeout is None:
+                    await self.stream.send_all(data)
+                else:
+                    with trio.fail_after(self.send_timeout):
+                        await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionClosed(f"peer closed the connection: {exc}") from None
+            except trio.TooSlowError:
+                # half a frame may be on the wire: this connection is unusable now
+                await trio.aclose_forcefully(self.stream)
+                raise ConnectionClosed(f"peer stopped reading for {self.send_timeout:.0f}s") from None
 
     async def receive(self) -> T:
         """Next message; raises ConnectionClosed at EOF, ProtocolError on bad input."""

@@ -243,17 +243,19 @@ class Authenticate(_Msg, tag="authenticate"):
     name: str
     mac: bytes
     capacity: Capacity
-    running: list[str] = []
+    running: dict[str, int] = {}  # task id -> attempt, for what the node runs or has results of
+    nonce: bytes = b""  # the node's challenge to the orchestrator (mutual authentication)
 
 
 class Welcome(_Msg, tag="welcome"):
     node_id: str
     heartbeat_interval: float
+    mac: bytes = b""  # the orchestrator's answer to the node's nonce
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
     capacity: Capacity
-    running: list[str] = []
+    running: dict[str, int] = {}
 
 
 class HeartbeatAck(_Msg, tag="heartbeat_ack"):
@@ -281,16 +283,19 @@ class AssignBlob(_Msg, tag="assign_blob"):
 
 class Accepted(_Msg, tag="accepted"):
     task_id: str
+    attempt: int = 0
 
 
 class Rejected(_Msg, tag="rejected"):
     task_id: str
     reason: str
+    attempt: int = 0
 
 
 class Cancel(_Msg, tag="cancel"):
     task_id: str
     reason: str = "cancelled"
+    attempt: int = 0  # 0: whatever attempt the node runs
 
 
 class Drain(_Msg, tag="drain"):
@@ -304,6 +309,7 @@ class TaskEvent(_Msg, tag="task_event"):
     task_id: str
     node_seq: int
     event: Event
+    attempt: int = 0
 
 
 class TaskBlob(_Msg, tag="task_blob"):
@@ -315,12 +321,14 @@ class TaskBlob(_Msg, tag="task_blob"):
     offset: int
     data: bytes
     last: bool = False
+    attempt: int = 0
 
 
 class TaskResult(_Msg, tag="task_result"):
     task_id: str
     node_seq: int
     outcome: TaskOutcome
+    attempt: int = 0
 
 
 GatewayMessage = Union[
