@@ -75,22 +75,15 @@ async def run_git(user: RunUser, workspace: str, *args: str, env: dict | None = 
     return res.stdout.decode(errors="replace")
 
 
-async def workspace_diff(user: RunUser, workspace: str, base: str) -> tuple[str, str]:
-    """The patch and diffstat of the workspace (committed or not, new files included) against ``base``.
-    Uses a throw-away index so the workspace's own index is untouched."""
-    index = os.path.join(user.home, "tmp", f"diff-index-{time.monotonic_ns()}")
-    env = {"GIT_INDEX_FILE": index}
-    try:
-        await run_git(user, workspace, "read-tree", base, env=env)
-        await run_git(user, workspace, "add", "-A", env=env)
-        patch = await run_git(user, workspace, "diff", "--cached", "--binary", base, env=env)
-        stat = await run_git(user, workspace, "diff", "--cached", "--stat", base, env=env)
-    finally:
-        try:
-            os.unlink(index)
-        except OSError:
-            pass
-    return patch, stat.strip()
+async def run_git_to_file(user: RunUser, workspace: str, path: str, *args: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        res = await trio.run_process(
+            ["git", "-C", workspace, *args], stdout=out, capture_stderr=True, check=False,
+            env=user.base_env(), **user.popen_kwargs,
+        )
+    if res.returncode != 0:
+        raise SandboxError(f"git {args[0]} failed: {res.stderr.decode(errors='replace').strip()[:500]}")
 
 
 def find_claude(configured: str = "") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -13,11 +14,12 @@ import msgspec
 import trio
 
 from marathon.agent import loop
-from marathon.agent.runner import RunUser, find_claude, make_run_user, run_claude, run_git
+from marathon.agent.runner import RunUser, find_claude, make_run_user, run_claude, run_git, run_git_to_file
 from marathon.errors import MarathonError, SandboxError
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
+DIFF_CAP = 4 * 1024 * 1024
 
 
 @dataclass
@@ -65,11 +67,16 @@ async def write_as(user: RunUser, path: str, text: str) -> None:
 
 
 def read_memory(ws: str) -> str | None:
+    """MEMORY.md, read by the (root) agent from a directory the sandbox user controls: never
+    through a symlink, only a regular file, only its first part."""
     try:
-        with open(os.path.join(ws, loop.MEMORY_FILE), errors="replace") as f:
-            return loop.cap_memory(f.read())
+        fd = os.open(os.path.join(ws, loop.MEMORY_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        return loop.cap_memory(f.read(loop.MEMORY_CAP + 1).decode(errors="replace"))
 
 
 async def commit_all(user: RunUser, ws: str, message: str) -> bool:
@@ -190,12 +197,14 @@ async def finish_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec, resul
     subject = (await run_git(user, ws, "log", "-1", "--format=%s", "HEAD")).strip()
     commits = int((await run_git(user, ws, "rev-list", "--count", f"{base}..HEAD")).strip() or 0)
     diff = await run_git(user, ws, "diff", "--binary", base, "HEAD")
+    if len(diff) > DIFF_CAP:  # the commits carry the whole work; the diff is for reading
+        diff = diff[:DIFF_CAP] + f"\n… diff truncated at {DIFF_CAP} bytes: `marathon fetch` has every commit\n"
     stat = (await run_git(user, ws, "diff", "--stat", base, "HEAD")).strip()
     has_bundle = False
     if commits:
-        tmp = os.path.join(user.home, "tmp", "result.bundle")
-        await run_git(user, ws, "bundle", "create", "--quiet", tmp, f"{base}..refs/heads/{spec.work_branch}")
-        os.replace(tmp, result_bundle)
+        # straight from git's stdout into our own file: no path the sandbox user could swap
+        await run_git_to_file(user, ws, result_bundle, "bundle", "create", "--quiet", "-",
+                              f"{base}..refs/heads/{spec.work_branch}")
         has_bundle = True
     return {"diff": diff, "diff_stat": stat, "commits": commits, "head": head, "head_subject": subject,
             "branch": spec.work_branch, "has_bundle": has_bundle}

@@ -176,7 +176,8 @@ class ProcessBackend:
 
     async def create(self, task_id: str, workspace_host: str, run_dir: str) -> ProcessSandbox:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
-        log_path = os.path.join(run_dir, "agent.log")
+        # the log stays outside what the sandbox can write (run_dir is bound into it)
+        log_path = os.path.join(os.path.dirname(os.path.abspath(run_dir)), f"{os.path.basename(run_dir)}-agent.log")
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "LANG": "C.UTF-8",
