@@ -98,7 +98,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # metering and access
     prices: dict[str, Price] = {}  # model pattern -> USD per million tokens (marathon.toml [prices."pattern"])
     price_fallback: Price = DEFAULT_FALLBACK
-    allow_registration: bool = True
+    allow_registration: bool = False  # open sign-up; otherwise the first account, then administrators register users
     session_ttl: float = 30 * 86400.0
     submit_rate: float = 60.0  # task submissions per minute per user (token bucket)
     submit_burst: int = 20

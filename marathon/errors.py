@@ -37,6 +37,10 @@ class AuthError(MarathonError):
     code = "unauthorized"
 
 
+class Forbidden(MarathonError):
+    code = "forbidden"
+
+
 class NotFound(MarathonError):
     code = "not_found"
 

@@ -29,7 +29,7 @@ async def register_and_login(mt, email, password="correct horse battery"):
 
 async def test_auth_ownership_keys_and_errors():
     tmp = scratch_dir()
-    config = marathon_config(os.path.join(tmp, "data"))
+    config = marathon_config(os.path.join(tmp, "data"), allow_registration=True)
     async with run_marathon(config, role="orchestrator") as mt:
         alice = await register_and_login(mt, "alice@example.com")
         bob = await register_and_login(mt, "bob@example.com")
@@ -68,7 +68,13 @@ async def test_auth_ownership_keys_and_errors():
             assert task["id"] in [t["id"] for t in (await mt.client.get("/v1/tasks")).json()["tasks"]]
             assert (await mt.client.get(f"/v1/tasks/{task['id']}")).status_code == 200
             # only admins can ask for someone else's usage
-            assert (await b.get("/v1/usage", params={"user": "alice@example.com"})).status_code == 401
+            assert (await b.get("/v1/usage", params={"user": "alice@example.com"})).status_code == 403
+            # a local path runs on the node's disk: administrators only
+            r = await a.post("/v1/tasks", json={"prompt": "x", "repo": "/etc"})
+            assert r.status_code == 403 and "administrators" in r.json()["error"]["message"]
+            r = await a.post("/v1/tasks", json={"prompt": "x", "repo": "file:///srv/repo"})
+            assert r.status_code == 403
+            assert (await a.post("/v1/tasks", json={"prompt": "x", "repo": "acme/api"})).status_code == 201
             assert (await mt.client.get("/v1/usage", params={"user": "alice@example.com"})).status_code == 200
 
             # API keys: shown once, listed by prefix, revoked -> 401
@@ -90,9 +96,24 @@ async def test_auth_ownership_keys_and_errors():
             assert (await b.get("/v1/tasks")).status_code == 401
 
 
+async def test_closed_registration_only_administrators_add_users():
+    tmp = scratch_dir()
+    config = marathon_config(os.path.join(tmp, "data"))  # registration closed: the default
+    async with run_marathon(config, role="orchestrator") as mt:
+        async with await api(mt) as anon:
+            r = await anon.post("/v1/auth/register", json={"email": "eve@example.com", "password": "long enough pw"})
+            assert r.status_code == 403 and "closed" in r.json()["error"]["message"]
+        r = await mt.client.post("/v1/auth/register", json={"email": "eve@example.com", "password": "long enough pw"})
+        assert r.status_code == 201 and r.json()["admin"] is False
+        token = (await (await api(mt)).post("/v1/auth/login", json={"email": "eve@example.com", "password": "long enough pw"})).json()["token"]
+        async with await api(mt, token) as eve:
+            r = await eve.post("/v1/auth/register", json={"email": "mallory@example.com", "password": "long enough pw"})
+            assert r.status_code == 403
+
+
 async def test_submission_rate_limit_answers_429_with_retry_after():
     tmp = scratch_dir()
-    config = marathon_config(os.path.join(tmp, "data"), submit_rate=1.0, submit_burst=3)
+    config = marathon_config(os.path.join(tmp, "data"), submit_rate=1.0, submit_burst=3, allow_registration=True)
     async with run_marathon(config, role="orchestrator") as mt:
         codes = []
         for _ in range(4):
@@ -109,7 +130,7 @@ async def test_submission_rate_limit_answers_429_with_retry_after():
 
 async def test_cli_register_login_whoami_keys_logout():
     tmp = scratch_dir()
-    config = marathon_config(os.path.join(tmp, "data"))
+    config = marathon_config(os.path.join(tmp, "data"), allow_registration=True)
     async with run_marathon(config, role="orchestrator") as mt:
         env = {**os.environ, "MARATHON_URL": mt.url, "XDG_CONFIG_HOME": os.path.join(tmp, "cfg")}
 

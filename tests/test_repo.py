@@ -121,6 +121,10 @@ async def test_repo_sources_mirror_cache_fetch_and_keep_workspace():
             kept = os.path.join(config.data_dir, "sandboxes", t3["id"], "workspace")
             assert os.path.exists(os.path.join(kept, "out.txt"))
             assert not os.path.exists(os.path.join(config.data_dir, "sandboxes", t1["id"]))
+            # the node's own state (other tasks' mirrors and workspaces) is never a repository, even for an admin
+            mirror = os.path.join(config.data_dir, "mirrors", os.listdir(os.path.join(config.data_dir, "mirrors"))[0])
+            t5 = await mt.finish((await mt.submit("steal", repo=f"file://{mirror}"))["id"])
+            assert t5["state"] == "failed" and "node's own state" in t5["message"]
             # a missing branch is a clear failure
             t4 = await mt.finish((await mt.submit("d", repo=src, branch="nope"))["id"])
             assert t4["state"] == "failed" and t4["reason"] == "repo_error" and "'nope' does not exist" in t4["message"]

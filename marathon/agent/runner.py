@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 

@@ -34,9 +34,17 @@ class RepoRef:
     github: tuple[str, str] | None = None  # (owner, name) when the repository lives on the GitHub host
 
 
-def resolve_repo(repo: str, github_url: str = "https://github.com") -> RepoRef:
-    """A URL, ``owner/name`` on the GitHub host, or a local path."""
+def resolve_repo(repo: str, github_url: str = "https://github.com", *, private: tuple[str, ...] = ()) -> RepoRef:
+    """A URL, ``owner/name`` on the GitHub host, or a local path — never one inside ``private``
+    (the node's own state: other tasks' mirrors and workspaces)."""
     gh = github_url.rstrip("/")
+    local = repo[len("file://"):] if repo.startswith("file://") else None if _URLISH.match(repo) else repo
+    if local is not None and not (_OWNER_NAME.match(repo) and not os.path.exists(repo) and not repo.startswith(".")):
+        real = os.path.realpath(os.path.expanduser(local))
+        for p in private:
+            root = os.path.realpath(p)
+            if real == root or real.startswith(root.rstrip("/") + "/"):
+                raise RepoError(f"repository {repo!r} is inside the node's own state; refused")
     if _URLISH.match(repo):
         if repo.startswith(gh + "/"):
             m = _OWNER_NAME.match(repo[len(gh) + 1:])

@@ -17,7 +17,7 @@ async def open_pull_request(
 ) -> str:
     """POST /repos/{owner}/{repo}/pulls; returns the PR's html_url."""
     if not token:
-        raise GitHubError("no GitHub token: set one with `marathon github-token` (or MARATHON_GITHUB_TOKEN on the node)")
+        raise GitHubError("no GitHub token: set yours with `marathon github-token`")
     headers = {
         "Authorization": f"Bearer {token}",
         "Accept": "application/vnd.github+json",

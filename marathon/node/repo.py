@@ -30,7 +30,7 @@ async def prepare(spec: m.TaskSpec, config: Config, cache: MirrorCache, root: st
     if not spec.repo:
         base, branch = await empty_repo_bundle(os.path.join(root, "empty.git"), bundle)
         return Prepared(bundle, branch, base, None, None, False)
-    ref = resolve_repo(spec.repo, config.github_url)
+    ref = resolve_repo(spec.repo, config.github_url, private=(config.data_dir,))
     mirror, cached = await cache.ensure(ref.url, token=token)
     branch = spec.branch or await default_branch(mirror)
     base = await make_bundle(mirror, branch, bundle, resume=resume_bundle, work_branch=spec.work_branch)

@@ -14,7 +14,7 @@ from quart_trio import QuartTrio
 
 from marathon import __version__
 from marathon.bus import Bus
-from marathon.errors import AuthError, Conflict, InvalidRequest, MarathonError, NotFound, RateLimited, StoreError
+from marathon.errors import AuthError, Conflict, Forbidden, InvalidRequest, MarathonError, NotFound, RateLimited, StoreError
 from marathon.bus.ratelimit import RateLimiter
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.lifecycle import State, is_terminal
@@ -28,7 +28,7 @@ log = logging.getLogger("marathon.api")
 MAX_BODY = 1024 * 1024
 _json = msgspec.json.Encoder()
 
-STATUS = {AuthError: 401, NotFound: 404, InvalidRequest: 400, Conflict: 409, RateLimited: 429, StoreError: 503}
+STATUS = {AuthError: 401, Forbidden: 403, NotFound: 404, InvalidRequest: 400, Conflict: 409, RateLimited: 429, StoreError: 503}
 
 
 @dataclass
@@ -132,7 +132,7 @@ def create_app(ctx: ApiContext) -> QuartTrio:
                 "no Anthropic API key is configured: set MARATHON_ANTHROPIC_API_KEY for the node "
                 "(environment, .env or marathon.toml) and restart it"
             )
-        rec = await ctx.tasks.submit(p.user, req)
+        rec = await ctx.tasks.submit(p.user, req, admin=p.admin)
         return json_response(task_json(rec), 201)
 
     @app.get("/v1/tasks")

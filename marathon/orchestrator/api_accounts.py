@@ -8,7 +8,7 @@ import time
 import msgspec
 from quart import request
 
-from marathon.errors import AuthError, InvalidRequest, NotFound
+from marathon.errors import AuthError, Forbidden, InvalidRequest, NotFound
 from marathon.store.models import UsageBucket
 
 
@@ -55,7 +55,10 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
     @app.post("/v1/auth/register")
     async def register():
         body = await body_as(Credentials)
-        user = await accounts.register(body.email, body.password)
+        by_admin = False
+        if request.headers.get("Authorization"):
+            by_admin = (await principal()).admin
+        user = await accounts.register(body.email, body.password, by_admin=by_admin)
         return json_response(_user_json(user), 201)
 
     @app.post("/v1/auth/login")
@@ -119,7 +122,7 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
         user_id: str | None = p.user
         if who:
             if not p.admin:
-                raise AuthError("only an administrator can see another user's usage")
+                raise Forbidden("only an administrator can see another user's usage")
             if who == "*":
                 user_id = None
             else:
@@ -128,7 +131,7 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
                     raise NotFound(f"no user {who!r}")
                 user_id = u.id
         if by == "user" and not p.admin:
-            raise AuthError("only an administrator can break usage down by user")
+            raise Forbidden("only an administrator can break usage down by user")
         rows = await ctx.tasks.store.usage_summary(user_id=user_id, since=since, by=by)
         total = UsageBucket(key="total")
         for r in rows:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from marathon.errors import AuthError, Conflict, InvalidRequest, NotFound
+from marathon.errors import AuthError, Conflict, Forbidden, InvalidRequest, NotFound
 from marathon.store.models import ApiKey, Session, User
 
 log = logging.getLogger("marathon.auth")
@@ -46,18 +46,20 @@ class Accounts:
         self.session_ttl = session_ttl
         self.allow_registration = allow_registration
 
-    async def register(self, email: str, password: str, *, admin: bool | None = None) -> User:
+    async def register(self, email: str, password: str, *, by_admin: bool = False, admin: bool = False) -> User:
+        """Open registration, or (when closed) by an administrator.  The first account on an
+        orchestrator administers it — decided inside the store's transaction, so two
+        simultaneous first registrations cannot both become administrators."""
         email = _check_email(email)
         if len(password) < 8:
             raise InvalidRequest("the password must be at least 8 characters")
-        if admin is None:
-            if not self.allow_registration and await self.store.count_users() > 0:
-                raise AuthError("registration is closed on this orchestrator")
-            admin = await self.store.count_users() == 0  # the first user administers
+        if not (self.allow_registration or by_admin or admin) and await self.store.count_users() > 0:
+            raise Forbidden("registration is closed on this orchestrator: an administrator registers users")
         import trio
 
         pw_hash = await trio.to_thread.run_sync(_hasher.hash, password)
-        return await self.store.create_user(User(id="u_" + uuid.uuid4().hex[:12], email=email, password_hash=pw_hash, admin=admin))
+        user = User(id="u_" + uuid.uuid4().hex[:12], email=email, password_hash=pw_hash, admin=admin)
+        return await self.store.create_user(user, admin_if_first=True)
 
     async def login(self, email: str, password: str) -> tuple[str, Session, User]:
         import trio

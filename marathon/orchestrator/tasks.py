@@ -16,7 +16,7 @@ import msgspec
 
 from marathon.bus import Bus
 from marathon.config import Config
-from marathon.errors import Conflict, IllegalTransition, InvalidRequest, NotFound
+from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound
 from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, transition
 from marathon.protocol import messages as m
 from marathon.pricing import cost, merged_table, price_for
@@ -36,6 +36,15 @@ def task_topic(task_id: str) -> str:
 
 def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_id: str | None = None) -> EventIn:
     return EventIn(task_id, type(event).__struct_config__.tag, _json.encode(event), node_seq, node_id)
+
+
+def is_local_repo(repo: str) -> bool:
+    """A path on the node (or a file:// URL), as opposed to a remote or GitHub's owner/name."""
+    if repo.startswith("file://"):
+        return True
+    if re.match(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:", repo):
+        return False
+    return not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith(".")
 
 
 def new_task_id() -> str:
@@ -64,6 +73,8 @@ def validate_request(req: TaskRequest) -> TaskRequest:
         raise InvalidRequest("promise must be one line of text without '<'")
     if req.verify is not None and not req.verify.strip():
         raise InvalidRequest("verify must be a command")
+    if req.verify_timeout is not None and not 1 <= req.verify_timeout <= 86400:
+        raise InvalidRequest("verify_timeout must be between 1 second and a day")
     if req.branch_name is not None and not _BRANCH.match(req.branch_name):
         raise InvalidRequest(f"bad branch name {req.branch_name!r}")
     if req.pr and not req.repo:
@@ -130,8 +141,10 @@ class TaskService:
 
     # ------------------------------------------------------------------ writes
 
-    async def submit(self, owner: str, req: TaskRequest) -> TaskRecord:
+    async def submit(self, owner: str, req: TaskRequest, *, admin: bool = False) -> TaskRecord:
         validate_request(req)
+        if req.repo and is_local_repo(req.repo) and not admin:
+            raise Forbidden("local paths and file:// repositories are for administrators; use a URL or owner/name")
         rec = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=req)
         rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
         log.info("task %s queued by %s", rec.id, owner)

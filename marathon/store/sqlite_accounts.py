@@ -49,10 +49,12 @@ _GROUPS = {
 class AccountsMixin:
     # ------------------------------------------------------------------ users
 
-    async def create_user(self, user: User) -> User:
+    async def create_user(self, user: User, *, admin_if_first: bool = False) -> User:
         user.created_at = user.created_at or time.time()
 
         def fn(conn):
+            if admin_if_first and conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0:
+                user.admin = True
             try:
                 conn.execute("INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?)",
                              (user.id, user.email, user.password_hash, int(user.admin), user.created_at))
