@@ -192,17 +192,21 @@ def _looks_local(repo: str) -> bool:
 def _follow(client, task_id: str, *, cancel_on_interrupt: bool, summary: bool, after: int = 0) -> int:
     from marathon.cli.client import ApiError
 
+    seen = after
     try:
         try:
             for ev in client.events(task_id, after=after):
+                seen = ev.id
                 line = render.event_line(ev.kind, ev.data)
                 if line:
                     print(line, flush=True)
+                if ev.kind == "state" and ev.data.get("state") == "needs_input":
+                    break  # the task waits for `marathon reply`: nothing more will come until then
         except KeyboardInterrupt:
             if cancel_on_interrupt or _ask_cancel():
                 client.post(f"/v1/tasks/{task_id}/cancel")
                 print(f"\ncancelling task {task_id}", file=sys.stderr)
-                return _follow(client, task_id, cancel_on_interrupt=True, summary=summary)
+                return _follow(client, task_id, cancel_on_interrupt=True, summary=summary, after=seen)
             print(f"\ndetached; follow again with: marathon logs -f {task_id}", file=sys.stderr)
             return 130
         task = client.get(f"/v1/tasks/{task_id}")

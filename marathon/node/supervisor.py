@@ -152,7 +152,7 @@ async def supervise(
             if fs is not None:
                 await fs.aclose()
             return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
-        outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle)
+        outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle, config.max_artifact)
         await sandbox.destroy()
         outcome = await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
         keep = spec.keep_workspace
@@ -208,9 +208,10 @@ def _stop_scope(handle: TaskHandle):
 
 
 async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: MeteringProxy,
-                 emit, deadline: float, t0: float, prep: Prepared, result_bundle: str) -> m.TaskOutcome:
+                 emit, deadline: float, t0: float, prep: Prepared, result_bundle: str,
+                 max_artifact: int) -> m.TaskOutcome:
     spec = handle.spec
-    result = BlobWriter(result_bundle)
+    result = BlobWriter(result_bundle, limit=max_artifact)
 
     prices, fallback = spec.prices, spec.price_fallback or DEFAULT_FALLBACK
 
@@ -271,7 +272,11 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                         continue  # metering is the proxy's and states the orchestrator's: not the sandbox's to say
                     emit(ev)
                 elif isinstance(msg, m.Blob) and msg.name == "result":
-                    result.add(msg.offset, msg.data, msg.last)
+                    try:
+                        result.add(msg.offset, msg.data, msg.last)
+                    except ProtocolError as exc:  # too large, or out of order: the task goes on without it
+                        log.warning("task %s: result bundle refused: %s", spec.task_id, exc)
+                        result.refused = result.refused or str(exc)
                 elif isinstance(msg, (m.TunnelOpen, m.TunnelData, m.TunnelAck, m.TunnelClose)):
                     stream = mux.feed(msg)
                     if stream is not None:
@@ -309,7 +314,8 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
     finally:
         await fs.aclose()
     if outcome is not None and outcome.has_bundle and not result.done:
-        outcome = msgspec.structs.replace(outcome, has_bundle=False, message=(outcome.message or "") + " (result bundle incomplete)")
+        why = result.refused or "incomplete"
+        outcome = msgspec.structs.replace(outcome, has_bundle=False, message=f"{outcome.message or ''} (result bundle {why})".strip())
     if handle.stop.is_set():
         reason = handle.stop_reason or "timeout"
         message = handle.budget_message or f"stopped: {reason}"

@@ -31,18 +31,24 @@ class BlobWriter:
         self.path = path
         self.size = 0
         self.done = False
+        self.refused = ""
         self.limit = limit
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.close(fd)
 
     def add(self, offset: int, data: bytes, last: bool) -> bool:
         """Returns True once the last chunk is in."""
+        if self.refused:
+            return False
         if self.done or offset < self.size:
             return self.done  # a duplicate
         if offset != self.size:
             raise ProtocolError(f"{os.path.basename(self.path)}: chunk at {offset}, expected {self.size}")
         if self.size + len(data) > self.limit:
-            raise ProtocolError(f"{os.path.basename(self.path)}: larger than {self.limit} bytes")
+            self.refused = f"larger than {self.limit} bytes"
+            with open(self.path, "wb"):
+                pass
+            raise ProtocolError(f"{os.path.basename(self.path)}: {self.refused}")
         with open(self.path, "ab") as f:
             f.write(data)
         self.size += len(data)

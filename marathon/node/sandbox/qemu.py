@@ -179,8 +179,10 @@ class QemuBackend:
 
     def argv(self, run_dir: str, disk: str, port: int, *, incoming: str | None = None) -> list[str]:
         accel = "tcg,thread=multi,tb-size=256" if self.accel == "tcg" else "kvm"
+        # a VM never outlives its node: killed with it even when the node dies hard
+        death = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
         argv = [
-            self.qemu, "-name", f"marathon-vm,debug-threads=off",
+            *death, self.qemu, "-name", "marathon-vm,debug-threads=off",
             "-M", MACHINE, "-accel", accel, "-cpu", "max" if self.accel == "tcg" else "host",
             "-smp", str(self.vcpus), "-m", str(self.mem_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
