@@ -179,10 +179,10 @@ class QemuBackend:
 
     def argv(self, run_dir: str, disk: str, port: int, *, incoming: str | None = None) -> list[str]:
         accel = "tcg,thread=multi,tb-size=256" if self.accel == "tcg" else "kvm"
-        # a VM never outlives its node: killed with it even when the node dies hard
-        death = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        # (no PR_SET_PDEATHSIG: trio spawns from a worker thread, whose exit would kill the VM;
+        # a VM orphaned by a node that died hard is reaped when the node starts again)
         argv = [
-            *death, self.qemu, "-name", "marathon-vm,debug-threads=off",
+            self.qemu, "-name", "marathon-vm,debug-threads=off",
             "-M", MACHINE, "-accel", accel, "-cpu", "max" if self.accel == "tcg" else "host",
             "-smp", str(self.vcpus), "-m", str(self.mem_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
