@@ -11,7 +11,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
 from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.tasks import TaskService
@@ -51,7 +51,10 @@ class Gateway:
         session: NodeSession | None = None
         try:
             session = await self._handshake(fs, peer)
-            await self._loop(fs, session)
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(session.write_queued)
+                    await self._loop(fs, session)
         except AuthError as exc:
             log.warning("node from %s refused: %s", peer, exc)
             await fs.send_error(AuthError.code, str(exc))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import trio
+
+from marathon.errors import ConnectionClosed
 from marathon.orchestrator.scheduler import NodeView
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
@@ -26,15 +29,35 @@ class NodeSession:
     open_blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # artifact -> node_seq of its first chunk
     # task_id -> acknowledgement deadline (None once accepted)
     assigned: dict[str, float | None] = field(default_factory=dict)
+    # what we send goes through a queue and one writer per connection: a node that stops
+    # reading never blocks the scheduler or another node's session
+    queue_size: int = 10_000
+    _out: tuple | None = None
+
+    def __post_init__(self) -> None:
+        self._out = trio.open_memory_channel(self.queue_size)
 
     async def send(self, msg) -> bool:
+        """Queue ``msg`` for the node; False when it is not connected or not keeping up
+        (then its connection is dropped: it reconnects and is reconciled)."""
         if not self.connected or self.stream is None:
             return False
         try:
-            await self.stream.send(msg)
-        except Exception:
+            self._out[0].send_nowait(msg)
+        except trio.WouldBlock:
+            self.connected = False
+            self._out[0].close()
+            return False
+        except trio.ClosedResourceError:
             return False
         return True
+
+    async def write_queued(self) -> None:
+        """The connection's writer: runs beside its reader until either ends."""
+        async with self._out[1]:
+            async for msg in self._out[1]:
+                await self.stream.send(msg)
+        raise ConnectionClosed("the node was not reading: its queue overflowed")
 
     def view(self) -> NodeView:
         active = max(self.capacity.active, len(self.assigned))
