@@ -65,6 +65,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gateway_listen: str = "tcp:127.0.0.1:8601"
     store: str = "sqlite"  # sqlite | sqlite:///path | postgresql://...
     node_secret: str = ""
+    gateway_tls_cert: str = ""  # with gateway_listen = tls:HOST:PORT
+    gateway_tls_key: str = ""
+    orchestrator_ca: str = ""  # node: CA file the orchestrator's certificate must chain to (default: the system's)
     heartbeat_interval: float = 2.0
     node_timeout: float = 10.0  # no heartbeat for this long: the node is lost
     node_grace: float = 10.0  # a lost node's tasks wait this long for it to come back

@@ -115,8 +115,9 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
             from marathon.orchestrator.service import load_node_secret
 
             node_config = config
-            if info is not None:
-                node_config = msgspec.structs.replace(config, orchestrator=info.gateway)
+            if info is not None:  # in one process the node trusts its own orchestrator's certificate
+                node_config = msgspec.structs.replace(
+                    config, orchestrator=info.gateway, orchestrator_ca=config.orchestrator_ca or config.gateway_tls_cert)
             if info is not None:
                 secret = info.node_secret
             elif config.node_secret:

@@ -34,7 +34,7 @@ from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import node_mac, orchestrator_mac
 from marathon.protocol.blobs import BlobWriter
-from marathon.protocol.transports import open_stream
+from marathon.protocol.transports import client_tls, open_stream
 
 log = logging.getLogger("marathon.node")
 OUTBOX_LIMIT = 200_000
@@ -126,8 +126,9 @@ class NodeService:
             backoff = min(backoff * 2, 5.0)
 
     async def _session(self) -> None:
+        tls = client_tls(self.config.orchestrator_ca) if self.config.orchestrator.startswith("tls:") else None
         with trio.fail_after(self.config.connect_timeout):
-            stream = await open_stream(self.config.orchestrator)
+            stream = await open_stream(self.config.orchestrator, tls=tls)
         fs = FramedStream(stream, m.GatewayMessage, send_timeout=SEND_TIMEOUT)
         try:
             await fs.handshake("node", __version__, initiator=True, timeout=self.config.connect_timeout)

@@ -18,13 +18,14 @@ from marathon.orchestrator.tasks import TaskService
 from marathon.protocol import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import orchestrator_mac, verify_node_mac
-from marathon.protocol.transports import listener_address, open_listeners
+from marathon.protocol.transports import listener_address, open_listeners, server_tls
 
 log = logging.getLogger("marathon.gateway")
 SEND_TIMEOUT = 60.0  # a node that reads nothing for this long is dropped (it reconnects)
 
 
 def _peer(stream) -> str:
+    stream = getattr(stream, "transport_stream", stream)  # under TLS
     try:
         addr = stream.socket.getpeername()
         return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr or "local")
@@ -38,7 +39,10 @@ class Gateway:
         self.cancel_deadlines: dict[str, float] = {}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await open_listeners(self.config.gateway_listen)
+        tls = None
+        if self.config.gateway_listen.startswith("tls:"):
+            tls = server_tls(self.config.gateway_tls_cert, self.config.gateway_tls_key)
+        listeners = await open_listeners(self.config.gateway_listen, tls=tls)
         addrs = [listener_address(lis) for lis in listeners]
         log.info("node gateway listening on %s", ", ".join(addrs))
         async with trio.open_nursery() as nursery:

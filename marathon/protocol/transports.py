@@ -1,6 +1,7 @@
 """How a byte stream is opened.  Addresses are strings:
 
     tcp:HOST:PORT      TCP
+    tls:HOST:PORT      TCP with TLS (the node <-> orchestrator gateway across networks)
     unix:/path         Unix domain socket
     vsock:CID:PORT     AF_VSOCK (inside a guest)
     fcvsock:/uds:PORT  Firecracker's hybrid vsock from the host (CONNECT <port>\\n -> OK <n>\\n)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 
 import trio
@@ -39,9 +41,9 @@ def parse_address(text: str) -> Address:
     try:
         if kind == "unix" and rest:
             return Address("unix", path=rest)
-        if kind == "tcp":
+        if kind in ("tcp", "tls"):
             host, _, port = rest.rpartition(":")
-            return Address("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
+            return Address(kind, host=host.strip("[]") or "127.0.0.1", port=int(port))
         if kind == "vsock":
             cid, _, port = rest.partition(":")
             return Address("vsock", host=cid, port=int(port))
@@ -50,13 +52,44 @@ def parse_address(text: str) -> Address:
             return Address("fcvsock", path=path, port=int(port))
     except ValueError:
         pass
-    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT, unix:/PATH, vsock:CID:PORT or fcvsock:/PATH:PORT")
+    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT, tls:HOST:PORT, unix:/PATH, vsock:CID:PORT or fcvsock:/PATH:PORT")
 
 
-async def open_stream(address: str | Address) -> trio.abc.Stream:
+def client_tls(cafile: str = "") -> ssl.SSLContext:
+    """Verify the server against ``cafile`` (or the system's CAs)."""
+    ctx = ssl.create_default_context(cafile=cafile or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_tls(certfile: str, keyfile: str) -> ssl.SSLContext:
+    if not certfile or not keyfile:
+        raise ConfigError("a tls: listener needs a certificate and a key (gateway_tls_cert, gateway_tls_key)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {certfile}: {exc}") from None
+    return ctx
+
+
+async def open_stream(address: str | Address, *, tls: ssl.SSLContext | None = None) -> trio.abc.Stream:
     addr = parse_address(address) if isinstance(address, str) else address
     if addr.kind == "tcp":
         return await trio.open_tcp_stream(addr.host, addr.port)
+    if addr.kind == "tls":
+        stream = await trio.open_tcp_stream(addr.host, addr.port)
+        ssl_stream = trio.SSLStream(stream, tls or client_tls(), server_hostname=addr.host)
+        try:
+            await ssl_stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(stream)
+            raise ProtocolError(f"TLS handshake with {addr} failed: {exc.__cause__ or exc}") from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return ssl_stream
     if addr.kind == "unix":
         return await trio.open_unix_socket(addr.path)
     if addr.kind == "vsock":
@@ -88,10 +121,14 @@ async def open_stream(address: str | Address) -> trio.abc.Stream:
     raise ConfigError(f"cannot dial {addr}")
 
 
-async def open_listeners(address: str | Address, *, mode: int = 0o600) -> list[trio.SocketListener]:
+async def open_listeners(address: str | Address, *, mode: int = 0o600, tls: ssl.SSLContext | None = None) -> list:
     addr = parse_address(address) if isinstance(address, str) else address
     if addr.kind == "tcp":
         return await trio.open_tcp_listeners(addr.port, host=addr.host)
+    if addr.kind == "tls":
+        if tls is None:
+            raise ConfigError(f"{addr} needs a TLS certificate")
+        return [trio.SSLListener(lis, tls) for lis in await trio.open_tcp_listeners(addr.port, host=addr.host)]
     if addr.kind in ("unix", "fcvsock"):
         try:
             os.unlink(addr.path)
@@ -118,8 +155,10 @@ async def open_listeners(address: str | Address, *, mode: int = 0o600) -> list[t
     raise ConfigError(f"cannot listen on {addr}")
 
 
-def listener_address(listener: trio.SocketListener) -> str:
+def listener_address(listener) -> str:
     """The address a listener ended up bound to (useful with port 0)."""
+    if isinstance(listener, trio.SSLListener):
+        return "tls:" + listener_address(listener.transport_listener).split(":", 1)[1]
     sock = listener.socket
     if sock.family == socket.AF_UNIX:
         return f"unix:{sock.getsockname()}"
