@@ -160,3 +160,26 @@ async def test_cli_register_login_whoami_keys_logout():
         r = await trio.run_process([sys.executable, "-m", "marathon", "whoami"], env={**env, "MARATHON_TOKEN": key},
                                    capture_stdout=True, check=False)
         assert r.returncode == 0 and b"erin@example.com" in r.stdout
+
+
+async def test_task_list_filters_by_state_and_pages_with_a_cursor():
+    tmp = scratch_dir()
+    config = marathon_config(os.path.join(tmp, "data"), submit_burst=50)
+    async with run_marathon(config, role="orchestrator") as mt:  # no node: tasks stay queued
+        ids = [(await mt.submit(f"task {i}"))["id"] for i in range(7)]
+        await mt.client.post(f"/v1/tasks/{ids[0]}/cancel")
+        seen, cursor = [], None
+        while True:
+            page = (await mt.client.get("/v1/tasks", params={"limit": 3, **({"cursor": cursor} if cursor else {})})).json()
+            seen += [t["id"] for t in page["tasks"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert seen == ids[::-1]  # newest first, each exactly once
+        queued = (await mt.client.get("/v1/tasks", params={"state": "queued"})).json()["tasks"]
+        assert [t["id"] for t in queued] == ids[:0:-1]
+        both = (await mt.client.get("/v1/tasks", params={"state": "queued,cancelled", "limit": 100})).json()["tasks"]
+        assert len(both) == 7
+        spec = (await mt.client.get("/v1/openapi.json")).json()
+        assert spec["openapi"].startswith("3.") and "/v1/tasks/{task_id}/events" in spec["paths"]
+        assert "TaskRequest" in spec["components"]["schemas"]
