@@ -37,7 +37,7 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them with apt-get)"; exit 1; fi; fi
 
-test: MARATHON_BIN = dist/marathon
+test: MARATHON_BIN = dist/marathon-dir
 test: system-deps venv claude-code build firecracker image image-prune
 	MARATHON_CLAUDE_BIN=$(abspath $(CLAUDE_BIN)) $(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -23,7 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image_common as common  # noqa: E402
 from image_common import REPO, log, rmtree, sha256_file  # noqa: E402
 from image_kernel import build_kernel  # noqa: E402
-from image_rootfs import build_rootfs  # noqa: E402
+from image_rootfs import AGENT_DIR_EXE, build_rootfs  # noqa: E402
+
+
+def sha256_tree(root: Path) -> str:
+    """One digest for a directory: every file's relative path and content, in order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update((os.readlink(path).encode() if path.is_symlink() else sha256_file(path).encode()) + b"\n")
+    return h.hexdigest()
 
 FORMAT = 1
 ARTEFACTS = ("vmlinux", "vmlinuz", "initramfs.cpio.gz", "rootfs.ext4")
@@ -48,7 +57,7 @@ def input_hash(marathon_bin: Path, claude_bin: Path, claude_sha: str, headroom_m
                                                   "KERNEL_DEB_SHA256", "ROOTFS_PACKAGES", "CLAUDE_CODE_VERSION",
                                                   "AGENT_UID", "SOURCE_DATE_EPOCH", "ROOTFS_UUID")},
         "claude_sha256": claude_sha,
-        "marathon_sha256": sha256_file(marathon_bin),
+        "marathon_sha256": sha256_tree(marathon_bin) if marathon_bin.is_dir() else sha256_file(marathon_bin),
         "marathon_placeholder": marathon_bin.resolve() == PLACEHOLDER.resolve(),
         "headroom_mb": headroom_mb,
         "host": {
@@ -89,6 +98,8 @@ def main() -> int:
     marathon_bin = Path(args.marathon_bin).resolve() if args.marathon_bin else PLACEHOLDER
     claude_bin = Path(args.claude_bin).resolve()
     for what, path in (("marathon", marathon_bin), ("claude", claude_bin)):
+        if what == "marathon" and path.is_dir():  # a one-folder build
+            path = path / AGENT_DIR_EXE
         if not path.is_file() or not os.access(path, os.X_OK):
             hint = " (run `make claude-code`)" if what == "claude" else ""
             sys.exit(f"{what} executable not found: {path}{hint}")

@@ -1,5 +1,7 @@
 # Guest image for the microVM sandboxes (included by the Makefile).
-#   make image [MARATHON_BIN=dist/marathon]   build (or reuse) .cache/image/<hash>/, link .cache/image/current
+#   make image [MARATHON_BIN=dist/marathon-dir]   build (or reuse) .cache/image/<hash>/, link .cache/image/current
+#                                              (dist/marathon-dir: the one-folder build, fastest to start in a guest;
+#                                               dist/marathon, the one-file executable, works too)
 #   make image-check                           boot it in QEMU TCG microvm, time boot->agent and snapshot/restore
 #   make image-prune                           delete every build but current, and the staging area
 IMAGE_CACHE := $(CACHE)/image

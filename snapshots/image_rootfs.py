@@ -147,13 +147,33 @@ def prune(root: Path) -> None:
         (root / "var" / name).mkdir(parents=True, exist_ok=True)
 
 
+AGENT_DIR_EXE = "marathon-agent"  # the executable inside a one-folder build (marathon.spec)
+
+
+def install_marathon(src: Path, root: Path) -> None:
+    """A one-file executable goes to /usr/local/bin/marathon; a one-folder build (nothing to
+    unpack at each start: seconds saved per boot under emulation) to /opt/marathon, linked."""
+    dest = root / "usr/local/bin/marathon"
+    if not src.is_dir():
+        _install(src, dest)
+        return
+    target = root / "opt/marathon"
+    if target.exists():
+        rmtree(target)
+    shutil.copytree(src, target, symlinks=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() or dest.is_symlink():
+        dest.unlink()
+    dest.symlink_to(f"/opt/marathon/{AGENT_DIR_EXE}")
+
+
 def customise(root: Path, marathon_bin: Path, claude_bin: Path) -> None:
     _write(root / "etc/hostname", "marathon\n")
     _write(root / "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tmarathon\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     _write(root / "etc/resolv.conf", "")  # no resolver unless marathon.dns= is given
     _write(root / "etc/fstab", "# the root is mounted by the initramfs; marathon-init mounts the rest\n")
     _install(REPO / "guest/init", root / "sbin/marathon-init")
-    _install(marathon_bin, root / "usr/local/bin/marathon")
+    install_marathon(marathon_bin, root)
     _install(claude_bin, root / "usr/local/bin/claude")
     _write(root / "etc/marathon/image.json", "")  # filled in by build_image.py
     add_agent_user(root)
