@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 
-import msgspec
 import trio
 
 from bench.common import describe, pct, prepare_claude_stub

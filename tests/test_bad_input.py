@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 
-import msgspec
 import pytest
 import trio
 

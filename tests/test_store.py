@@ -2,7 +2,6 @@
 
 import os
 
-import msgspec
 import pytest
 import trio
 

@@ -4,7 +4,6 @@ host has it) and the real Claude Code CLI runs inside, through the metering tunn
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import msgspec
@@ -13,7 +12,7 @@ import trio
 
 from marathon.cli.serve import make_backend
 from marathon.errors import ConfigError
-from marathon.node.procs import alive, descendants
+from marathon.node.procs import descendants
 from marathon.node.sandbox.detect import default_image_dir, image_problem
 from tests import fake_anthropic as fa
 from tests.harness import make_git_repo, marathon_config, run_marathon, scratch_dir

@@ -13,7 +13,7 @@ import trio
 from marathon import __version__
 from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
-from marathon.errors import ConnectionClosed, MarathonError, ProtocolError, single_errors
+from marathon.errors import ConnectionClosed, ProtocolError, single_errors
 from marathon.protocol import FramedStream
 from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol import messages as m

@@ -8,7 +8,7 @@ import time
 import msgspec
 from quart import request
 
-from marathon.errors import AuthError, Forbidden, InvalidRequest, NotFound
+from marathon.errors import Forbidden, InvalidRequest, NotFound
 from marathon.store.models import UsageBucket
 
 

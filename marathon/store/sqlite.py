@@ -12,7 +12,7 @@ import trio
 
 from marathon.errors import StoreError
 from marathon.protocol.messages import Usage
-from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord, TaskRequest
+from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from marathon.errors import SandboxError
 from marathon.node.sandbox import SandboxInfo
 from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
 from marathon.node.sandbox.fc_api import (
-    DEFAULT_VIEW, REPO_ROOT, FirecrackerAPI, FirecrackerVM, Jailer, Snapshot, find_binary, open_vm,
+    DEFAULT_VIEW, FirecrackerAPI, FirecrackerVM, Jailer, Snapshot, find_binary, open_vm,
 )
 from marathon.node.sandbox.fc_net import DEFAULT_PREFIX, reap_leftovers
 
