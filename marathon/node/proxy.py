@@ -137,7 +137,9 @@ class MeteringProxy:
             return None, b""
         declared = next((int(v) for k, v in event.headers if k == b"content-length" and v.isdigit()), None)
         if declared is not None and declared > self.max_body:
-            await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+            await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes",
+                                        extra=[("connection", "close")])
+            await self._discard(stream, declared)
             return None, b""
         body = bytearray()
         while True:
@@ -145,12 +147,26 @@ class MeteringProxy:
             if isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > self.max_body:
-                    await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+                    await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes",
+                                        extra=[("connection", "close")])
+                    await self._discard(stream, self.max_body)
                     return None, b""
             elif isinstance(ev, h11.EndOfMessage):
                 return event, bytes(body)
             else:
                 return None, b""
+
+    @staticmethod
+    async def _discard(stream: trio.abc.Stream, limit: int) -> None:
+        """Read (and drop) what the client is still sending before we close, so the kernel
+        does not answer its unread bytes with a reset that destroys our error response."""
+        got = 0
+        with trio.move_on_after(2):
+            while got < limit:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                got += len(chunk)
 
     async def _send_simple(self, conn, stream, status: int, kind: str, message: str, extra=()) -> None:
         body = _error_body(kind, message)
