@@ -120,6 +120,18 @@ def hang() -> Turn:
     return Turn(kind="hang")
 
 
+def hanging_script():
+    """``(script, asked)``: every request hangs, and ``asked`` (a trio.Event) is set once the
+    first one has arrived — for tests that act while Claude Code waits on the API."""
+    asked = trio.Event()
+
+    def script(body, i):
+        asked.set()
+        return hang()
+
+    return script, asked
+
+
 def hang_after_start(**kw) -> Turn:
     """Send the headers and ``message_start`` of a text answer, then stall."""
     return Turn(kind="hang_after_start", blocks=[{"type": "text", "text": "..."}], **kw)

@@ -73,11 +73,7 @@ async def test_cli_run_succeeds_with_real_claude_code():
 
 async def test_cancel_kills_agent_and_claude():
     tmp = scratch_dir()
-    requested = trio.Event()
-
-    def script(body, i):
-        requested.set()
-        return fa.hang()
+    script, requested = fa.hanging_script()
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)

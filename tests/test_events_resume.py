@@ -104,11 +104,7 @@ async def test_cli_client_follows_through_dropped_connections():
 
 async def test_ctrl_c_with_cancel_on_interrupt_cancels_the_task():
     tmp = scratch_dir()
-    asked = trio.Event()
-
-    def script(body, i):
-        asked.set()
-        return fa.hang()
+    script, asked = fa.hanging_script()
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)

@@ -107,11 +107,7 @@ async def test_warm_pool_restores_from_a_snapshot_with_fresh_identity():
 
 async def test_vmm_killed_mid_task_fails_the_task_and_leaves_nothing():
     tmp = scratch_dir()
-    asked = trio.Event()
-
-    def script(body, i):
-        asked.set()
-        return fa.hang()
+    script, asked = fa.hanging_script()
 
     async with fa.open_fake_anthropic(script) as fake:
         config = vm_config(tmp, fake, warm_pool_target=0)
