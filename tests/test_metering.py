@@ -111,6 +111,12 @@ async def test_real_key_is_absent_from_everything_the_sandbox_can_read():
             task = await mt.submit("look around", repo=repo)
             with trio.fail_after(60):
                 await waiting.wait()
+            # usage is live: the first request is metered and priced while the task still runs
+            with trio.fail_after(10):  # the ledger row travels node -> orchestrator on its own
+                while not (live := await mt.task(task["id"]))["usage"]["input_tokens"]:
+                    await trio.sleep(0.02)
+            assert live["state"] == "running"
+            assert live["usage"]["input_tokens"] == fake.requests[0].usage["input_tokens"] > 0 and live["cost_usd"] > 0
             key = TEST_KEY.encode()
             procs = sorted(descendants(os.getpid()))
             assert len(procs) >= 3
