@@ -45,7 +45,6 @@ class RunResult:
     num_turns: int = 0
     result: str = ""
     usage: m.Usage = field(default_factory=m.Usage)
-    total_cost_usd: float | None = None
     session_id: str = ""
 
 
@@ -97,7 +96,6 @@ class StreamParser:
                 num_turns=int(obj.get("num_turns") or 0),
                 result=str(obj.get("result") or ""),
                 usage=_usage(obj.get("usage")),
-                total_cost_usd=obj.get("total_cost_usd"),
                 session_id=obj.get("session_id", ""),
             )
             return []

@@ -15,7 +15,7 @@ import trio
 
 from marathon.agent import loop
 from marathon.agent.runner import RunUser, find_claude, make_run_user, run_claude, run_git, run_git_to_file
-from marathon.errors import MarathonError, SandboxError
+from marathon.errors import MarathonError
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
@@ -209,7 +209,3 @@ async def finish_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec, resul
     return {"diff": diff, "diff_stat": stat, "commits": commits, "head": head, "head_subject": subject,
             "branch": spec.work_branch, "has_bundle": has_bundle}
 
-
-def check_bundle_path(path: str) -> None:
-    if not os.path.isfile(path):
-        raise SandboxError("the node sent no repository bundle")

@@ -34,9 +34,6 @@ class MemoryBus:
         return ev
 
     async def notify(self, topic: str) -> None:
-        self.notify_nowait(topic)
-
-    def notify_nowait(self, topic: str) -> None:
         ev = self._events.pop(topic, None)
         if ev is not None:
             ev.set()

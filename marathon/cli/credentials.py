@@ -28,6 +28,17 @@ def load(url: str) -> dict | None:
 def save(url: str, token: str, **extra) -> Path:
     data = _load_all()
     data[url.rstrip("/")] = {"token": token, **extra}
+    return _write(data)
+
+
+def forget(url: str) -> None:
+    data = _load_all()
+    if data.pop(url.rstrip("/"), None) is not None:
+        _write(data)
+
+
+def _write(data: dict) -> Path:
+    """Replace the file atomically; it is never readable by anyone else, not even briefly."""
     p = path()
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = p.with_suffix(".tmp")
@@ -37,16 +48,3 @@ def save(url: str, token: str, **extra) -> Path:
     os.chmod(tmp, 0o600)
     os.replace(tmp, p)
     return p
-
-
-def forget(url: str) -> None:
-    data = _load_all()
-    if data.pop(url.rstrip("/"), None) is not None:
-        save_all(data)
-
-
-def save_all(data: dict) -> None:
-    p = path()
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import h11
@@ -63,7 +63,6 @@ class ProxyGrant:
     on_record: Callable[[RequestRecord], None]
     budget_check: Callable[[], str | None] = lambda: None  # returns a reason when exhausted
     expires_at: float | None = None
-    records: list[RequestRecord] = field(default_factory=list)
 
 
 def _error_body(kind: str, message: str) -> bytes:
@@ -269,5 +268,4 @@ class MeteringProxy:
                 duration_s=time.monotonic() - started, ttft_s=ttft, streamed=is_stream,
                 complete=complete and (meter.saw_stop or not is_stream), error=error or meter.error,
             )
-            grant.records.append(rec)
             grant.on_record(rec)

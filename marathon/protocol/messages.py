@@ -125,7 +125,6 @@ class TaskOutcome(msgspec.Struct, frozen=True):
     is_error: bool = False
     num_turns: int = 0
     usage: Usage = Usage()
-    cost_usd: float | None = None
     duration_s: float = 0.0
     diff: str = ""
     diff_stat: str = ""
