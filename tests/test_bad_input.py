@@ -11,7 +11,7 @@ import trio
 
 from marathon.agent.service import serve_agent
 from marathon.errors import AuthError, VersionMismatch
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.framing import encode_frame
 from marathon.protocol.transports import open_stream

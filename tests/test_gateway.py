@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from marathon.errors import AuthError
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import node_mac, orchestrator_mac
 from marathon.protocol.transports import open_stream

@@ -4,7 +4,7 @@ import trio
 import trio.testing
 
 from marathon.errors import ConnectionClosed, FrameTooLarge, ProtocolError, VersionMismatch
-from marathon.protocol import FramedStream, decode_frame, encode_frame
+from marathon.protocol.framing import FramedStream, decode_frame, encode_frame
 from marathon.protocol import messages as m
 from marathon.protocol.transports import parse_address
 from marathon.protocol.tunnel import TunnelMux

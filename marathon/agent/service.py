@@ -14,7 +14,7 @@ from marathon import __version__
 from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
 from marathon.errors import ConnectionClosed, ProtocolError, single_errors
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol import messages as m
 from marathon.protocol.transports import listener_address, open_listeners

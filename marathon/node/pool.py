@@ -20,7 +20,7 @@ from typing import Callable
 import trio
 
 from marathon.errors import MarathonError
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 
 log = logging.getLogger("marathon.pool")
 

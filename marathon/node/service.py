@@ -30,7 +30,7 @@ from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
 from marathon.node.pool import WarmPool
 from marathon.node.supervisor import TaskHandle, connect_agent, supervise
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import node_mac, orchestrator_mac
 from marathon.protocol.blobs import BlobWriter

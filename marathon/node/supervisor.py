@@ -28,7 +28,7 @@ from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
 from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol import messages as m
 from marathon.protocol.transports import open_stream

@@ -15,7 +15,7 @@ from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_e
 from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.tasks import TaskService
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import orchestrator_mac, verify_node_mac
 from marathon.protocol.transports import listener_address, open_listeners, server_tls

@@ -9,7 +9,7 @@ import trio
 
 from marathon.errors import ConnectionClosed
 from marathon.orchestrator.scheduler import NodeView
-from marathon.protocol import FramedStream
+from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 
 

@@ -1,9 +1,10 @@
 """Wire protocol shared by every role: messages, framing, transports.
 
-Imports nothing else from marathon except ``marathon.errors``.
+Imports nothing else from marathon except ``marathon.errors``.  The submodules are imported
+by name (``marathon.protocol.framing`` …): importing the messages alone — as every client
+command does through the config — must not pull in trio.
 """
 
-from marathon.protocol.framing import FramedStream, decode_frame, encode_frame
 from marathon.protocol.messages import PROTOCOL_VERSION
 
-__all__ = ["PROTOCOL_VERSION", "FramedStream", "decode_frame", "encode_frame"]
+__all__ = ["PROTOCOL_VERSION"]
