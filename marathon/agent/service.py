@@ -15,7 +15,7 @@ from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
 from marathon.errors import ConnectionClosed, ProtocolError, single_errors
 from marathon.protocol.framing import FramedStream
-from marathon.protocol.blobs import BlobWriter, chunks
+from marathon.protocol.blobs import BlobWriter, send_file
 from marathon.protocol import messages as m
 from marathon.protocol.transports import listener_address, open_listeners
 from marathon.protocol.tunnel import TunnelMux, pipe
@@ -138,8 +138,3 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
                 await send_file(fs, "result", result_bundle)
             await fs.send(m.AgentResult(outcome=outcome))
             nursery.cancel_scope.cancel()
-
-
-async def send_file(fs: FramedStream, name: str, path: str) -> None:
-    for offset, data, last in chunks(path):
-        await fs.send(m.Blob(name=name, offset=offset, data=data, last=last))

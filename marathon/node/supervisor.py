@@ -29,7 +29,7 @@ from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.sandbox import Sandbox, SandboxBackend
 from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
 from marathon.protocol.framing import FramedStream
-from marathon.protocol.blobs import BlobWriter, chunks
+from marathon.protocol.blobs import BlobWriter, send_file
 from marathon.protocol import messages as m
 from marathon.protocol.transports import open_stream
 from marathon.protocol.tunnel import TunnelMux
@@ -299,17 +299,13 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             mux.close_all()
             nursery.cancel_scope.cancel()
 
-    async def send_repo() -> None:
-        for offset, data, last in chunks(prep.bundle):
-            await fs.send(m.Blob(name="repo", offset=offset, data=data, last=last))
-
     try:
         await fs.send(m.Start(task=spec, workspace=sandbox.workspace, base_branch=prep.branch, api_key=grant.token,
                               now=time.time(), entropy=secrets.token_bytes(64)))
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)
-                nursery.start_soon(send_repo)
+                nursery.start_soon(send_file, fs, "repo", prep.bundle)
                 outcome = await pump(nursery)
     finally:
         await fs.aclose()

@@ -6,7 +6,7 @@ import os
 from typing import Iterator
 
 from marathon.errors import ProtocolError
-from marathon.protocol.messages import BLOB_CHUNK
+from marathon.protocol.messages import BLOB_CHUNK, Blob
 
 
 def chunks(path: str, size: int = BLOB_CHUNK) -> Iterator[tuple[int, bytes, bool]]:
@@ -22,6 +22,12 @@ def chunks(path: str, size: int = BLOB_CHUNK) -> Iterator[tuple[int, bytes, bool
                 return
             offset += len(data)
             data = nxt
+
+
+async def send_file(channel, name: str, path: str) -> None:
+    """A file to the other end of a node <-> agent channel, as Blob chunks."""
+    for offset, data, last in chunks(path):
+        await channel.send(Blob(name=name, offset=offset, data=data, last=last))
 
 
 class BlobWriter:
