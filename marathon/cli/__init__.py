@@ -190,28 +190,23 @@ def _looks_local(repo: str) -> bool:
 
 
 def _follow(client, task_id: str, *, cancel_on_interrupt: bool, summary: bool, after: int = 0) -> int:
-    from marathon.cli.client import ApiError
-
     seen = after
     try:
-        try:
-            for ev in client.events(task_id, after=after):
-                seen = ev.id
-                line = render.event_line(ev.kind, ev.data)
-                if line:
-                    print(line, flush=True)
-                if ev.kind == "state" and ev.data.get("state") == "needs_input":
-                    break  # the task waits for `marathon reply`: nothing more will come until then
-        except KeyboardInterrupt:
-            if cancel_on_interrupt or _ask_cancel():
-                client.post(f"/v1/tasks/{task_id}/cancel")
-                print(f"\ncancelling task {task_id}", file=sys.stderr)
-                return _follow(client, task_id, cancel_on_interrupt=True, summary=summary, after=seen)
-            print(f"\ndetached; follow again with: marathon logs -f {task_id}", file=sys.stderr)
-            return 130
-        task = client.get(f"/v1/tasks/{task_id}")
-    except ApiError as exc:
-        return _fail(exc.message)
+        for ev in client.events(task_id, after=after):
+            seen = ev.id
+            line = render.event_line(ev.kind, ev.data)
+            if line:
+                print(line, flush=True)
+            if ev.kind == "state" and ev.data.get("state") == "needs_input":
+                break  # the task waits for `marathon reply`: nothing more will come until then
+    except KeyboardInterrupt:
+        if cancel_on_interrupt or _ask_cancel():
+            client.post(f"/v1/tasks/{task_id}/cancel")
+            print(f"\ncancelling task {task_id}", file=sys.stderr)
+            return _follow(client, task_id, cancel_on_interrupt=True, summary=summary, after=seen)
+        print(f"\ndetached; follow again with: marathon logs -f {task_id}", file=sys.stderr)
+        return 130
+    task = client.get(f"/v1/tasks/{task_id}")
     if summary:
         print(render.summary(task))
     return 0 if task["state"] == "succeeded" else 1
@@ -230,12 +225,7 @@ def _ask_cancel() -> bool:
 @app.command
 def status(task_id: str, *, json_output: Annotated[bool, Parameter(name="--json")] = False, url: Url = None) -> int:
     """Show a task's state, usage and result."""
-    from marathon.cli.client import ApiError
-
-    try:
-        task = _client(url).get(f"/v1/tasks/{task_id}")
-    except ApiError as exc:
-        return _fail(exc.message)
+    task = _client(url).get(f"/v1/tasks/{task_id}")
     print(json.dumps(task, indent=2) if json_output else render.status(task))
     return 0
 
@@ -261,12 +251,7 @@ def logs(task_id: str, *, follow: Annotated[bool, Parameter(name=["--follow", "-
 @app.command
 def cancel(task_id: str, *, url: Url = None) -> int:
     """Cancel a task (the sandbox is killed)."""
-    from marathon.cli.client import ApiError
-
-    try:
-        task = _client(url).post(f"/v1/tasks/{task_id}/cancel")
-    except ApiError as exc:
-        return _fail(exc.message)
+    task = _client(url).post(f"/v1/tasks/{task_id}/cancel")
     print(f"task {task_id}: {task['state']}" + ("" if task.get("terminal") else " (cancel sent)"))
     return 0
 
@@ -274,12 +259,7 @@ def cancel(task_id: str, *, url: Url = None) -> int:
 @app.command
 def tasks(*, state: str | None = None, limit: int = 20, url: Url = None) -> int:
     """List your tasks, newest first (--state running,queued)."""
-    from marathon.cli.client import ApiError
-
-    try:
-        page = _client(url).get("/v1/tasks", params={"limit": limit, **({"state": state} if state else {})})
-    except ApiError as exc:
-        return _fail(exc.message)
+    page = _client(url).get("/v1/tasks", params={"limit": limit, **({"state": state} if state else {})})
     for t in page["tasks"]:
         prompt = " ".join(t["request"]["prompt"].split())
         print(f"{t['id']}  {t['state']:<11} {render.age(t['created_at']):>4}  {prompt[:70]}")
@@ -291,12 +271,7 @@ def tasks(*, state: str | None = None, limit: int = 20, url: Url = None) -> int:
 @app.command
 def diff(task_id: str, *, url: Url = None) -> int:
     """Print the change the agent made, as a patch."""
-    from marathon.cli.client import ApiError
-
-    try:
-        resp = _client(url).request("GET", f"/v1/tasks/{task_id}/diff")
-    except ApiError as exc:
-        return _fail(exc.message)
+    resp = _client(url).request("GET", f"/v1/tasks/{task_id}/diff")
     sys.stdout.write(resp.text)
     return 0
 
@@ -304,12 +279,7 @@ def diff(task_id: str, *, url: Url = None) -> int:
 @app.command
 def nodes(*, url: Url = None) -> int:
     """List nodes and their capacity."""
-    from marathon.cli.client import ApiError
-
-    try:
-        data = _client(url).get("/v1/nodes")
-    except ApiError as exc:
-        return _fail(exc.message)
+    data = _client(url).get("/v1/nodes")
     for n in data["nodes"]:
         state = "up" if n["connected"] else "down"
         pool = n.get("pool") or {}
@@ -328,6 +298,8 @@ from marathon.cli import work as _work  # noqa: E402,F401  (registers reply, fet
 
 
 def main() -> None:
+    """Every command's errors end here: an API error or a bad setting is one line on stderr
+    and exit status 1 (commands return 2 themselves where the request was refused)."""
     try:
         app()
     except MarathonError as exc:

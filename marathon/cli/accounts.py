@@ -45,13 +45,8 @@ def register(email: str, *, password_stdin: bool = False, url: Url = None) -> in
 def login(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
     """Log in and keep the token in your config directory (mode 0600)."""
     from marathon.cli import credentials
-    from marathon.cli.client import ApiError
-
     client = _client(url)
-    try:
-        res = client.post("/v1/auth/login", {"email": email, "password": _password(password_stdin)})
-    except ApiError as exc:
-        return _fail(exc.message)
+    res = client.post("/v1/auth/login", {"email": email, "password": _password(password_stdin)})
     where = credentials.save(client.url, res["token"], email=res["user"]["email"])
     print(f"logged in as {res['user']['email']} (token saved in {where})")
     return 0
@@ -77,12 +72,7 @@ def logout(*, url: Url = None) -> int:
 @app.command
 def whoami(*, url: Url = None) -> int:
     """Who the CLI is authenticated as."""
-    from marathon.cli.client import ApiError
-
-    try:
-        me = _client(url).get("/v1/auth/whoami")
-    except ApiError as exc:
-        return _fail(exc.message)
+    me = _client(url).get("/v1/auth/whoami")
     print(f"{me['email']} ({me['id']}){' administrator' if me['admin'] else ''}")
     return 0
 
@@ -94,12 +84,7 @@ app.command(keys)
 @keys.command(name="create")
 def keys_create(name: str = "key", *, url: Url = None) -> int:
     """Create an API key; it is shown once."""
-    from marathon.cli.client import ApiError
-
-    try:
-        k = _client(url).post("/v1/keys", {"name": name})
-    except ApiError as exc:
-        return _fail(exc.message)
+    k = _client(url).post("/v1/keys", {"name": name})
     print(k["key"])
     print(f"(id {k['id']}; shown once — use it as MARATHON_TOKEN or 'Authorization: Bearer …')", file=sys.stderr)
     return 0
@@ -108,12 +93,7 @@ def keys_create(name: str = "key", *, url: Url = None) -> int:
 @keys.command(name="list")
 def keys_list(*, url: Url = None) -> int:
     """List your API keys (prefixes only)."""
-    from marathon.cli.client import ApiError
-
-    try:
-        data = _client(url).get("/v1/keys")
-    except ApiError as exc:
-        return _fail(exc.message)
+    data = _client(url).get("/v1/keys")
     for k in data["keys"]:
         state = "revoked" if k["revoked_at"] else "active"
         print(f"{k['id']}  {k['prefix']}…  {state:<8} {render.age(k['created_at']):>4}  {k['name']}")
@@ -125,12 +105,7 @@ def keys_list(*, url: Url = None) -> int:
 @keys.command(name="revoke")
 def keys_revoke(key_id: str, *, url: Url = None) -> int:
     """Revoke an API key."""
-    from marathon.cli.client import ApiError
-
-    try:
-        _client(url).request("DELETE", f"/v1/keys/{key_id}")
-    except ApiError as exc:
-        return _fail(exc.message)
+    _client(url).request("DELETE", f"/v1/keys/{key_id}")
     print(f"revoked {key_id}")
     return 0
 
@@ -155,13 +130,8 @@ def usage(
     user
         Administrators: whose usage (email or id; * for everyone).
     """
-    from marathon.cli.client import ApiError
-
     params = {"since": since, "by": by, **({"user": user} if user else {})}
-    try:
-        data = _client(url).get("/v1/usage", params=params)
-    except ApiError as exc:
-        return _fail(exc.message)
+    data = _client(url).get("/v1/usage", params=params)
     if json_output:
         print(json.dumps(data, indent=2))
         return 0

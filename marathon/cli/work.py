@@ -36,14 +36,9 @@ def fetch(task_id: str, *, into: str = ".", url: Url = None) -> int:
     into
         A clone of the task's repository (default: the current directory).
     """
-    from marathon.cli.client import ApiError
-
     client = _client(url)
-    try:
-        task = client.get(f"/v1/tasks/{task_id}")
-        data = client.request("GET", f"/v1/tasks/{task_id}/bundle").content
-    except ApiError as exc:
-        return _fail(exc.message)
+    task = client.get(f"/v1/tasks/{task_id}")
+    data = client.request("GET", f"/v1/tasks/{task_id}/bundle").content
     if subprocess.run(["git", "-C", into, "rev-parse", "--git-dir"], capture_output=True).returncode != 0:
         return _fail(f"{into} is not a git repository", 2)
     branch = f"marathon/{task_id}"
@@ -67,15 +62,10 @@ def github_token(*, clear: bool = False, url: Url = None) -> int:
     Nodes use it to clone private repositories, push work branches and open pull requests;
     it never enters a sandbox.
     """
-    from marathon.cli.client import ApiError
-
     token = None if clear else (os.environ.get("GITHUB_TOKEN") or sys.stdin.readline().strip())
     if not clear and not token:
         return _fail("no token: set GITHUB_TOKEN or pipe it on standard input", 2)
-    try:
-        res = _client(url).request("PUT", "/v1/auth/github-token", json={"token": token}).json()
-    except ApiError as exc:
-        return _fail(exc.message)
+    res = _client(url).request("PUT", "/v1/auth/github-token", json={"token": token}).json()
     print(f"GitHub token {res['github_token']}")
     return 0
 
