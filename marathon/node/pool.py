@@ -92,16 +92,25 @@ class WarmPool:
                         await self.ready.popleft().sandbox.destroy()
                     await trio.to_thread.run_sync(lambda: shutil.rmtree(self.root, ignore_errors=True))
 
-    async def _make_snapshot(self) -> None:
+    async def _make_snapshot(self, attempts: int = 3) -> None:
+        """Boot the base VM and snapshot it once its agent answers.  An emulated boot now and
+        then hangs early (seen under TCG: the vCPUs spin, the agent never comes up), so a boot
+        that does not answer in time is thrown away and tried again."""
         t0 = time.monotonic()
-        base_dir = os.path.join(self.root, "base-vm")
-        sb = await self.backend.create("pool-base", "", base_dir)
-        try:
-            fs = await self._connect(sb, self.connect_timeout)
-            await fs.aclose()  # the agent goes back to listening; that is the state we keep
-            self.snapshot = await self.backend.snapshot(sb, os.path.join(self.root, "snapshot"))
-        finally:
-            await sb.destroy()
+        for attempt in range(1, attempts + 1):
+            base_dir = os.path.join(self.root, f"base-vm-{attempt}")
+            sb = await self.backend.create("pool-base", "", base_dir)
+            try:
+                fs = await self._connect(sb, self.connect_timeout / attempts)
+                await fs.aclose()  # the agent goes back to listening; that is the state we keep
+                self.snapshot = await self.backend.snapshot(sb, os.path.join(self.root, "snapshot"))
+                break
+            except (MarathonError, trio.TooSlowError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("warm pool: base VM boot %d failed (%s); booting again", attempt, exc)
+            finally:
+                await sb.destroy()
         log.info("warm pool: base snapshot taken in %.1fs", time.monotonic() - t0)
 
     async def _fill(self) -> None:
