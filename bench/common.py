@@ -20,8 +20,10 @@ def pct(values: list[float], p: float) -> float:
 
 def describe(name: str, values: list[float], unit: str = "ms", scale: float = 1000.0) -> str:
     v = [x * scale for x in values]
-    return (f"{name:<38} n={len(v):<3} p50 {pct(v, 50):8.1f} {unit}  p99 {pct(v, 99):8.1f} {unit}  "
-            f"mean {statistics.fmean(v):8.1f} {unit}")
+    return (
+        f"{name:<38} n={len(v):<3} p50 {pct(v, 50):8.1f} {unit}  p99 {pct(v, 99):8.1f} {unit}  "
+        f"mean {statistics.fmean(v):8.1f} {unit}"
+    )
 
 
 def prepare_claude_stub() -> str:

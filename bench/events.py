@@ -48,7 +48,9 @@ async def main(n: int) -> None:
         t_replay = time.monotonic() - t1
         assert len(replay) == len(events)
     print(f"event throughput, {n} lines from the agent to a following SSE client")
-    print(f"  live (agent -> node -> SQLite -> SSE):   {live:10,.0f} lines/s   ({t_end - first:.2f} s first->last, {t_end - t0:.2f} s submit->last)")
+    print(
+        f"  live (agent -> node -> SQLite -> SSE):   {live:10,.0f} lines/s   ({t_end - first:.2f} s first->last, {t_end - t0:.2f} s submit->last)"
+    )
     print(f"  baseline: replay from the store over SSE: {len(replay) / t_replay:10,.0f} events/s ({t_replay:.2f} s)")
     print(f"  ratio live/replay: {live / (len(replay) / t_replay):.2f}")
 

@@ -1,6 +1,6 @@
 """Startup and size of the one-file executable, beside the same CLI from the venv.
 
-    make build && .venv/bin/python -m bench.executable [RUNS]
+make build && .venv/bin/python -m bench.executable [RUNS]
 """
 
 from __future__ import annotations

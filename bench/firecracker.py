@@ -88,16 +88,23 @@ async def main() -> None:
     ap.add_argument("--mem", type=int, default=128, help="guest memory, MiB (sets the snapshot size)")
     ap.add_argument("--network", default="none", choices=("none", "tap"))
     ap.add_argument("--jailer", action="store_true", help="run each VMM under the jailer (uid 4243)")
-    ap.add_argument("--tick-us", type=int, default=1000,
-                    help="guest timer period: bounds 'restore -> guest runs' (the guest waits in hlt)")
+    ap.add_argument(
+        "--tick-us",
+        type=int,
+        default=1000,
+        help="guest timer period: bounds 'restore -> guest runs' (the guest waits in hlt)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not find_binary("firecracker"):
         raise SystemExit("firecracker binary missing: run make firecracker")
     with tempfile.TemporaryDirectory(prefix="fcb", dir="/tmp") as tmp:
         guest = build_guest(os.path.join(tmp, "guest"), period_ns=args.tick_us * 1000)
-        jailer = Jailer(binary=find_binary("jailer"), uid=4243, gid=4243,
-                        chroot_base=os.path.join(tmp, "j")) if args.jailer else None
+        jailer = (
+            Jailer(binary=find_binary("jailer"), uid=4243, gid=4243, chroot_base=os.path.join(tmp, "j"))
+            if args.jailer
+            else None
+        )
         results: dict[str, list[float]] = {}
         for i in range(args.runs):
             root = os.path.join(tmp, f"r{i}")
@@ -107,8 +114,10 @@ async def main() -> None:
         print(json.dumps({k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in results.items()}))
         return
     setup = f"tiny guest, 1 vCPU, {args.mem} MiB, network {args.network}{', jailer' if args.jailer else ', mount ns'}"
-    print(f"Firecracker v1.12.1 ({setup}); /dev/kvm: "
-          f"{'kvm_pvm (software)' if os.path.isdir('/sys/module/kvm_pvm') else 'kvm'}")
+    print(
+        f"Firecracker v1.12.1 ({setup}); /dev/kvm: "
+        f"{'kvm_pvm (software)' if os.path.isdir('/sys/module/kvm_pvm') else 'kvm'}"
+    )
     for k, v in results.items():
         if "MiB" in k:
             print(describe(k, v, unit="MiB", scale=1.0))

@@ -19,8 +19,13 @@ from marathon.node.proxy import MeteringProxy, ProxyGrant
 from tests import fake_anthropic as fa
 
 KEY, TOKEN = "sk-bench-key", "mt_bench"
-BODY = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
-        "messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "Bash", "input_schema": {}}]}
+BODY = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 1000,
+    "stream": True,
+    "messages": [{"role": "user", "content": "hi"}],
+    "tools": [{"name": "Bash", "input_schema": {}}],
+}
 
 
 async def ttfb(client: httpx.AsyncClient, url: str, key: str) -> tuple[float, float, int]:
@@ -39,9 +44,14 @@ async def main(n: int) -> None:
     big = "x" * 200  # a large answer: many text deltas
     small = [fa.text("hello")]
     async with trio.open_nursery() as nursery:
-        fake_small = await nursery.start(lambda task_status: fa.serve_fake_anthropic(lambda b, i: small[0], api_key=KEY, task_status=task_status))
-        fake_big = await nursery.start(lambda task_status: fa.serve_fake_anthropic(
-            lambda b, i: fa.text(big * 5000), api_key=KEY, task_status=task_status))
+        fake_small = await nursery.start(
+            lambda task_status: fa.serve_fake_anthropic(lambda b, i: small[0], api_key=KEY, task_status=task_status)
+        )
+        fake_big = await nursery.start(
+            lambda task_status: fa.serve_fake_anthropic(
+                lambda b, i: fa.text(big * 5000), api_key=KEY, task_status=task_status
+            )
+        )
         grant = ProxyGrant(task_id="bench", token=TOKEN, on_record=lambda r: None)
         ports = {}
         for name, fake in (("small", fake_small), ("big", fake_big)):
@@ -67,10 +77,14 @@ async def main(n: int) -> None:
     print(f"metering proxy overhead ({n} small streamed responses each, interleaved)")
     print(describe("direct from upstream: time to first byte", direct))
     print(describe("through the proxy: time to first byte", proxied))
-    print(f"added latency to first byte: p50 {(pct(proxied, 50) - pct(direct, 50)) * 1000:.2f} ms, "
-          f"p99 {(pct(proxied, 99) - pct(direct, 99)) * 1000:.2f} ms")
-    print(f"large stream ({size / 1e6:.1f} MB of SSE): direct {pct(bd, 50) / 1e6:.1f} MB/s, proxied {pct(bp, 50) / 1e6:.1f} MB/s, "
-          f"ratio {pct(bp, 50) / pct(bd, 50):.2f}")
+    print(
+        f"added latency to first byte: p50 {(pct(proxied, 50) - pct(direct, 50)) * 1000:.2f} ms, "
+        f"p99 {(pct(proxied, 99) - pct(direct, 99)) * 1000:.2f} ms"
+    )
+    print(
+        f"large stream ({size / 1e6:.1f} MB of SSE): direct {pct(bd, 50) / 1e6:.1f} MB/s, proxied {pct(bp, 50) / 1e6:.1f} MB/s, "
+        f"ratio {pct(bp, 50) / pct(bd, 50):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ from tests.harness import make_git_repo, marathon_config, run_marathon, scratch_
 
 def big_repo(path: str, mb: int) -> str:
     make_git_repo(path)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "b",
+        "GIT_AUTHOR_EMAIL": "b@b",
+        "GIT_COMMITTER_NAME": "b",
+        "GIT_COMMITTER_EMAIL": "b@b",
+    }
     for i in range(mb // 5):
         with open(os.path.join(path, f"blob{i}.bin"), "wb") as f:
             f.write(os.urandom(5 * 1024 * 1024))
@@ -53,7 +59,9 @@ async def main(runs: int, mb: int) -> None:
             t = await mt.submit("noop", repo=repo)  # the cache is warm now: fetch only
             assert (await mt.finish(t["id"]))["state"] == "succeeded"
             warm.append(await assign_to_start(mt, t["id"]))
-    print(f"assignment -> Claude Code start, {size / 1e6:.0f} MB repository (.git), local path remote, {runs} runs each")
+    print(
+        f"assignment -> Claude Code start, {size / 1e6:.0f} MB repository (.git), local path remote, {runs} runs each"
+    )
     print(describe("without the mirror cache (clone)", cold))
     print(describe("with the mirror cache (fetch)", warm))
     print(f"ratio with/without: p50 {pct(warm, 50) / pct(cold, 50):.2f}")

@@ -57,8 +57,15 @@ async def main(runs: int) -> None:
         await fs.aclose()
         await sb.destroy()
     # the pool: what a task waits for when a warm sandbox is ready (claim) vs when it is not (cold)
-    pool = WarmPool(qemu, target=1, slots=1, active=lambda: 0, root=os.path.join(tmp, "pool"),
-                    connect=connect_agent, connect_timeout=600)
+    pool = WarmPool(
+        qemu,
+        target=1,
+        slots=1,
+        active=lambda: 0,
+        root=os.path.join(tmp, "pool"),
+        connect=connect_agent,
+        connect_timeout=600,
+    )
     async with trio.open_nursery() as n:
         await n.start(pool.run)
         for _ in range(min(runs, 5)):
@@ -92,8 +99,10 @@ async def main(runs: int) -> None:
     print(describe("warm pool claim (a task's wait)", claim, "ms"))
     print(f"ratio cold start / warm claim p50: {pct(cold, 50) / pct(claim, 50):,.0f}x")
     print(describe("process sandbox start -> agent ready", proc_start, "s", 1))
-    print(f"idle memory per sandbox (RSS): qemu VM {pct(idle_vm, 50) / 1024:.0f} MiB, "
-          f"process sandbox {pct(idle_proc, 50) / 1024:.0f} MiB")
+    print(
+        f"idle memory per sandbox (RSS): qemu VM {pct(idle_vm, 50) / 1024:.0f} MiB, "
+        f"process sandbox {pct(idle_proc, 50) / 1024:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

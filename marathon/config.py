@@ -11,7 +11,8 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import msgspec
 
@@ -150,7 +151,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
+            name = key[len(ENV_PREFIX) :].lower()
             if name in FIELDS:
                 out[name] = value
     return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
@@ -52,7 +51,8 @@ def _msgpack(obj) -> bytes:
 # The real agent answers only after the dialer's Hello (marathon/protocol/framing.py:
 # 4-byte big-endian length + msgpack of the tagged struct).
 HELLO_FRAME = (lambda payload: len(payload).to_bytes(4, "big") + payload)(
-    _msgpack({"type": "hello", "protocol": 1, "role": "node", "version": "boot-check"}))
+    _msgpack({"type": "hello", "protocol": 1, "role": "node", "version": "boot-check"})
+)
 
 
 def host_tsc_khz() -> int:
@@ -121,10 +121,25 @@ class Qmp:
 
 
 class Vm:
-    def __init__(self, image: Path, work: Path, name: str, disk: Path, *, kernel: str, tsc_khz: int, hz: int,
-                 smp: int, mem: int, accel: str, extra_cmdline: str, netdev_extra: str = "",
-                 machine: str = "", expect_line: bool = True,
-                 incoming: str | None = None) -> None:
+    def __init__(
+        self,
+        image: Path,
+        work: Path,
+        name: str,
+        disk: Path,
+        *,
+        kernel: str,
+        tsc_khz: int,
+        hz: int,
+        smp: int,
+        mem: int,
+        accel: str,
+        extra_cmdline: str,
+        netdev_extra: str = "",
+        machine: str = "",
+        expect_line: bool = True,
+        incoming: str | None = None,
+    ) -> None:
         self.work = work
         self.expect_line = expect_line
         self.name = name
@@ -132,26 +147,53 @@ class Vm:
         self.qmp_path = work / f"{name}.qmp"
         self.serial = work / f"{name}.serial.log"
         lpj = tsc_khz * 1000 // hz
-        cmdline = " ".join(filter(None, [
-            "console=ttyS0 root=/dev/vda rw panic=-1 quiet",
-            f"tsc_early_khz={tsc_khz} lpj={lpj} tsc=reliable",
-            f"marathon.ip={GUEST_IP}/24 marathon.gw=10.0.2.2 marathon.listen=tcp:0.0.0.0:{AGENT_PORT}",
-            extra_cmdline,
-        ]))
+        cmdline = " ".join(
+            filter(
+                None,
+                [
+                    "console=ttyS0 root=/dev/vda rw panic=-1 quiet",
+                    f"tsc_early_khz={tsc_khz} lpj={lpj} tsc=reliable",
+                    f"marathon.ip={GUEST_IP}/24 marathon.gw=10.0.2.2 marathon.listen=tcp:0.0.0.0:{AGENT_PORT}",
+                    extra_cmdline,
+                ],
+            )
+        )
         accel_arg = "tcg,thread=multi,tb-size=256" if accel == "tcg" else accel
         self.argv = [
             "qemu-system-x86_64",
-            "-M", machine or MACHINE,
-            "-accel", accel_arg, "-cpu", "max", "-smp", str(smp), "-m", str(mem),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image / kernel), "-initrd", str(image / "initramfs.cpio.gz"), "-append", cmdline,
-            "-serial", f"file:{self.serial}",
-            "-drive", f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}"
-                       + netdev_extra,
-            "-device", "virtio-net-device,netdev=n0",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-M",
+            machine or MACHINE,
+            "-accel",
+            accel_arg,
+            "-cpu",
+            "max",
+            "-smp",
+            str(smp),
+            "-m",
+            str(mem),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(image / kernel),
+            "-initrd",
+            str(image / "initramfs.cpio.gz"),
+            "-append",
+            cmdline,
+            "-serial",
+            f"file:{self.serial}",
+            "-drive",
+            f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-netdev",
+            f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}" + netdev_extra,
+            "-device",
+            "virtio-net-device,netdev=n0",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
         ]
         if incoming:
             self.argv += ["-incoming", incoming]
@@ -283,9 +325,12 @@ def main() -> int:
     ap.add_argument("--machine", default=MACHINE, help="the -M value")
     ap.add_argument("--netdev", default="", help="appended to the -netdev user option (e.g. ,guestfwd=...)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, overlays, state)")
-    ap.add_argument("--hello", action="store_true",
-                    help="probe with the protocol's Hello and wait for the agent's (default for a real marathon "
-                         "binary) instead of reading the placeholder's ready line")
+    ap.add_argument(
+        "--hello",
+        action="store_true",
+        help="probe with the protocol's Hello and wait for the agent's (default for a real marathon "
+        "binary) instead of reading the placeholder's ready line",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
@@ -297,12 +342,31 @@ def main() -> int:
     hz = manifest["kernel"]["hz"]
     tsc_khz = host_tsc_khz()
     work = Path(tempfile.mkdtemp(prefix="marathon-boot-check-"))
-    common = dict(kernel=args.kernel, tsc_khz=tsc_khz, hz=hz, smp=args.smp, mem=args.mem, accel=args.accel,
-                  extra_cmdline=args.cmdline, netdev_extra=args.netdev, machine=args.machine,
-                  expect_line=not (args.hello or not manifest["marathon"]["placeholder"]))
-    result: dict = {"image": str(image), "input_hash": manifest["input_hash"], "tsc_khz": tsc_khz,
-                    "lpj": tsc_khz * 1000 // hz, "hz": hz, "kernel": args.kernel, "accel": args.accel,
-                    "boot_s": [], "snapshot_s": [], "state_bytes": [], "restore_s": []}
+    common = dict(
+        kernel=args.kernel,
+        tsc_khz=tsc_khz,
+        hz=hz,
+        smp=args.smp,
+        mem=args.mem,
+        accel=args.accel,
+        extra_cmdline=args.cmdline,
+        netdev_extra=args.netdev,
+        machine=args.machine,
+        expect_line=not (args.hello or not manifest["marathon"]["placeholder"]),
+    )
+    result: dict = {
+        "image": str(image),
+        "input_hash": manifest["input_hash"],
+        "tsc_khz": tsc_khz,
+        "lpj": tsc_khz * 1000 // hz,
+        "hz": hz,
+        "kernel": args.kernel,
+        "accel": args.accel,
+        "boot_s": [],
+        "snapshot_s": [],
+        "state_bytes": [],
+        "restore_s": [],
+    }
     vms: list[Vm] = []
     try:
         for run in range(args.runs):
@@ -336,9 +400,16 @@ def main() -> int:
             status = clone.control().execute("query-status")
             result["restore_s"].append(round(seconds, 3))
             clock = guest_clock(answer)
-            skew = f", guest clock {clock[0] - time.time():+.0f} s vs host (snapshot taken {time.time() - snap_time:.0f} s ago)" if clock else ""
-            print(f"boot {run}: restore -> ready {seconds:.2f} s (state loaded in {loaded:.2f} s, "
-                  f"status {status['status']}{skew})", flush=True)
+            skew = (
+                f", guest clock {clock[0] - time.time():+.0f} s vs host (snapshot taken {time.time() - snap_time:.0f} s ago)"
+                if clock
+                else ""
+            )
+            print(
+                f"boot {run}: restore -> ready {seconds:.2f} s (state loaded in {loaded:.2f} s, "
+                f"status {status['status']}{skew})",
+                flush=True,
+            )
             result.setdefault("restore_loaded_s", []).append(round(loaded, 3))
             clone.quit()
     finally:
@@ -358,8 +429,10 @@ def main() -> int:
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        print(f"tsc_early_khz={tsc_khz} lpj={result['lpj']} (HZ={hz}); "
-              + ", ".join(f"{k}={result[k]}" for k in ("boot_p50_s", "restore_p50_s", "boot_over_restore") if k in result))
+        print(
+            f"tsc_early_khz={tsc_khz} lpj={result['lpj']} (HZ={hz}); "
+            + ", ".join(f"{k}={result[k]}" for k in ("boot_p50_s", "restore_p50_s", "boot_over_restore") if k in result)
+        )
     return 0
 
 

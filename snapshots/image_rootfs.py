@@ -40,8 +40,14 @@ BLOCK = 4096
 
 
 def base_key() -> str:
-    recipe = {"format": BASE_FORMAT, "suite": SUITE, "mirror": MIRROR, "arch": ARCH,
-              "variant": "minbase", "include": sorted(ROOTFS_PACKAGES)}
+    recipe = {
+        "format": BASE_FORMAT,
+        "suite": SUITE,
+        "mirror": MIRROR,
+        "arch": ARCH,
+        "variant": "minbase",
+        "include": sorted(ROOTFS_PACKAGES),
+    }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -58,14 +64,25 @@ def debootstrap_base(cache: Path) -> Path:
     base.mkdir(parents=True)
     tmp = base / "rootfs.tmp"
     log(f"debootstrap {SUITE} minbase (+{','.join(ROOTFS_PACKAGES)}) into {tmp}")
-    run(["debootstrap", "--variant=minbase", f"--arch={ARCH}", f"--include={','.join(ROOTFS_PACKAGES)}",
-         SUITE, tmp, MIRROR], stdout=subprocess.DEVNULL)
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--arch={ARCH}",
+            f"--include={','.join(ROOTFS_PACKAGES)}",
+            SUITE,
+            tmp,
+            MIRROR,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     tmp.rename(tree)
     (base / ".done").write_text(SUITE + "\n")
     return tree
 
 
 # ---- customisation ---------------------------------------------------------------
+
 
 def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +111,11 @@ def add_agent_user(root: Path) -> None:
     """The unprivileged user Claude Code runs as (uid/gid 4242, home /home/marathon)."""
     etc = root / "etc"
     days = SOURCE_DATE_EPOCH // 86400
-    _add_line(etc / "passwd", AGENT_USER, f"{AGENT_USER}:x:{AGENT_UID}:{AGENT_UID}:Marathon agent:/home/{AGENT_USER}:/bin/bash")
+    _add_line(
+        etc / "passwd",
+        AGENT_USER,
+        f"{AGENT_USER}:x:{AGENT_UID}:{AGENT_UID}:Marathon agent:/home/{AGENT_USER}:/bin/bash",
+    )
     _add_line(etc / "group", AGENT_USER, f"{AGENT_USER}:x:{AGENT_UID}:")
     _add_line(etc / "shadow", AGENT_USER, f"{AGENT_USER}:!:{days}:0:99999:7:::")
     _add_line(etc / "gshadow", AGENT_USER, f"{AGENT_USER}:!::")
@@ -123,10 +144,21 @@ def normalise_shadow(root: Path) -> None:
 
 # Files that only describe the build (logs, caches, backups) or change on every run.
 PRUNE = [
-    "var/log/*", "var/cache/apt/*", "var/lib/apt/lists/*", "var/cache/debconf/*-old",
-    "var/lib/dpkg/*-old", "var/cache/ldconfig/aux-cache", "etc/machine-id", "var/lib/dbus/machine-id",
-    "usr/share/man/*", "usr/share/info/*", "usr/share/lintian/*", "usr/share/linda/*",
-    "root/.bash_history", "etc/ssh/ssh_host_*", "var/lib/systemd/random-seed",
+    "var/log/*",
+    "var/cache/apt/*",
+    "var/lib/apt/lists/*",
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/cache/ldconfig/aux-cache",
+    "etc/machine-id",
+    "var/lib/dbus/machine-id",
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/lintian/*",
+    "usr/share/linda/*",
+    "root/.bash_history",
+    "etc/ssh/ssh_host_*",
+    "var/lib/systemd/random-seed",
 ]
 KEEP_LOCALES = {"locale.alias", "en", "en_US", "C.UTF-8"}
 
@@ -196,6 +228,7 @@ def package_versions(root: Path) -> dict[str, str]:
 
 # ---- ext4 ---------------------------------------------------------------------------
 
+
 def tree_usage(root: Path) -> tuple[int, int]:
     """(bytes the tree needs in 4 KiB blocks, number of inodes)."""
     blocks = inodes = 0
@@ -230,8 +263,9 @@ def fix_inode_times(image: Path, root: Path, epoch: int) -> None:
                 f.write(f"sif {q} ctime @{epoch}\nsif {q} atime @{epoch}\n")
         f.write(f"sif /lost+found ctime @{epoch}\nsif /lost+found atime @{epoch}\n")
     env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))
-    result = run(["debugfs", "-w", "-f", script, image], env=env, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.PIPE, text=True)
+    result = run(
+        ["debugfs", "-w", "-f", script, image], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     errors = [ln for ln in result.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if errors:
         raise SystemExit("debugfs: " + "\n".join(errors[:5]))
@@ -246,20 +280,51 @@ def make_ext4(root: Path, image: Path, headroom_mb: int) -> dict:
     if image.exists():
         image.unlink()
     image.touch()  # an existing (empty) target: mke2fs does not announce "Creating regular file"
-    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(SOURCE_DATE_EPOCH), SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH),
-               MKE2FS_CONFIG=str(REPO / "snapshots/mke2fs.conf"))
-    run(["mke2fs", "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK), "-I", "256", "-i", "16384", "-m", "0",
-         "-L", ROOTFS_LABEL, "-U", ROOTFS_UUID,
-         "-E", f"root_owner=0:0,hash_seed={ROOTFS_HASH_SEED},lazy_itable_init=0,lazy_journal_init=0,nodiscard",
-         "-d", root, image, f"{size >> 10}k"], env=env)
+    env = dict(
+        os.environ,
+        E2FSPROGS_FAKE_TIME=str(SOURCE_DATE_EPOCH),
+        SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH),
+        MKE2FS_CONFIG=str(REPO / "snapshots/mke2fs.conf"),
+    )
+    run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-T",
+            "default",
+            "-b",
+            str(BLOCK),
+            "-I",
+            "256",
+            "-i",
+            "16384",
+            "-m",
+            "0",
+            "-L",
+            ROOTFS_LABEL,
+            "-U",
+            ROOTFS_UUID,
+            "-E",
+            f"root_owner=0:0,hash_seed={ROOTFS_HASH_SEED},lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+            "-d",
+            root,
+            image,
+            f"{size >> 10}k",
+        ],
+        env=env,
+    )
     fix_inode_times(image, root, SOURCE_DATE_EPOCH)
     run(["e2fsck", "-fn", image], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.utime(image, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
     return {"size_bytes": size, "content_bytes": used, "inodes": inodes}
 
 
-def build_rootfs(cache: Path, staging: Path, out: Path, *, marathon_bin: Path, claude_bin: Path,
-                 headroom_mb: int, image_json: dict) -> dict:
+def build_rootfs(
+    cache: Path, staging: Path, out: Path, *, marathon_bin: Path, claude_bin: Path, headroom_mb: int, image_json: dict
+) -> dict:
     base = debootstrap_base(cache)
     rmtree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)

@@ -66,9 +66,11 @@ IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may sit idle
 
 # ---------------------------------------------------------------- turns
 
+
 @dataclass
 class Turn:
     """One scripted answer.  ``kind``: ok | error | hang | hang_after_start | drop."""
+
     blocks: list[dict] = field(default_factory=list)  # {"type":"text","text"} | {"type":"tool_use",...}
     usage: dict = field(default_factory=lambda: dict(DEFAULT_USAGE))
     start_usage: dict = field(default_factory=dict)  # message_start values differing from final
@@ -86,8 +88,9 @@ class Turn:
 
 
 def _turn(blocks, usage, start_usage, delay) -> Turn:
-    return Turn(blocks=blocks, usage={**DEFAULT_USAGE, **(usage or {})},
-                start_usage=dict(start_usage or {}), delay=delay)
+    return Turn(
+        blocks=blocks, usage={**DEFAULT_USAGE, **(usage or {})}, start_usage=dict(start_usage or {}), delay=delay
+    )
 
 
 def text(s: str, *, usage: dict | None = None, start_usage: dict | None = None, delay: float = 0.0) -> Turn:
@@ -95,15 +98,21 @@ def text(s: str, *, usage: dict | None = None, start_usage: dict | None = None, 
     return _turn([{"type": "text", "text": s}], usage, start_usage, delay)
 
 
-def tool_use(name: str, input: dict, *, id: str | None = None, usage: dict | None = None,
-             start_usage: dict | None = None, delay: float = 0.0) -> Turn:
+def tool_use(
+    name: str,
+    input: dict,
+    *,
+    id: str | None = None,
+    usage: dict | None = None,
+    start_usage: dict | None = None,
+    delay: float = 0.0,
+) -> Turn:
     """A tool call (stop_reason ``tool_use``); the id is ``toolu_<random>`` unless given."""
     block = {"type": "tool_use", "id": id or "toolu_" + secrets.token_hex(12), "name": name, "input": input}
     return _turn([block], usage, start_usage, delay)
 
 
-def turn(*parts: Turn | str, usage: dict | None = None, start_usage: dict | None = None,
-         delay: float = 0.0) -> Turn:
+def turn(*parts: Turn | str, usage: dict | None = None, start_usage: dict | None = None, delay: float = 0.0) -> Turn:
     """Several content blocks in one answer: ``turn("Let me look.", tool_use("Bash", {...}))``."""
     blocks = [b for p in parts for b in (text(p).blocks if isinstance(p, str) else p.blocks)]
     return _turn(blocks, usage, start_usage, delay)
@@ -140,8 +149,9 @@ def hang_after_start(**kw) -> Turn:
 def drop_after(n_events: int, then: Turn | None = None) -> Turn:
     """Send the first ``n_events`` SSE events of ``then`` (a text answer) and close the socket."""
     t = then or text("this answer is cut short")
-    return Turn(kind="drop", blocks=t.blocks, usage=t.usage, start_usage=t.start_usage,
-                delay=t.delay, drop_after=n_events)
+    return Turn(
+        kind="drop", blocks=t.blocks, usage=t.usage, start_usage=t.start_usage, delay=t.delay, drop_after=n_events
+    )
 
 
 def turn_from_json(d: dict) -> Turn:
@@ -149,9 +159,15 @@ def turn_from_json(d: dict) -> Turn:
     ``usage``/``start_usage``/``delay``), ``{"error": {"status", "type", "message"}}``, ``{"hang": true}``,
     ``{"hang_after_start": true}``, ``{"drop_after": n}``."""
     kw = {k: d[k] for k in ("usage", "start_usage", "delay") if k in d}
-    builders = {"text": lambda v: text(v, **kw), "tool_use": lambda v: tool_use(v["name"], v["input"], **kw),
-                "turn": lambda v: turn(*map(turn_from_json, v), **kw), "error": lambda v: error(**v),
-                "hang": lambda v: hang(), "hang_after_start": lambda v: hang_after_start(), "drop_after": drop_after}
+    builders = {
+        "text": lambda v: text(v, **kw),
+        "tool_use": lambda v: tool_use(v["name"], v["input"], **kw),
+        "turn": lambda v: turn(*map(turn_from_json, v), **kw),
+        "error": lambda v: error(**v),
+        "hang": lambda v: hang(),
+        "hang_after_start": lambda v: hang_after_start(),
+        "drop_after": drop_after,
+    }
     for key, build in builders.items():
         if key in d:
             return build(d[key])
@@ -159,8 +175,13 @@ def turn_from_json(d: dict) -> Turn:
 
 
 DEMO_SCRIPT = [
-    tool_use("Write", {"file_path": "CONTRIBUTING.md",
-                       "content": "# Contributing\n\n1. Fork the repository.\n2. Make a branch.\n3. Open a pull request.\n"}),
+    tool_use(
+        "Write",
+        {
+            "file_path": "CONTRIBUTING.md",
+            "content": "# Contributing\n\n1. Fork the repository.\n2. Make a branch.\n3. Open a pull request.\n",
+        },
+    ),
     tool_use("Bash", {"command": "git status --short", "description": "Show working tree status"}),
     text("I added CONTRIBUTING.md."),
 ]
@@ -178,19 +199,28 @@ def load_script(name: str) -> list[Turn]:
 
 # ---------------------------------------------------------------- SSE rendering
 
+
 def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def _chunks(s: str, n: int = 3) -> list[str]:
     size = max(1, -(-len(s) // n))
-    return [s[i:i + size] for i in range(0, len(s), size)] or [""]
+    return [s[i : i + size] for i in range(0, len(s), size)] or [""]
 
 
 def message_json(t: Turn, model: str, msg_id: str) -> dict:
     """The complete (non-streaming) message."""
-    return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": t.blocks,
-            "stop_reason": t.stop_reason, "stop_sequence": None, "usage": dict(t.usage)}
+    return {
+        "id": msg_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": t.blocks,
+        "stop_reason": t.stop_reason,
+        "stop_sequence": None,
+        "usage": dict(t.usage),
+    }
 
 
 def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
@@ -200,8 +230,10 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
     events = [("message_start", {"type": "message_start", "message": msg})]
     for i, b in enumerate(t.blocks):
         if b["type"] == "text":
-            empty, deltas = {"type": "text", "text": ""}, [
-                {"type": "text_delta", "text": c} for c in _chunks(b["text"])]
+            empty, deltas = (
+                {"type": "text", "text": ""},
+                [{"type": "text_delta", "text": c} for c in _chunks(b["text"])],
+            )
         else:
             empty = {**b, "input": {}}
             deltas = [{"type": "input_json_delta", "partial_json": c} for c in _chunks(json.dumps(b["input"]))]
@@ -209,27 +241,36 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
         events += [("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}) for d in deltas]
         events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
     delta_usage = {k: t.usage[k] for k in USAGE_FIELDS if k == "output_tokens" or start[k] != t.usage[k]}
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": t.stop_reason,
-                   "stop_sequence": None}, "usage": delta_usage}))
+    events.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": t.stop_reason, "stop_sequence": None},
+                "usage": delta_usage,
+            },
+        )
+    )
     events.append(("message_stop", {"type": "message_stop"}))
     return events
 
 
 # ---------------------------------------------------------------- server
 
+
 @dataclass
 class RecordedRequest:
     method: str
-    path: str                   # including the query string
-    headers: dict[str, str]     # lower-cased names
-    body: Any                   # parsed JSON, or None
+    path: str  # including the query string
+    headers: dict[str, str]  # lower-cased names
+    body: Any  # parsed JSON, or None
     timestamp: float
-    kind: str = "main"          # main | side | count_tokens | rejected
-    turn: int | None = None     # script index it was answered with (main requests only)
+    kind: str = "main"  # main | side | count_tokens | rejected
+    turn: int | None = None  # script index it was answered with (main requests only)
     status: int | None = None
-    usage: dict | None = None   # what the client can compute from what was sent
+    usage: dict | None = None  # what the client can compute from what was sent
     completed: bool = False
-    subagent: bool = False      # sent by a subagent conversation (see is_subagent_request)
+    subagent: bool = False  # sent by a subagent conversation (see is_subagent_request)
 
 
 def is_main_request(body: dict) -> bool:
@@ -324,8 +365,15 @@ class FakeAnthropic:
 
         async def send(status, hdrs=(), data=b"", end=True):
             reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-            await stream.send_all(conn.send(h11.Response(status_code=status, reason=reason, headers=[
-                ("request-id", "req_fake" + secrets.token_hex(8)), *hdrs])))
+            await stream.send_all(
+                conn.send(
+                    h11.Response(
+                        status_code=status,
+                        reason=reason,
+                        headers=[("request-id", "req_fake" + secrets.token_hex(8)), *hdrs],
+                    )
+                )
+            )
             rec.status = status
             if data and req.method != b"HEAD":
                 await stream.send_all(conn.send(h11.Data(data=data)))
@@ -334,13 +382,11 @@ class FakeAnthropic:
 
         async def send_json(status, obj, hdrs=()):
             data = json.dumps(obj).encode()
-            await send(status, [("content-type", "application/json"), ("content-length", str(len(data))), *hdrs],
-                       data)
+            await send(status, [("content-type", "application/json"), ("content-length", str(len(data))), *hdrs], data)
 
         async def send_error(t: Turn):
             hdrs = [("retry-after", str(t.retry_after))] if t.retry_after is not None else []
-            await send_json(t.status, {"type": "error", "error": {"type": t.error_type, "message": t.message}},
-                            hdrs)
+            await send_json(t.status, {"type": "error", "error": {"type": t.error_type, "message": t.message}}, hdrs)
 
         if self.api_key is not None and headers.get("x-api-key") != self.api_key:
             rec.kind = "rejected"
@@ -375,8 +421,9 @@ class FakeAnthropic:
             await send_json(200, message_json(t, model, msg_id))
             return True
 
-        await send(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")],
-                   end=False)
+        await send(
+            200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")], end=False
+        )
         events = sse_events(t, model, msg_id)
         limit = {"drop": t.drop_after, "hang_after_start": 1}.get(t.kind, len(events))
         for n, (name, data) in enumerate(events[:limit]):
@@ -415,9 +462,15 @@ def _parse_body(raw: bytes, headers: dict) -> Any:
         return None
 
 
-async def serve_fake_anthropic(script, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                               classify: Callable[[dict], bool] = is_main_request,
-                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_fake_anthropic(
+    script,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    classify: Callable[[dict], bool] = is_main_request,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; ``task_status.started(fake)`` once listening."""
     fake = FakeAnthropic(script, api_key, classify)
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -448,16 +501,20 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     async def run():
-        async with open_fake_anthropic(load_script(args.script), host=args.host, port=args.port,
-                                       api_key=args.api_key) as fake:
+        async with open_fake_anthropic(
+            load_script(args.script), host=args.host, port=args.port, api_key=args.api_key
+        ) as fake:
             print(f"listening on {fake.url}", flush=True)
             for seen in itertools.count():
                 while not args.log or len(fake.requests) <= seen:
                     await trio.sleep(0.1)
                 r = fake.requests[seen]
                 body = r.body if isinstance(r.body, dict) else {}
-                print(f"{r.method} {r.path} {r.kind} turn={r.turn} model={body.get('model')} "
-                      f"tools={len(body.get('tools') or [])}", flush=True)
+                print(
+                    f"{r.method} {r.path} {r.kind} turn={r.turn} model={body.get('model')} "
+                    f"tools={len(body.get('tools') or [])}",
+                    flush=True,
+                )
 
     try:
         trio.run(run)

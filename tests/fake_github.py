@@ -26,8 +26,21 @@ class FakeGitHub:
     requests: list[dict] = field(default_factory=list)
 
     def branch_exists(self, owner: str, repo: str, branch: str) -> bool:
-        return subprocess.run(["git", "-C", f"{self.remotes}/{owner}/{repo}.git", "rev-parse", "--verify", "--quiet",
-                               f"refs/heads/{branch}"], capture_output=True).returncode == 0
+        return (
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    f"{self.remotes}/{owner}/{repo}.git",
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    f"refs/heads/{branch}",
+                ],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
 
     def answer(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
         self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
@@ -37,9 +50,16 @@ class FakeGitHub:
         if headers.get("authorization") != f"Bearer {self.token}":
             return 401, {"message": "Bad credentials"}
         if self.force_status:
-            return self.force_status, {"message": {403: "Resource not accessible by integration", 404: "Not Found",
-                                                   422: "Validation Failed"}.get(self.force_status, "error"),
-                                       "errors": [{"message": "A pull request already exists for acme:x."}] if self.force_status == 422 else []}
+            return self.force_status, {
+                "message": {
+                    403: "Resource not accessible by integration",
+                    404: "Not Found",
+                    422: "Validation Failed",
+                }.get(self.force_status, "error"),
+                "errors": [{"message": "A pull request already exists for acme:x."}]
+                if self.force_status == 422
+                else [],
+            }
         owner, repo = parts[1], parts[2]
         try:
             data = json.loads(body)
@@ -51,10 +71,17 @@ class FakeGitHub:
         if not self.branch_exists(owner, repo, data["head"]):
             return 422, {"message": "Validation Failed", "errors": [{"message": f"head {data['head']} does not exist"}]}
         if any(p["head"] == data["head"] and p["repo"] == f"{owner}/{repo}" for p in self.pulls):
-            return 422, {"message": "Validation Failed", "errors": [{"message": f"A pull request already exists for {owner}:{data['head']}."}]}
+            return 422, {
+                "message": "Validation Failed",
+                "errors": [{"message": f"A pull request already exists for {owner}:{data['head']}."}],
+            }
         number = len(self.pulls) + 1
-        pr = {**data, "repo": f"{owner}/{repo}", "number": number,
-              "html_url": f"https://github.example/{owner}/{repo}/pull/{number}"}
+        pr = {
+            **data,
+            "repo": f"{owner}/{repo}",
+            "number": number,
+            "html_url": f"https://github.example/{owner}/{repo}/pull/{number}",
+        }
         self.pulls.append(pr)
         return 201, pr
 
@@ -77,8 +104,18 @@ class FakeGitHub:
             headers = {k.decode().lower(): v.decode() for k, v in req.headers}
             status, data = self.answer(req.method.decode(), req.target.decode(), headers, body)
             out = json.dumps(data).encode()
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-                ("content-type", "application/json"), ("content-length", str(len(out))), ("connection", "close")])))
+            await stream.send_all(
+                conn.send(
+                    h11.Response(
+                        status_code=status,
+                        headers=[
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(out))),
+                            ("connection", "close"),
+                        ],
+                    )
+                )
+            )
             await stream.send_all(conn.send(h11.Data(data=out)))
             await stream.send_all(conn.send(h11.EndOfMessage()))
         except (trio.BrokenResourceError, h11.ProtocolError):

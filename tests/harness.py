@@ -45,7 +45,13 @@ def make_git_repo(path: str, files: dict[str, str] | None = None) -> str:
     import subprocess
 
     os.makedirs(path, exist_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "init", "-q", "-b", "main", path], check=True, env=env)
     for name, content in (files or {"README.md": "# test repo\n"}).items():
         Path(path, name).write_text(content)
@@ -56,10 +62,19 @@ def make_git_repo(path: str, files: dict[str, str] | None = None) -> str:
 
 def marathon_config(data_dir: str, **overrides) -> Config:
     flags = dict(
-        data_dir=data_dir, http_listen="tcp:127.0.0.1:0", gateway_listen="tcp:127.0.0.1:0",
-        anthropic_api_key=TEST_KEY, anthropic_base_url="http://127.0.0.1:9", claude_bin=claude_bin(),
-        heartbeat_interval=0.5, node_timeout=5.0, node_grace=1.0, assign_timeout=5.0,
-        connect_timeout=20.0, bwrap="required", log_level="debug",
+        data_dir=data_dir,
+        http_listen="tcp:127.0.0.1:0",
+        gateway_listen="tcp:127.0.0.1:0",
+        anthropic_api_key=TEST_KEY,
+        anthropic_base_url="http://127.0.0.1:9",
+        claude_bin=claude_bin(),
+        heartbeat_interval=0.5,
+        node_timeout=5.0,
+        node_grace=1.0,
+        assign_timeout=5.0,
+        connect_timeout=20.0,
+        bwrap="required",
+        log_level="debug",
     )
     flags.update(overrides)
     return load_config(flags, env={}, cwd=data_dir)
@@ -89,7 +104,10 @@ class Marathon:
         out = []
         headers = {"Last-Event-ID": str(after)} if after else {}
         async with self.client.stream(
-            "GET", f"/v1/tasks/{task_id}/events", params={"follow": "1" if follow else "0"}, headers=headers,
+            "GET",
+            f"/v1/tasks/{task_id}/events",
+            params={"follow": "1" if follow else "0"},
+            headers=headers,
             timeout=httpx.Timeout(10, read=None),
         ) as resp:
             resp.raise_for_status()
@@ -141,8 +159,9 @@ async def run_marathon(config: Config, role: str = "all"):
     async with trio.open_nursery() as nursery:
         info, node = await nursery.start(serve_role, role, config)
         token = await admin_token(info)
-        async with httpx.AsyncClient(base_url=info.url, timeout=30, trust_env=False,
-                                     headers={"Authorization": f"Bearer {token}"}) as client:
+        async with httpx.AsyncClient(
+            base_url=info.url, timeout=30, trust_env=False, headers={"Authorization": f"Bearer {token}"}
+        ) as client:
             if node is not None:
                 with trio.fail_after(10):
                     await node.connected.wait()

@@ -46,7 +46,9 @@ async def test_auth_ownership_keys_and_errors():
             r2 = await anon.post("/v1/auth/login", json={"email": "nobody@example.com", "password": "wrong password"})
             assert r1.status_code == r2.status_code == 401
             assert r1.json() == r2.json() == {"error": {"code": "unauthorized", "message": "invalid email or password"}}
-            r = await anon.post("/v1/auth/register", json={"email": "alice@example.com", "password": "another password"})
+            r = await anon.post(
+                "/v1/auth/register", json={"email": "alice@example.com", "password": "another password"}
+            )
             assert r.status_code == 409
             r = await anon.post("/v1/auth/register", json={"email": "carol@example.com", "password": "short"})
             assert r.status_code == 400
@@ -56,8 +58,12 @@ async def test_auth_ownership_keys_and_errors():
 
             # ownership: bob cannot see, cancel, read events or the diff of alice's task: 404, not 403
             task = (await a.post("/v1/tasks", json={"prompt": "alice's task"})).json()
-            for method, path in [("GET", f"/v1/tasks/{task['id']}"), ("POST", f"/v1/tasks/{task['id']}/cancel"),
-                                 ("GET", f"/v1/tasks/{task['id']}/events?follow=0"), ("GET", f"/v1/tasks/{task['id']}/diff")]:
+            for method, path in [
+                ("GET", f"/v1/tasks/{task['id']}"),
+                ("POST", f"/v1/tasks/{task['id']}/cancel"),
+                ("GET", f"/v1/tasks/{task['id']}/events?follow=0"),
+                ("GET", f"/v1/tasks/{task['id']}/diff"),
+            ]:
                 r = await b.request(method, path)
                 assert r.status_code == 404, (path, r.status_code)
                 assert r.json()["error"]["message"] == f"no task {task['id']!r}"
@@ -104,7 +110,11 @@ async def test_closed_registration_only_administrators_add_users():
             assert r.status_code == 403 and "closed" in r.json()["error"]["message"]
         r = await mt.client.post("/v1/auth/register", json={"email": "eve@example.com", "password": "long enough pw"})
         assert r.status_code == 201 and r.json()["admin"] is False
-        token = (await (await api(mt)).post("/v1/auth/login", json={"email": "eve@example.com", "password": "long enough pw"})).json()["token"]
+        token = (
+            await (await api(mt)).post(
+                "/v1/auth/login", json={"email": "eve@example.com", "password": "long enough pw"}
+            )
+        ).json()["token"]
         async with await api(mt, token) as eve:
             r = await eve.post("/v1/auth/register", json={"email": "mallory@example.com", "password": "long enough pw"})
             assert r.status_code == 403
@@ -134,8 +144,14 @@ async def test_cli_register_login_whoami_keys_logout():
         env = {**os.environ, "MARATHON_URL": mt.url, "XDG_CONFIG_HOME": os.path.join(tmp, "cfg")}
 
         async def cli(*args, stdin=b""):
-            return await trio.run_process([sys.executable, "-m", "marathon", *args], stdin=stdin, env=env,
-                                          capture_stdout=True, capture_stderr=True, check=False)
+            return await trio.run_process(
+                [sys.executable, "-m", "marathon", *args],
+                stdin=stdin,
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
 
         r = await cli("register", "erin@example.com", "--password-stdin", stdin=b"a long password\n")
         assert r.returncode == 0, r.stderr
@@ -156,8 +172,12 @@ async def test_cli_register_login_whoami_keys_logout():
         assert r.returncode == 0
         r = await cli("whoami")
         assert r.returncode == 1 and b"authentication required" in r.stderr
-        r = await trio.run_process([sys.executable, "-m", "marathon", "whoami"], env={**env, "MARATHON_TOKEN": key},
-                                   capture_stdout=True, check=False)
+        r = await trio.run_process(
+            [sys.executable, "-m", "marathon", "whoami"],
+            env={**env, "MARATHON_TOKEN": key},
+            capture_stdout=True,
+            check=False,
+        )
         assert r.returncode == 0 and b"erin@example.com" in r.stdout
 
 
@@ -169,7 +189,9 @@ async def test_task_list_filters_by_state_and_pages_with_a_cursor():
         await mt.client.post(f"/v1/tasks/{ids[0]}/cancel")
         seen, cursor = [], None
         while True:
-            page = (await mt.client.get("/v1/tasks", params={"limit": 3, **({"cursor": cursor} if cursor else {})})).json()
+            page = (
+                await mt.client.get("/v1/tasks", params={"limit": 3, **({"cursor": cursor} if cursor else {})})
+            ).json()
             seen += [t["id"] for t in page["tasks"]]
             cursor = page["next_cursor"]
             if not cursor:

@@ -66,7 +66,9 @@ async def test_gateway_and_api_survive_bad_input(caplog):
             await fs.handshake("node", "x", initiator=True, timeout=5)
             challenge = await fs.receive()
             assert isinstance(challenge, m.Challenge)
-            await fs.send(m.Authenticate(node_id="intruder", name="intruder", mac=b"0" * 32, capacity=m.Capacity(slots=9)))
+            await fs.send(
+                m.Authenticate(node_id="intruder", name="intruder", mac=b"0" * 32, capacity=m.Capacity(slots=9))
+            )
             reply = await fs.receive()
             assert isinstance(reply, m.Error) and reply.code == AuthError.code
             assert any("wrong node secret" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -114,10 +116,14 @@ async def test_cli_rejects_bad_input_before_queuing():
         (["run", "x", "--repo", "/nonexistent/repo"], "does not exist"),
         (["run", "x", "--repo", tmp], "not a git repository"),
     ]:
-        res = await trio.run_process([sys.executable, "-m", "marathon", *args], capture_stdout=True, capture_stderr=True, check=False, env=env)
+        res = await trio.run_process(
+            [sys.executable, "-m", "marathon", *args], capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
         assert res.returncode == 2, (args, res.stderr)
         assert message in res.stderr.decode()
-    res = await trio.run_process([sys.executable, "-m", "marathon", "status", "x"], capture_stderr=True, check=False, env=env)
+    res = await trio.run_process(
+        [sys.executable, "-m", "marathon", "status", "x"], capture_stderr=True, check=False, env=env
+    )
     assert res.returncode == 1 and "cannot reach the orchestrator at http://127.0.0.1:9" in res.stderr.decode()
 
 
@@ -128,8 +134,13 @@ async def test_submit_without_api_key_says_how_to_set_it():
         r = await mt.client.post("/v1/tasks", json={"prompt": "x"})
         assert r.status_code == 400
         assert "MARATHON_ANTHROPIC_API_KEY" in r.json()["error"]["message"]
-        res = await trio.run_process([sys.executable, "-m", "marathon", "run", "x"], capture_stdout=True,
-                                     capture_stderr=True, check=False, env={**os.environ, "MARATHON_URL": mt.url})
+        res = await trio.run_process(
+            [sys.executable, "-m", "marathon", "run", "x"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "MARATHON_URL": mt.url},
+        )
         assert res.returncode == 2 and "MARATHON_ANTHROPIC_API_KEY" in res.stderr.decode()
         assert (await mt.client.get("/v1/tasks")).json()["tasks"] == []
 

@@ -18,10 +18,16 @@ CONTRIBUTING = "# Contributing\n\n1. Fork the repository.\n2. Make a branch.\n3.
 
 def write_bash_done():
     return [
-        fa.tool_use("Write", {"file_path": "CONTRIBUTING.md", "content": CONTRIBUTING},
-                    usage={"input_tokens": 120, "output_tokens": 30, "cache_read_input_tokens": 7}),
-        fa.tool_use("Bash", {"command": "git status --short", "description": "status"},
-                    usage={"input_tokens": 150, "output_tokens": 25, "cache_creation_input_tokens": 11}),
+        fa.tool_use(
+            "Write",
+            {"file_path": "CONTRIBUTING.md", "content": CONTRIBUTING},
+            usage={"input_tokens": 120, "output_tokens": 30, "cache_read_input_tokens": 7},
+        ),
+        fa.tool_use(
+            "Bash",
+            {"command": "git status --short", "description": "status"},
+            usage={"input_tokens": 150, "output_tokens": 25, "cache_creation_input_tokens": 11},
+        ),
         fa.text("I added CONTRIBUTING.md.", usage={"input_tokens": 170, "output_tokens": 12}),
     ]
 
@@ -34,7 +40,9 @@ async def test_cli_run_succeeds_with_real_claude_code():
         async with run_marathon(config) as mt:
             res = await trio.run_process(
                 [sys.executable, "-m", "marathon", "run", "add a CONTRIBUTING.md", "--repo", repo],
-                capture_stdout=True, capture_stderr=True, check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
                 env={**os.environ, "MARATHON_URL": mt.url},
             )
             out = res.stdout.decode()

@@ -89,7 +89,9 @@ async def test_cli_client_follows_through_dropped_connections():
             proxy_port = await n.start(chaos_proxy, port, 20_000)
 
             def follow():
-                client = Client(f"http://127.0.0.1:{proxy_port}", token=mt.client.headers["Authorization"][7:], retries=1000)
+                client = Client(
+                    f"http://127.0.0.1:{proxy_port}", token=mt.client.headers["Authorization"][7:], retries=1000
+                )
                 try:
                     return [ev.id for ev in client.events(task["id"])]
                 finally:
@@ -110,10 +112,15 @@ async def test_ctrl_c_with_cancel_on_interrupt_cancels_the_task():
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
         async with run_marathon(config) as mt:
             async with trio.open_nursery() as n:
-                proc = await n.start(lambda task_status: trio.run_process(
-                    [sys.executable, "-m", "marathon", "run", "hang", "--cancel-on-interrupt"],
-                    env={**os.environ, "MARATHON_URL": mt.url}, check=False,
-                    stdout=__import__("subprocess").PIPE, task_status=task_status))
+                proc = await n.start(
+                    lambda task_status: trio.run_process(
+                        [sys.executable, "-m", "marathon", "run", "hang", "--cancel-on-interrupt"],
+                        env={**os.environ, "MARATHON_URL": mt.url},
+                        check=False,
+                        stdout=__import__("subprocess").PIPE,
+                        task_status=task_status,
+                    )
+                )
                 with trio.fail_after(60):
                     await asked.wait()
                 proc.send_signal(signal.SIGINT)

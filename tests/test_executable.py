@@ -40,17 +40,27 @@ async def test_executable_runs_a_task_end_to_end(exe):
     script = [fa.tool_use("Write", {"file_path": "HELLO.txt", "content": "hi\n"}), fa.text("wrote it")]
     async with fa.open_fake_anthropic(script) as fake:
         env = {
-            "PATH": os.environ["PATH"], "HOME": tmp,
+            "PATH": os.environ["PATH"],
+            "HOME": tmp,
             "MARATHON_DATA_DIR": os.path.join(tmp, "data"),
-            "MARATHON_HTTP_LISTEN": f"tcp:127.0.0.1:{http}", "MARATHON_GATEWAY_LISTEN": f"tcp:127.0.0.1:{gw}",
-            "MARATHON_ANTHROPIC_API_KEY": TEST_KEY, "MARATHON_ANTHROPIC_BASE_URL": fake.url,
-            "MARATHON_CLAUDE_BIN": claude_bin(), "MARATHON_BWRAP": "required",
+            "MARATHON_HTTP_LISTEN": f"tcp:127.0.0.1:{http}",
+            "MARATHON_GATEWAY_LISTEN": f"tcp:127.0.0.1:{gw}",
+            "MARATHON_ANTHROPIC_API_KEY": TEST_KEY,
+            "MARATHON_ANTHROPIC_BASE_URL": fake.url,
+            "MARATHON_CLAUDE_BIN": claude_bin(),
+            "MARATHON_BWRAP": "required",
             "MARATHON_URL": f"http://127.0.0.1:{http}",
         }
         async with trio.open_nursery() as n:
-            server = await n.start(lambda task_status: trio.run_process(
-                [exe, "serve", "--role", "all"], env=env, check=False, stderr=subprocess.PIPE,
-                task_status=task_status))
+            server = await n.start(
+                lambda task_status: trio.run_process(
+                    [exe, "serve", "--role", "all"],
+                    env=env,
+                    check=False,
+                    stderr=subprocess.PIPE,
+                    task_status=task_status,
+                )
+            )
             try:
                 # wait for the API: the server says so on stderr
                 buf = b""
@@ -60,8 +70,13 @@ async def test_executable_runs_a_task_end_to_end(exe):
                         assert chunk, buf.decode()
                         buf += chunk
                 n.start_soon(_drain, server.stderr)
-                res = await trio.run_process([exe, "run", "write hello", "--repo", repo], env=env,
-                                             capture_stdout=True, capture_stderr=True, check=False)
+                res = await trio.run_process(
+                    [exe, "run", "write hello", "--repo", repo],
+                    env=env,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
                 text = res.stdout.decode()
                 assert res.returncode == 0, text + res.stderr.decode()
                 assert "→ Write HELLO.txt" in text and "succeeded" in text

@@ -15,13 +15,23 @@ import pytest
 import trio
 
 from tests.fake_anthropic import (
-    DEMO_SCRIPT, USAGE_FIELDS, drop_after, error, hang, hang_after_start, load_script, open_fake_anthropic,
-    text, tool_use, turn,
+    DEMO_SCRIPT,
+    USAGE_FIELDS,
+    drop_after,
+    error,
+    hang,
+    hang_after_start,
+    load_script,
+    open_fake_anthropic,
+    text,
+    tool_use,
+    turn,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_BIN = os.environ.get("MARATHON_CLAUDE_BIN") or str(
-    REPO / ".cache/claude-code/node_modules/@anthropic-ai/claude-code/bin/claude.exe")
+    REPO / ".cache/claude-code/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
+)
 CLAUDE_UID = 4242
 
 
@@ -29,8 +39,14 @@ def body(n_assistant: int = 0, **kw) -> dict:
     msgs = [{"role": "user", "content": "hi"}]
     for _ in range(n_assistant):
         msgs += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
-    return {"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True, "messages": msgs,
-            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}], **kw}
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "stream": True,
+        "messages": msgs,
+        "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+        **kw,
+    }
 
 
 def parse_sse(raw: str) -> list[tuple[str, dict]]:
@@ -79,6 +95,7 @@ async def post(fake, payload, path="/v1/messages?beta=true", **headers):
 
 # ---------------------------------------------------------------- fast
 
+
 async def test_text_turn_event_sequence_and_usage():
     usage = {"input_tokens": 120, "output_tokens": 33, "cache_creation_input_tokens": 7, "cache_read_input_tokens": 900}
     async with open_fake_anthropic([text("Hello there, world", usage=usage)]) as fake:
@@ -93,7 +110,13 @@ async def test_text_turn_event_sequence_and_usage():
     assert content(events) == [{"type": "text", "text": "Hello there, world"}]
     assert client_usage(events) == usage == fake.usage_sent == fake.usage_completed
     (rec,) = fake.requests
-    assert (rec.method, rec.path, rec.turn, rec.kind, rec.completed) == ("POST", "/v1/messages?beta=true", 0, "main", True)
+    assert (rec.method, rec.path, rec.turn, rec.kind, rec.completed) == (
+        "POST",
+        "/v1/messages?beta=true",
+        0,
+        "main",
+        True,
+    )
     assert rec.headers["anthropic-beta"] == "x" and rec.body["model"] == "claude-sonnet-4-5"
     assert fake.main_requests == [rec] and fake.side_requests == [] and fake.errors == []
 
@@ -120,8 +143,12 @@ async def test_usage_overwrite_and_sum_over_turns():
     assert e0[-2][1]["usage"] == {"input_tokens": 5, "output_tokens": 9, "cache_read_input_tokens": 13}
     assert client_usage(e0) == final
     assert fake.usage_sent == {k: final[k] + client_usage(e1)[k] for k in USAGE_FIELDS}
-    assert fake.usage_sent == {"input_tokens": 105, "output_tokens": 29,
-                               "cache_creation_input_tokens": 11, "cache_read_input_tokens": 13}
+    assert fake.usage_sent == {
+        "input_tokens": 105,
+        "output_tokens": 29,
+        "cache_creation_input_tokens": 11,
+        "cache_read_input_tokens": 13,
+    }
 
 
 async def test_turn_index_is_stateless_and_exhaustion_is_an_error():
@@ -170,8 +197,9 @@ async def test_api_key_401():
     assert right.status_code == 200 and [r.kind for r in fake.requests] == ["rejected", "rejected", "main"]
 
 
-@pytest.mark.parametrize("status,etype", [(429, "rate_limit_error"), (500, "api_error"),
-                                          (402, "billing_error"), (529, "overloaded_error")])
+@pytest.mark.parametrize(
+    "status,etype", [(429, "rate_limit_error"), (500, "api_error"), (402, "billing_error"), (529, "overloaded_error")]
+)
 async def test_error_turns(status, etype):
     async with open_fake_anthropic([error(status, etype, "nope")]) as fake:
         r = await post(fake, body())
@@ -191,8 +219,12 @@ async def test_drop_after_counts_what_arrived():
                         raw += chunk
     names = [n for n, _ in parse_sse(raw.decode())]
     assert names == ["message_start", "content_block_start"]
-    assert fake.usage_sent == {"input_tokens": 100, "output_tokens": 1,
-                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    assert fake.usage_sent == {
+        "input_tokens": 100,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
     assert fake.usage_completed == dict.fromkeys(USAGE_FIELDS, 0)
 
 
@@ -232,8 +264,16 @@ async def test_non_streaming():
 async def test_side_requests_do_not_consume_the_script():
     async with open_fake_anthropic([text("main answer")]) as fake:
         quota = await post(fake, body(max_tokens=1))
-        title = await post(fake, {"model": "claude-haiku-4-5", "max_tokens": 512, "stream": True,
-                                  "system": "Generate a title", "messages": [{"role": "user", "content": "x"}]})
+        title = await post(
+            fake,
+            {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 512,
+                "stream": True,
+                "system": "Generate a title",
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
         count = await post(fake, body(), path="/v1/messages/count_tokens?beta=true")
         main = await post(fake, body())
     assert content(parse_sse(main.text))[0]["text"] == "main answer"
@@ -253,15 +293,18 @@ async def test_subagent_flag():
 
 def test_json_script_matches_demo():
     demo, from_json = load_script("demo"), load_script("write_bash_done")
-    assert [[{k: v for k, v in b.items() if k != "id"} for b in t.blocks] for t in demo] == \
-           [[{k: v for k, v in b.items() if k != "id"} for b in t.blocks] for t in from_json]
+    assert [[{k: v for k, v in b.items() if k != "id"} for b in t.blocks] for t in demo] == [
+        [{k: v for k, v in b.items() if k != "id"} for b in t.blocks] for t in from_json
+    ]
     assert [t.stop_reason for t in demo] == ["tool_use", "tool_use", "end_turn"]
 
 
 async def test_standalone_server():
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tests.fake_anthropic", "--port", "0", "--script", "demo", "--api-key", "k"],
-        cwd=REPO, stdout=subprocess.PIPE)
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
     try:
         with trio.fail_after(15):
             line = b""
@@ -279,6 +322,7 @@ async def test_standalone_server():
 
 # ---------------------------------------------------------------- slow: the real CLI
 
+
 def make_workspace() -> tuple[Path, Path, Path, Path]:
     """A /tmp dir uid 4242 can traverse, with HOME, TMPDIR and a git work tree owned by it."""
     base = Path(tempfile.mkdtemp(prefix="fake-anthropic-", dir="/tmp"))
@@ -294,59 +338,105 @@ def make_workspace() -> tuple[Path, Path, Path, Path]:
 
 
 def claude_command(prompt: str, max_turns: int = 10) -> list[str]:
-    cmd = [CLAUDE_BIN, "-p", prompt, "--output-format", "stream-json", "--verbose", "--max-turns", str(max_turns),
-           "--model", "claude-sonnet-4-5", "--dangerously-skip-permissions"]
+    cmd = [
+        CLAUDE_BIN,
+        "-p",
+        prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--max-turns",
+        str(max_turns),
+        "--model",
+        "claude-sonnet-4-5",
+        "--dangerously-skip-permissions",
+    ]
     if os.geteuid() == 0:  # claude refuses --dangerously-skip-permissions as root
         cmd = ["setpriv", "--reuid", str(CLAUDE_UID), "--regid", str(CLAUDE_UID), "--clear-groups", *cmd]
     return cmd
 
 
 def claude_env(url: str, home: Path, tmp: Path) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp),
-            "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-fake-test",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_RETRIES": "1",
-            "NO_PROXY": "127.0.0.1,localhost"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": str(tmp),
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": "sk-fake-test",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CODE_MAX_RETRIES": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
 
 
 @pytest.mark.slow
 async def test_real_claude_write_bash_end_turn():
     assert os.access(CLAUDE_BIN, os.X_OK), (
-        f"Claude Code CLI not found at {CLAUDE_BIN}: run `make claude-code` or set MARATHON_CLAUDE_BIN")
+        f"Claude Code CLI not found at {CLAUDE_BIN}: run `make claude-code` or set MARATHON_CLAUDE_BIN"
+    )
     script = [
-        tool_use("Write", DEMO_SCRIPT[0].blocks[0]["input"],
-                 usage={"input_tokens": 1200, "output_tokens": 80, "cache_creation_input_tokens": 3000}),
-        tool_use("Bash", {"command": "git status --short", "description": "status"},
-                 usage={"input_tokens": 40, "output_tokens": 30, "cache_read_input_tokens": 3000},
-                 start_usage={"input_tokens": 999, "cache_read_input_tokens": 1}),  # message_delta overwrites
-        text("Added CONTRIBUTING.md.", usage={"input_tokens": 25, "output_tokens": 12, "cache_read_input_tokens": 3100}),
+        tool_use(
+            "Write",
+            DEMO_SCRIPT[0].blocks[0]["input"],
+            usage={"input_tokens": 1200, "output_tokens": 80, "cache_creation_input_tokens": 3000},
+        ),
+        tool_use(
+            "Bash",
+            {"command": "git status --short", "description": "status"},
+            usage={"input_tokens": 40, "output_tokens": 30, "cache_read_input_tokens": 3000},
+            start_usage={"input_tokens": 999, "cache_read_input_tokens": 1},
+        ),  # message_delta overwrites
+        text(
+            "Added CONTRIBUTING.md.", usage={"input_tokens": 25, "output_tokens": 12, "cache_read_input_tokens": 3100}
+        ),
     ]
     base, home, tmp, work = make_workspace()
     try:
         async with open_fake_anthropic(script, api_key="sk-fake-test") as fake:
             with trio.fail_after(120):
-                proc = await trio.run_process(claude_command("add a CONTRIBUTING.md"), cwd=work,
-                                              env=claude_env(fake.url + "/prefix", home, tmp),
-                                              capture_stdout=True, capture_stderr=True, check=False)
+                proc = await trio.run_process(
+                    claude_command("add a CONTRIBUTING.md"),
+                    cwd=work,
+                    env=claude_env(fake.url + "/prefix", home, tmp),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
         out = proc.stdout.decode()
         assert proc.returncode == 0, f"claude exited {proc.returncode}\nstderr: {proc.stderr.decode()}\n{out}"
         assert (work / "CONTRIBUTING.md").read_text() == DEMO_SCRIPT[0].blocks[0]["input"]["content"]
 
         lines = [json.loads(line) for line in out.splitlines() if line.strip()]
-        tools = [b for m in lines if m["type"] == "assistant" for b in m["message"]["content"] if b["type"] == "tool_use"]
+        tools = [
+            b for m in lines if m["type"] == "assistant" for b in m["message"]["content"] if b["type"] == "tool_use"
+        ]
         assert [t["name"] for t in tools] == ["Write", "Bash"]
-        bash_result = [b for m in lines if m["type"] == "user" for b in m["message"]["content"]
-                       if isinstance(b, dict) and b.get("tool_use_id") == tools[1]["id"]]
+        bash_result = [
+            b
+            for m in lines
+            if m["type"] == "user"
+            for b in m["message"]["content"]
+            if isinstance(b, dict) and b.get("tool_use_id") == tools[1]["id"]
+        ]
         assert "CONTRIBUTING.md" in str(bash_result[0]["content"])
 
         result = lines[-1]
         assert result["type"] == "result" and result["subtype"] == "success" and not result["is_error"]
         assert result["num_turns"] == 3 and result["result"] == "Added CONTRIBUTING.md."
-        assert {k: result["usage"][k] for k in USAGE_FIELDS} == fake.usage_sent == {
-            "input_tokens": 1265, "output_tokens": 122,
-            "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 6100}
+        assert (
+            {k: result["usage"][k] for k in USAGE_FIELDS}
+            == fake.usage_sent
+            == {
+                "input_tokens": 1265,
+                "output_tokens": 122,
+                "cache_creation_input_tokens": 3000,
+                "cache_read_input_tokens": 6100,
+            }
+        )
         (model_usage,) = result["modelUsage"].values()
-        assert [model_usage[k] for k in ("inputTokens", "outputTokens", "cacheCreationInputTokens",
-                                         "cacheReadInputTokens")] == [1265, 122, 3000, 6100]
+        assert [
+            model_usage[k] for k in ("inputTokens", "outputTokens", "cacheCreationInputTokens", "cacheReadInputTokens")
+        ] == [1265, 122, 3000, 6100]
 
         assert [r.turn for r in fake.main_requests] == [0, 1, 2] and fake.side_requests == [] and not fake.errors
         assert all(r.path == "/prefix/v1/messages?beta=true" for r in fake.requests)

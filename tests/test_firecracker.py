@@ -21,7 +21,13 @@ import trio
 from marathon.errors import ProtocolError, SandboxError
 from marathon.node.sandbox.fc_net import _cgroup_mounts, find_stale_vmms, list_netns, veth_name
 from marathon.node.sandbox.firecracker import (
-    FirecrackerBackend, FirecrackerVM, Jailer, detect, find_binary, open_vm, reap_leftovers,
+    FirecrackerBackend,
+    FirecrackerVM,
+    Jailer,
+    detect,
+    find_binary,
+    open_vm,
+    reap_leftovers,
 )
 from marathon.protocol.transports import open_stream
 from tests.fc_guest.build import BANNER, build_guest
@@ -176,8 +182,10 @@ async def test_two_clones_of_one_snapshot_run_side_by_side(fc_bin, guest, tmp_pa
         await boot(vm, guest, vsock_cid=3)
         snap = await vm.snapshot(f"{root}/snap")
         at_snap = max(ticks(vm))
-    async with open_vm(f"{root}/c1", firecracker_bin=fc_bin, prefix=PREFIX) as c1, \
-            open_vm(f"{root}/c2", firecracker_bin=fc_bin, prefix=PREFIX) as c2:
+    async with (
+        open_vm(f"{root}/c1", firecracker_bin=fc_bin, prefix=PREFIX) as c1,
+        open_vm(f"{root}/c2", firecracker_bin=fc_bin, prefix=PREFIX) as c2,
+    ):
         async with trio.open_nursery() as n:
             n.start_soon(c1.restore_from, snap)
             n.start_soon(c2.restore_from, snap)
@@ -221,7 +229,9 @@ async def test_stale_vsock_socket_is_removed_before_load(fc_bin, guest, tmp_path
 
 async def test_api_errors_carry_firecrackers_fault_message(fc_bin, guest, tmp_path):
     async with open_vm(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX) as vm:
-        with pytest.raises(SandboxError, match=r"PUT /machine-config -> 400: Machine config error: The number of vCPUs"):
+        with pytest.raises(
+            SandboxError, match=r"PUT /machine-config -> 400: Machine config error: The number of vCPUs"
+        ):
             await vm.api.put("/machine-config", {"vcpu_count": 0, "mem_size_mib": MEM})
         with pytest.raises(SandboxError, match=r"PUT /boot-source -> 400: .*kernel"):
             await vm.configure(kernel=str(tmp_path / "missing-kernel"))
@@ -353,8 +363,11 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
 
     root = str(tmp_path / "run")
     args = [root, fc_bin, jailer_bin, guest, PREFIX, short_dir, _memory_cgroup()[0]]
-    node = await trio.lowlevel.open_process([sys.executable, "-c", CRASHING_NODE, *args],
-                                            stdout=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
+    node = await trio.lowlevel.open_process(
+        [sys.executable, "-c", CRASHING_NODE, *args],
+        stdout=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     try:
         line = b""
         with trio.fail_after(20):
@@ -392,8 +405,9 @@ async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     image.mkdir()
     shutil.copy(guest, image / "vmlinux")
     shutil.copy(disk, image / "rootfs.ext4")
-    backend = FirecrackerBackend(firecracker_bin=fc_bin, image_dir=str(image), vcpus=1, mem_mib=MEM,
-                                 prefix=PREFIX, check=False)
+    backend = FirecrackerBackend(
+        firecracker_bin=fc_bin, image_dir=str(image), vcpus=1, mem_mib=MEM, prefix=PREFIX, check=False
+    )
     assert backend.name == "firecracker" and "network namespace" in backend.info.isolation
     run_dir = str(tmp_path / "task" / "run")
     sandbox = await backend.create("task-1", str(tmp_path / "ws"), run_dir)

@@ -27,8 +27,16 @@ class ScriptedNode:
         await self.fs.handshake("node", "test", initiator=True, timeout=5)
         challenge = await self.fs.receive()
         nonce = os.urandom(32)
-        await self.fs.send(m.Authenticate(node_id=self.node_id, name="scripted", mac=node_mac(self.secret, challenge.nonce, self.node_id),
-                                          capacity=m.Capacity(slots=slots), running=running or {}, nonce=nonce))
+        await self.fs.send(
+            m.Authenticate(
+                node_id=self.node_id,
+                name="scripted",
+                mac=node_mac(self.secret, challenge.nonce, self.node_id),
+                capacity=m.Capacity(slots=slots),
+                running=running or {},
+                nonce=nonce,
+            )
+        )
         welcome = await self.fs.receive()
         assert welcome.mac == orchestrator_mac(self.secret, nonce, self.node_id)  # the orchestrator proved it, too
         return welcome
@@ -48,8 +56,11 @@ class ScriptedNode:
         await self.fs.send(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
     async def result(self, task_id: str, attempt: int, state: str, **kw) -> None:
-        await self.fs.send(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), attempt=attempt,
-                                        outcome=m.TaskOutcome(state=state, **kw)))
+        await self.fs.send(
+            m.TaskResult(
+                task_id=task_id, node_seq=self.next_seq(), attempt=attempt, outcome=m.TaskOutcome(state=state, **kw)
+            )
+        )
 
     async def close(self) -> None:
         await self.fs.aclose()
@@ -135,7 +146,13 @@ async def test_a_node_refuses_an_orchestrator_that_cannot_prove_the_secret():
         await fs.handshake("orchestrator", "x", initiator=False, timeout=5)
         await fs.send(m.Challenge(nonce=b"n" * 32))
         auth = await fs.receive()
-        await fs.send(m.Welcome(node_id=auth.node_id, heartbeat_interval=1, mac=orchestrator_mac(impostor_secret, auth.nonce, auth.node_id)))
+        await fs.send(
+            m.Welcome(
+                node_id=auth.node_id,
+                heartbeat_interval=1,
+                mac=orchestrator_mac(impostor_secret, auth.nonce, auth.node_id),
+            )
+        )
         await trio.sleep_forever()
 
     config = marathon_config(os.path.join(tmp, "node"), orchestrator=f"tcp:127.0.0.1:{port}")

@@ -7,14 +7,28 @@ from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, allowed, tr
 from marathon.orchestrator.scheduler import NodeView, TaskView, plan, score
 
 LEGAL = {
-    (State.QUEUED, State.SCHEDULED), (State.QUEUED, State.CANCELLED), (State.QUEUED, State.FAILED),
-    (State.SCHEDULED, State.STARTING), (State.SCHEDULED, State.QUEUED), (State.SCHEDULED, State.CANCELLED),
+    (State.QUEUED, State.SCHEDULED),
+    (State.QUEUED, State.CANCELLED),
+    (State.QUEUED, State.FAILED),
+    (State.SCHEDULED, State.STARTING),
+    (State.SCHEDULED, State.QUEUED),
+    (State.SCHEDULED, State.CANCELLED),
     (State.SCHEDULED, State.FAILED),
-    (State.STARTING, State.RUNNING), (State.STARTING, State.QUEUED), (State.STARTING, State.CANCELLED),
-    (State.STARTING, State.FAILED), (State.STARTING, State.TIMED_OUT), (State.STARTING, State.SUCCEEDED),
-    (State.RUNNING, State.SUCCEEDED), (State.RUNNING, State.FAILED), (State.RUNNING, State.CANCELLED),
-    (State.RUNNING, State.TIMED_OUT), (State.RUNNING, State.NEEDS_INPUT), (State.RUNNING, State.QUEUED),
-    (State.NEEDS_INPUT, State.QUEUED), (State.NEEDS_INPUT, State.CANCELLED), (State.NEEDS_INPUT, State.FAILED),
+    (State.STARTING, State.RUNNING),
+    (State.STARTING, State.QUEUED),
+    (State.STARTING, State.CANCELLED),
+    (State.STARTING, State.FAILED),
+    (State.STARTING, State.TIMED_OUT),
+    (State.STARTING, State.SUCCEEDED),
+    (State.RUNNING, State.SUCCEEDED),
+    (State.RUNNING, State.FAILED),
+    (State.RUNNING, State.CANCELLED),
+    (State.RUNNING, State.TIMED_OUT),
+    (State.RUNNING, State.NEEDS_INPUT),
+    (State.RUNNING, State.QUEUED),
+    (State.NEEDS_INPUT, State.QUEUED),
+    (State.NEEDS_INPUT, State.CANCELLED),
+    (State.NEEDS_INPUT, State.FAILED),
 }
 
 

@@ -36,11 +36,15 @@ async def test_two_iterations_with_context_prefix_and_memory():
 
     def script(body, i):
         if "[Marathon: iteration 2 of 3]" in prompt_of(body):
-            return [fa.tool_use("Write", {"file_path": "step2.txt", "content": "two\n"}),
-                    fa.text("Both steps are done.\n<promise>ALL DONE</promise>")][i]
-        return [fa.tool_use("Write", {"file_path": "MEMORY.md", "content": "remember: step one finished, step two next\n"}),
-                fa.tool_use("Write", {"file_path": "step1.txt", "content": "one\n"}),
-                fa.text("Step one is finished; step two remains.")][i]
+            return [
+                fa.tool_use("Write", {"file_path": "step2.txt", "content": "two\n"}),
+                fa.text("Both steps are done.\n<promise>ALL DONE</promise>"),
+            ][i]
+        return [
+            fa.tool_use("Write", {"file_path": "MEMORY.md", "content": "remember: step one finished, step two next\n"}),
+            fa.tool_use("Write", {"file_path": "step1.txt", "content": "one\n"}),
+            fa.text("Step one is finished; step two remains."),
+        ][i]
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
@@ -76,13 +80,18 @@ async def test_verify_iterates_until_the_check_passes():
         p = prompt_of(body)
         if "iteration 2 of" in p:
             assert "test -f done.txt" in p and "exit 1" in p  # the failed check feeds the next iteration
-            return [fa.tool_use("Write", {"file_path": "done.txt", "content": "yes\n"}), fa.text("<promise>DONE</promise>")][i]
+            return [
+                fa.tool_use("Write", {"file_path": "done.txt", "content": "yes\n"}),
+                fa.text("<promise>DONE</promise>"),
+            ][i]
         return fa.text("Finished!\n<promise>DONE</promise>")  # a false claim
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
         async with run_marathon(config) as mt:
-            task = await mt.submit("make done.txt", repo=repo, max_iterations=4, promise="DONE", verify="test -f done.txt")
+            task = await mt.submit(
+                "make done.txt", repo=repo, max_iterations=4, promise="DONE", verify="test -f done.txt"
+            )
             final = await mt.finish(task["id"])
             assert final["state"] == "succeeded" and final["iterations"] == 2, final
             logs = [e["data"]["message"] for e in await mt.events(task["id"], follow=False) if e["event"] == "log"]
@@ -108,8 +117,10 @@ async def test_promise_in_a_tool_result_or_echoed_does_not_complete():
     repo = make_git_repo(os.path.join(tmp, "repo"))
     script = [
         fa.tool_use("Bash", {"command": "echo '<promise>DONE</promise>'"}),
-        fa.text("I was told to print `<promise>DONE</promise>` when finished, which I am not. "
-                "Also the instructions said <promise>DONE</promise> but not yet."),
+        fa.text(
+            "I was told to print `<promise>DONE</promise>` when finished, which I am not. "
+            "Also the instructions said <promise>DONE</promise> but not yet."
+        ),
     ]
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
@@ -117,7 +128,9 @@ async def test_promise_in_a_tool_result_or_echoed_does_not_complete():
             task = await mt.submit("tricky", repo=repo, max_iterations=1, promise="DONE")
             final = await mt.finish(task["id"])
             assert final["state"] == "failed" and final["reason"] == "max_iterations", final
-            results = [e["data"]["summary"] for e in await mt.events(task["id"], follow=False) if e["event"] == "tool_result"]
+            results = [
+                e["data"]["summary"] for e in await mt.events(task["id"], follow=False) if e["event"] == "tool_result"
+            ]
             assert any("<promise>DONE</promise>" in r for r in results)
 
 
@@ -128,12 +141,16 @@ async def test_clarification_needs_input_then_reply_continues_the_work():
     def script(body, i):
         p = prompt_of(body)
         if "<answer>\nblue\n</answer>" in p:
-            return [fa.tool_use("Bash", {"command": "cat notes.txt"}),
-                    fa.tool_use("Write", {"file_path": "color.txt", "content": "blue\n"}),
-                    fa.text("Painted it blue.")][i]
-        return [fa.tool_use("Write", {"file_path": "notes.txt", "content": "partial work\n"}),
-                fa.tool_use("Write", {"file_path": "MEMORY.md", "content": "asked about the color\n"}),
-                fa.text("I need to know one thing.\n<clarification>Which color should it be?</clarification>")][i]
+            return [
+                fa.tool_use("Bash", {"command": "cat notes.txt"}),
+                fa.tool_use("Write", {"file_path": "color.txt", "content": "blue\n"}),
+                fa.text("Painted it blue."),
+            ][i]
+        return [
+            fa.tool_use("Write", {"file_path": "notes.txt", "content": "partial work\n"}),
+            fa.tool_use("Write", {"file_path": "MEMORY.md", "content": "asked about the color\n"}),
+            fa.text("I need to know one thing.\n<clarification>Which color should it be?</clarification>"),
+        ][i]
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
@@ -153,10 +170,22 @@ async def test_clarification_needs_input_then_reply_continues_the_work():
             second = conversations(fake)[1]
             assert "[Marathon: iteration 2 of 2]" in second and "asked about the color" in second
             events = await mt.events(task["id"], follow=False)
-            results = [e["data"]["summary"] for e in events if e["event"] == "tool_result" and e["data"]["iteration"] == 2]
+            results = [
+                e["data"]["summary"] for e in events if e["event"] == "tool_result" and e["data"]["iteration"] == 2
+            ]
             assert "partial work" in results[0]  # the same work, continued
             diff = (await mt.client.get(f"/v1/tasks/{task['id']}/diff")).text
             assert "notes.txt" in diff and "color.txt" in diff
             states = [e["data"]["state"] for e in events if e["event"] == "state"]
-            assert states == ["queued", "scheduled", "starting", "running", "needs_input",
-                              "queued", "scheduled", "starting", "running", "succeeded"]
+            assert states == [
+                "queued",
+                "scheduled",
+                "starting",
+                "running",
+                "needs_input",
+                "queued",
+                "scheduled",
+                "starting",
+                "running",
+                "succeeded",
+            ]

@@ -10,8 +10,18 @@ def sse(*events):
 
 
 STREAM = sse(
-    {"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": 100, "output_tokens": 1, "cache_read_input_tokens": 5}}},
-    {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "Bash", "input": {}}},
+    {
+        "type": "message_start",
+        "message": {
+            "model": "claude-x",
+            "usage": {"input_tokens": 100, "output_tokens": 1, "cache_read_input_tokens": 5},
+        },
+    },
+    {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "tool_use", "id": "t", "name": "Bash", "input": {}},
+    },
     {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
     {"type": "content_block_stop", "index": 0},
     {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 42, "input_tokens": 90}},
@@ -23,7 +33,7 @@ def test_meter_overwrite_rule_in_any_chunking():
     for size in (1, 7, 64, len(STREAM)):
         meter = UsageMeter()
         for i in range(0, len(STREAM), size):
-            meter.feed(STREAM[i:i + size])
+            meter.feed(STREAM[i : i + size])
         assert meter.usage == m.Usage(input_tokens=90, output_tokens=42, cache_read_input_tokens=5)
         assert meter.tool_calls == 1 and meter.model == "claude-x" and meter.saw_stop
 
@@ -37,8 +47,15 @@ def test_meter_counts_what_arrived_of_a_cut_stream():
 
 def test_meter_non_streaming_message():
     meter = UsageMeter()
-    meter.message({"type": "message", "model": "m", "usage": {"input_tokens": 3, "output_tokens": 4},
-                   "content": [{"type": "tool_use"}, {"type": "text"}], "stop_reason": "tool_use"})
+    meter.message(
+        {
+            "type": "message",
+            "model": "m",
+            "usage": {"input_tokens": 3, "output_tokens": 4},
+            "content": [{"type": "tool_use"}, {"type": "text"}],
+            "stop_reason": "tool_use",
+        }
+    )
     assert meter.usage == m.Usage(3, 4) and meter.tool_calls == 1
 
 
@@ -46,11 +63,28 @@ def test_stream_parser_turns_lines_into_events():
     p = StreamParser()
     lines = [
         {"type": "system", "subtype": "init", "model": "claude-x", "session_id": "s"},
-        {"type": "assistant", "message": {"content": [{"type": "text", "text": "Hi"},
-                                                      {"type": "tool_use", "id": "1", "name": "Bash", "input": {"command": "ls -la"}}]}},
-        {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": "1", "content": "a\nb", "is_error": False}]}},
-        {"type": "result", "subtype": "success", "is_error": False, "num_turns": 2, "result": "done",
-         "usage": {"input_tokens": 5, "output_tokens": 6}, "total_cost_usd": 0.01},
+        {
+            "type": "assistant",
+            "message": {
+                "content": [
+                    {"type": "text", "text": "Hi"},
+                    {"type": "tool_use", "id": "1", "name": "Bash", "input": {"command": "ls -la"}},
+                ]
+            },
+        },
+        {
+            "type": "user",
+            "message": {"content": [{"type": "tool_result", "tool_use_id": "1", "content": "a\nb", "is_error": False}]},
+        },
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": False,
+            "num_turns": 2,
+            "result": "done",
+            "usage": {"input_tokens": 5, "output_tokens": 6},
+            "total_cost_usd": 0.01,
+        },
     ]
     events = [e for line in lines for e in p.line(json.dumps(line))]
     assert [type(e) for e in events] == [m.LogEvent, m.TextEvent, m.ToolCallEvent, m.ToolResultEvent]

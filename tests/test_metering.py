@@ -23,11 +23,17 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
     tmp = scratch_dir()
     repo = make_git_repo(os.path.join(tmp, "repo"))
     script = [
-        fa.tool_use("Write", {"file_path": "a.txt", "content": "a\n"},
-                    usage={"input_tokens": 1200, "output_tokens": 80, "cache_creation_input_tokens": 3000},
-                    start_usage={"input_tokens": 1300}),
-        fa.tool_use("Bash", {"command": "cat a.txt"},
-                    usage={"input_tokens": 40, "output_tokens": 60, "cache_read_input_tokens": 3000}),
+        fa.tool_use(
+            "Write",
+            {"file_path": "a.txt", "content": "a\n"},
+            usage={"input_tokens": 1200, "output_tokens": 80, "cache_creation_input_tokens": 3000},
+            start_usage={"input_tokens": 1300},
+        ),
+        fa.tool_use(
+            "Bash",
+            {"command": "cat a.txt"},
+            usage={"input_tokens": 40, "output_tokens": 60, "cache_read_input_tokens": 3000},
+        ),
         fa.text("done", usage={"input_tokens": 25, "output_tokens": 12, "cache_read_input_tokens": 3100}),
     ]
     async with fa.open_fake_anthropic(script) as fake:
@@ -39,10 +45,21 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
             rows = await mt.info.tasks.store.ledger_rows(task["id"])
             assert len(rows) == len(fake.main_requests) == 3
             for row, req in zip(rows, fake.main_requests):
-                assert (row.input_tokens, row.output_tokens, row.cache_creation_input_tokens, row.cache_read_input_tokens) == tuple(req.usage.values())
+                assert (
+                    row.input_tokens,
+                    row.output_tokens,
+                    row.cache_creation_input_tokens,
+                    row.cache_read_input_tokens,
+                ) == tuple(req.usage.values())
                 assert row.model == MODEL and row.status == 200 and row.complete and row.priced
             assert [r.tool_calls for r in rows] == [1, 1, 0]
-            total = sum((Usage(r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens) for r in rows), Usage())
+            total = sum(
+                (
+                    Usage(r.input_tokens, r.output_tokens, r.cache_creation_input_tokens, r.cache_read_input_tokens)
+                    for r in rows
+                ),
+                Usage(),
+            )
             # ledger == what the upstream sent == what Claude Code itself reported == the task's usage
             assert total == Usage(**fake.usage_sent)
             assert final["claude_usage"] == fake.usage_sent
@@ -72,7 +89,9 @@ async def test_token_budget_stops_the_task_within_two_seconds_of_crossing():
     repo = make_git_repo(os.path.join(tmp, "repo"))
     # turn 1 spends 1500 tokens and starts a long command; the budget is 1000
     script = [
-        fa.tool_use("Bash", {"command": "sleep 120", "timeout": 300000}, usage={"input_tokens": 1400, "output_tokens": 100}),
+        fa.tool_use(
+            "Bash", {"command": "sleep 120", "timeout": 300000}, usage={"input_tokens": 1400, "output_tokens": 100}
+        ),
         fa.text("never reached"),
     ]
     async with fa.open_fake_anthropic(script) as fake:
@@ -101,7 +120,9 @@ async def test_real_key_is_absent_from_everything_the_sandbox_can_read():
 
     def script(body, i):
         if i == 0:
-            return fa.tool_use("Bash", {"command": "env > env.txt; cat ~/.claude.json > cfg.txt 2>&1; ls -la ~ > home.txt"})
+            return fa.tool_use(
+                "Bash", {"command": "env > env.txt; cat ~/.claude.json > cfg.txt 2>&1; ls -la ~ > home.txt"}
+            )
         waiting.set()
         return fa.hang()
 

@@ -34,7 +34,10 @@ async def test_node_lost_mid_task_requeues_and_another_node_finishes_it():
 
             def node_config(name):
                 return msgspec.structs.replace(
-                    config, data_dir=os.path.join(tmp, name), node_name=name, orchestrator=mt.gateway,
+                    config,
+                    data_dir=os.path.join(tmp, name),
+                    node_name=name,
+                    orchestrator=mt.gateway,
                 )
 
             async with trio.open_nursery() as node_a:
@@ -79,7 +82,9 @@ async def test_task_fails_after_max_attempts_of_node_loss():
         async with run_marathon(config, role="orchestrator") as mt:
             task = None
             for attempt in (1, 2):
-                cfg = msgspec.structs.replace(config, data_dir=os.path.join(tmp, f"n{attempt}"), node_name=f"n{attempt}", orchestrator=mt.gateway)
+                cfg = msgspec.structs.replace(
+                    config, data_dir=os.path.join(tmp, f"n{attempt}"), node_name=f"n{attempt}", orchestrator=mt.gateway
+                )
                 async with trio.open_nursery() as n:
                     await n.start(serve_node, cfg, make_backend(cfg), mt.node_secret)
                     if task is None:

@@ -8,6 +8,7 @@ from marathon.protocol.framing import FramedStream, decode_frame, encode_frame
 from marathon.protocol import messages as m
 from marathon.protocol.transports import parse_address
 from marathon.protocol.tunnel import TunnelMux
+import trio.lowlevel
 
 GW = msgspec.msgpack.Decoder(m.GatewayMessage)
 
@@ -132,12 +133,14 @@ async def test_tunnel_flow_control_and_close():
         n.start_soon(pump, fb, right, accepted)
         n.start_soon(pump, fa, left, [])
         s = await left.open()
+
         async def writer():
             await s.send_all(payload)
             await s.aclose()
+
         n.start_soon(writer)
         while not accepted:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         r = accepted[0]
         while chunk := await r.receive_some(300):
             assert len(chunk) <= 300

@@ -28,12 +28,19 @@ def body(stream=True, turns=0):
     msgs = [{"role": "user", "content": "hi"}]
     for _ in range(turns):
         msgs += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
-    return {"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": stream, "messages": msgs,
-            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}]}
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "stream": stream,
+        "messages": msgs,
+        "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+    }
 
 
 async def start(nursery, script, *, budget=lambda: None, expires_at=None, max_body=1_000_000, prefix=""):
-    fake = await nursery.start(lambda task_status: fa.serve_fake_anthropic(script, api_key=REAL_KEY, task_status=task_status))
+    fake = await nursery.start(
+        lambda task_status: fa.serve_fake_anthropic(script, api_key=REAL_KEY, task_status=task_status)
+    )
     proxy = MeteringProxy(fake.url + prefix, REAL_KEY, max_body=max_body)
     records = []
     grant = ProxyGrant(task_id="t1", token=TOKEN, on_record=records.append, budget_check=budget, expires_at=expires_at)
@@ -46,8 +53,17 @@ async def start(nursery, script, *, budget=lambda: None, expires_at=None, max_bo
 
 async def test_streams_through_with_the_real_key_and_meters_exactly():
     async with trio.open_nursery() as n:
-        h = await start(n, [fa.tool_use("Bash", {"command": "ls"}, usage={"input_tokens": 321, "output_tokens": 45, "cache_read_input_tokens": 9},
-                                        start_usage={"input_tokens": 999})])
+        h = await start(
+            n,
+            [
+                fa.tool_use(
+                    "Bash",
+                    {"command": "ls"},
+                    usage={"input_tokens": 321, "output_tokens": 45, "cache_read_input_tokens": 9},
+                    start_usage={"input_tokens": 999},
+                )
+            ],
+        )
         r = await h.post(body())
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert b"event: message_stop" in r.content
@@ -78,7 +94,10 @@ async def test_non_streaming_is_metered():
         n.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("status,kind", [(429, "rate_limit_error"), (500, "api_error"), (401, "authentication_error"), (529, "overloaded_error")])
+@pytest.mark.parametrize(
+    "status,kind",
+    [(429, "rate_limit_error"), (500, "api_error"), (401, "authentication_error"), (529, "overloaded_error")],
+)
 async def test_upstream_errors_pass_through(status, kind):
     async with trio.open_nursery() as n:
         h = await start(n, [fa.error(status, kind, "upstream says no")])
@@ -158,8 +177,10 @@ async def test_keep_alive_serves_several_requests_on_one_connection():
 async def raw_request(url: str, target: str, body: bytes = b"{}", token: str = TOKEN) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(host, int(port))
-    head = (f"POST {target} HTTP/1.1\r\nhost: x\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    head = (
+        f"POST {target} HTTP/1.1\r\nhost: x\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
     await stream.send_all(head + body)
     out = b""
     with trio.fail_after(10):
@@ -169,11 +190,21 @@ async def raw_request(url: str, target: str, body: bytes = b"{}", token: str = T
     return out
 
 
-@pytest.mark.parametrize("target", [
-    "@127.0.0.1:9/v1/messages", ".evil.example/v1/messages", ":abc/v1/messages", "//evil.example/v1/messages",
-    "/x/../v1/messages", "/v1/messages/../../admin", "/v1/messages?x=@evil&y=/", "http://evil.example/v1/messages",
-    "/v1/messagesX", "/prefix/v1/messages",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "@127.0.0.1:9/v1/messages",
+        ".evil.example/v1/messages",
+        ":abc/v1/messages",
+        "//evil.example/v1/messages",
+        "/x/../v1/messages",
+        "/v1/messages/../../admin",
+        "/v1/messages?x=@evil&y=/",
+        "http://evil.example/v1/messages",
+        "/v1/messagesX",
+        "/prefix/v1/messages",
+    ],
+)
 async def test_a_sandbox_cannot_steer_the_request_or_the_key_elsewhere(target):
     async with trio.open_nursery() as n:
         h = await start(n, [fa.text("never")])

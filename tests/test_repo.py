@@ -31,7 +31,12 @@ def bare_remote(tmp: str, owner: str, name: str) -> str:
 
 def writer_script(path: str, content: str):
     return [
-        fa.tool_use("Bash", {"command": "env > sandbox-env.txt; git config --list --show-origin > sandbox-git.txt 2>&1; ls -la ~ >> sandbox-env.txt"}),
+        fa.tool_use(
+            "Bash",
+            {
+                "command": "env > sandbox-env.txt; git config --list --show-origin > sandbox-git.txt 2>&1; ls -la ~ >> sandbox-env.txt"
+            },
+        ),
         fa.tool_use("Write", {"file_path": path, "content": content}),
         fa.text("Added it."),
     ]
@@ -40,10 +45,16 @@ def writer_script(path: str, content: str):
 async def test_pull_request_through_fake_github_and_token_stays_on_the_node():
     tmp = scratch_dir()
     bare = bare_remote(tmp, "acme", "api")
-    async with fa.open_fake_anthropic(lambda b, i: writer_script("FEATURE.md", "# feature\n")[i]) as fake, \
-            open_fake_github(GH_TOKEN, os.path.join(tmp, "remotes")) as gh:
-        config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url,
-                                 github_url=f"file://{tmp}/remotes", github_api_url=gh.url)
+    async with (
+        fa.open_fake_anthropic(lambda b, i: writer_script("FEATURE.md", "# feature\n")[i]) as fake,
+        open_fake_github(GH_TOKEN, os.path.join(tmp, "remotes")) as gh,
+    ):
+        config = marathon_config(
+            os.path.join(tmp, "data"),
+            anthropic_base_url=fake.url,
+            github_url=f"file://{tmp}/remotes",
+            github_api_url=gh.url,
+        )
         async with run_marathon(config) as mt:
             r = await mt.client.put("/v1/auth/github-token", json={"token": GH_TOKEN})
             assert r.status_code == 200
@@ -95,8 +106,11 @@ async def test_repo_sources_mirror_cache_fetch_and_keep_workspace():
     git("checkout", "-q", "main", cwd=src)
 
     def script(body, i):
-        return [fa.tool_use("Bash", {"command": "ls; git branch --show-current"}),
-                fa.tool_use("Write", {"file_path": "out.txt", "content": "work\n"}), fa.text("ok")][i]
+        return [
+            fa.tool_use("Bash", {"command": "ls; git branch --show-current"}),
+            fa.tool_use("Write", {"file_path": "out.txt", "content": "work\n"}),
+            fa.text("ok"),
+        ][i]
 
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
@@ -131,8 +145,13 @@ async def test_repo_sources_mirror_cache_fetch_and_keep_workspace():
             # marathon fetch: the commits into a local clone as marathon/<id>
             clone = os.path.join(tmp, "clone")
             git("clone", "-q", src, clone)
-            res = await trio.run_process([sys.executable, "-m", "marathon", "fetch", t1["id"], "--into", clone],
-                                         env={**os.environ, "MARATHON_URL": mt.url}, capture_stdout=True, capture_stderr=True, check=False)
+            res = await trio.run_process(
+                [sys.executable, "-m", "marathon", "fetch", t1["id"], "--into", clone],
+                env={**os.environ, "MARATHON_URL": mt.url},
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
             assert res.returncode == 0, res.stderr
             assert git("show", f"marathon/{t1['id']}:out.txt", cwd=clone) == "work"
             assert git("rev-parse", f"marathon/{t1['id']}", cwd=clone) == t1["head"]

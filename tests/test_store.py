@@ -19,7 +19,9 @@ async def store(tmp_path):
 
 
 def rec(i: int, state="queued", owner="u1") -> TaskRecord:
-    return TaskRecord(id=f"t{i:03d}", owner=owner, state=state, request=TaskRequest(prompt=f"p{i}"), created_at=1000.0 + i)
+    return TaskRecord(
+        id=f"t{i:03d}", owner=owner, state=state, request=TaskRequest(prompt=f"p{i}"), created_at=1000.0 + i
+    )
 
 
 def ev(task_id, kind="log", node_seq=None, node_id=None, body=b'{"type":"log","message":"x"}'):
@@ -36,7 +38,9 @@ async def test_create_get_and_first_event(store):
 
 async def test_list_filters_and_cursor_pagination(store):
     for i in range(7):
-        await store.create_task(rec(i, state="queued" if i % 2 else "running", owner="u1" if i < 5 else "u2"), ev(f"t{i:03d}"))
+        await store.create_task(
+            rec(i, state="queued" if i % 2 else "running", owner="u1" if i < 5 else "u2"), ev(f"t{i:03d}")
+        )
     page, cur = await store.list_tasks(limit=3)
     assert [t.id for t in page] == ["t006", "t005", "t004"] and cur
     page2, cur2 = await store.list_tasks(limit=3, cursor=cur)
@@ -53,7 +57,9 @@ async def test_list_filters_and_cursor_pagination(store):
 
 async def test_update_is_compare_and_set(store):
     await store.create_task(rec(1), ev("t001"))
-    res = await store.update_task("t001", expect_state="queued", changes={"state": "scheduled", "node_id": "n1"}, event=ev("t001", "state"))
+    res = await store.update_task(
+        "t001", expect_state="queued", changes={"state": "scheduled", "node_id": "n1"}, event=ev("t001", "state")
+    )
     assert res is not None and res[0].state == "scheduled" and res[1].seq == 2
     assert await store.update_task("t001", expect_state="queued", changes={"state": "running"}) is None
     assert (await store.get_task("t001")).state == "scheduled"
@@ -66,9 +72,15 @@ async def test_update_is_compare_and_set(store):
 async def test_event_sequence_and_node_seq_dedupe(store):
     await store.create_task(rec(1), ev("t001"))
     await store.update_task("t001", expect_state=None, changes={"node_id": "n1"})
-    out = await store.append_events([ev("t001", node_seq=5, node_id="n1"), ev("t001", node_seq=5, node_id="n1"),
-                                     ev("t001", node_seq=4, node_id="n1"), ev("t001", node_seq=6, node_id="n1"),
-                                     ev("t001", node_seq=7, node_id="other-node")])
+    out = await store.append_events(
+        [
+            ev("t001", node_seq=5, node_id="n1"),
+            ev("t001", node_seq=5, node_id="n1"),
+            ev("t001", node_seq=4, node_id="n1"),
+            ev("t001", node_seq=6, node_id="n1"),
+            ev("t001", node_seq=7, node_id="other-node"),
+        ]
+    )
     assert [o.seq if o else None for o in out] == [2, None, None, 3, None]
     evs = await store.events_after("t001", 0)
     assert [e.seq for e in evs] == [1, 2, 3]

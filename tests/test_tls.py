@@ -20,9 +20,28 @@ pytestmark = pytest.mark.slow
 
 def self_signed(directory: str, name: str) -> tuple[str, str]:
     cert, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -32,8 +51,13 @@ async def test_a_task_runs_over_a_tls_gateway_and_a_node_with_the_wrong_ca_is_re
     other, _ = self_signed(tmp, "someone-else")
     repo = make_git_repo(os.path.join(tmp, "repo"))
     async with fa.open_fake_anthropic([fa.text("over tls")]) as fake:
-        config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url, gateway_listen="tls:127.0.0.1:0",
-                                 gateway_tls_cert=cert, gateway_tls_key=key)
+        config = marathon_config(
+            os.path.join(tmp, "data"),
+            anthropic_base_url=fake.url,
+            gateway_listen="tls:127.0.0.1:0",
+            gateway_tls_cert=cert,
+            gateway_tls_key=key,
+        )
         async with run_marathon(config) as mt:
             assert mt.gateway.startswith("tls:127.0.0.1:")
             final = await mt.finish((await mt.submit("hi", repo=repo))["id"])

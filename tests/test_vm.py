@@ -30,8 +30,14 @@ def image():
 
 
 def vm_config(tmp, fake, **kw):
-    return marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url, sandbox="qemu",
-                           vm_mem_mib=768, connect_timeout=300.0, **kw)
+    return marathon_config(
+        os.path.join(tmp, "data"),
+        anthropic_base_url=fake.url,
+        sandbox="qemu",
+        vm_mem_mib=768,
+        connect_timeout=300.0,
+        **kw,
+    )
 
 
 def qemus() -> set[int]:
@@ -49,9 +55,11 @@ def qemus() -> set[int]:
 async def test_task_runs_in_a_qemu_microvm_with_the_real_claude_code():
     tmp = scratch_dir()
     repo = make_git_repo(os.path.join(tmp, "repo"))
-    script = [fa.tool_use("Write", {"file_path": "VM.txt", "content": "written in the guest\n"}),
-              fa.tool_use("Bash", {"command": "uname -r; id -u; cat /proc/1/comm; date +%s"}),
-              fa.text("done")]
+    script = [
+        fa.tool_use("Write", {"file_path": "VM.txt", "content": "written in the guest\n"}),
+        fa.tool_use("Bash", {"command": "uname -r; id -u; cat /proc/1/comm; date +%s"}),
+        fa.text("done"),
+    ]
     async with fa.open_fake_anthropic(script) as fake:
         config = vm_config(tmp, fake, warm_pool_target=0)
         async with run_marathon(config) as mt:
@@ -75,8 +83,7 @@ async def test_warm_pool_restores_from_a_snapshot_with_fresh_identity():
     repo = make_git_repo(os.path.join(tmp, "repo"))
 
     def script(body, i):
-        return [fa.tool_use("Bash", {"command": "echo $ANTHROPIC_API_KEY; date +%s"}),
-                fa.text("ok")][i]
+        return [fa.tool_use("Bash", {"command": "echo $ANTHROPIC_API_KEY; date +%s"}), fa.text("ok")][i]
 
     async with fa.open_fake_anthropic(script) as fake:
         config = vm_config(tmp, fake, slots=2, warm_pool_target=2)
@@ -127,7 +134,9 @@ async def test_vmm_killed_mid_task_fails_the_task_and_leaves_nothing():
 def test_missing_image_is_a_clear_error_at_node_start():
     tmp = scratch_dir()
     config = marathon_config(os.path.join(tmp, "data"), sandbox="qemu", image_dir=os.path.join(tmp, "no-image"))
-    with pytest.raises(ConfigError, match=r"node cannot start: the qemu backend cannot run here: guest image missing .* run make image"):
+    with pytest.raises(
+        ConfigError, match=r"node cannot start: the qemu backend cannot run here: guest image missing .* run make image"
+    ):
         make_backend(config)
     config = msgspec.structs.replace(config, sandbox="firecracker")
     with pytest.raises(ConfigError, match=r"node cannot start: the firecracker backend cannot run here: .*(kvm|KVM)"):

@@ -41,8 +41,12 @@ def cap_memory(text: str) -> str:
 def instructions(promise: str | None) -> str:
     lines = [f"Keep notes a later iteration will need in {MEMORY_FILE} in the workspace root."]
     if promise is not None:
-        lines.append(f"When, and only when, the task is completely done, print this on a line by itself:\n<promise>{promise}</promise>")
-    lines.append("If you need information only the user can give, print <clarification>your question</clarification> on a line by itself and stop.")
+        lines.append(
+            f"When, and only when, the task is completely done, print this on a line by itself:\n<promise>{promise}</promise>"
+        )
+    lines.append(
+        "If you need information only the user can give, print <clarification>your question</clarification> on a line by itself and stop."
+    )
     return "\n".join(lines)
 
 
@@ -62,8 +66,14 @@ def first_prompt(prompt: str, *, promise: str | None, looping: bool) -> str:
 
 
 def next_prompt(
-    *, prompt: str, iteration: int, max_iteration: int, promise: str | None, previous: Previous,
-    memory: str | None, reply: str | None = None,
+    *,
+    prompt: str,
+    iteration: int,
+    max_iteration: int,
+    promise: str | None,
+    previous: Previous,
+    memory: str | None,
+    reply: str | None = None,
 ) -> str:
     """The context prefix for iteration 2 and later (and for a resumed task)."""
     parts = [

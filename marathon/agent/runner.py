@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -20,8 +20,10 @@ log = logging.getLogger("marathon.agent")
 
 Emit = Callable[[list[m.Event]], Awaitable[None]]
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "Marathon", "GIT_AUTHOR_EMAIL": "marathon@localhost",
-    "GIT_COMMITTER_NAME": "Marathon", "GIT_COMMITTER_EMAIL": "marathon@localhost",
+    "GIT_AUTHOR_NAME": "Marathon",
+    "GIT_AUTHOR_EMAIL": "marathon@localhost",
+    "GIT_COMMITTER_NAME": "Marathon",
+    "GIT_COMMITTER_EMAIL": "marathon@localhost",
 }
 
 
@@ -66,8 +68,12 @@ def make_run_user(uid: int, root: str) -> RunUser:
 
 async def run_git(user: RunUser, workspace: str, *args: str, env: dict | None = None, check: bool = True) -> str:
     res = await trio.run_process(
-        ["git", "-C", workspace, *args], capture_stdout=True, capture_stderr=True, check=False,
-        env={**user.base_env(), **(env or {})}, **user.popen_kwargs,
+        ["git", "-C", workspace, *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**user.base_env(), **(env or {})},
+        **user.popen_kwargs,
     )
     if check and res.returncode != 0:
         raise SandboxError(f"git {args[0]} failed: {res.stderr.decode(errors='replace').strip()[:500]}")
@@ -78,8 +84,12 @@ async def run_git_to_file(user: RunUser, workspace: str, path: str, *args: str) 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
         res = await trio.run_process(
-            ["git", "-C", workspace, *args], stdout=out, capture_stderr=True, check=False,
-            env=user.base_env(), **user.popen_kwargs,
+            ["git", "-C", workspace, *args],
+            stdout=out,
+            capture_stderr=True,
+            check=False,
+            env=user.base_env(),
+            **user.popen_kwargs,
         )
     if res.returncode != 0:
         raise SandboxError(f"git {args[0]} failed: {res.stderr.decode(errors='replace').strip()[:500]}")
@@ -118,8 +128,17 @@ async def run_claude(
 ) -> ClaudeRun:
     """Run one ``claude -p`` to completion (or until ``cancel`` is set: then the whole process
     group is killed).  Every stdout line becomes events as it arrives."""
-    cmd = [claude, "-p", prompt, "--output-format", "stream-json", "--verbose",
-           "--max-turns", str(max_turns), "--dangerously-skip-permissions"]
+    cmd = [
+        claude,
+        "-p",
+        prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--max-turns",
+        str(max_turns),
+        "--dangerously-skip-permissions",
+    ]
     if model:
         cmd += ["--model", model]
     env = {
@@ -136,8 +155,14 @@ async def run_claude(
     run = ClaudeRun()
     try:
         proc = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=workspace, env=env, start_new_session=True, **user.popen_kwargs,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workspace,
+            env=env,
+            start_new_session=True,
+            **user.popen_kwargs,
         )
     except OSError as exc:
         raise SandboxError(f"could not start Claude Code: {exc}") from None

@@ -130,10 +130,13 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
             with trio.move_on_after(config.connect_timeout * 10):
                 await repo_ready.wait()
             if not received.done:
-                outcome = m.TaskOutcome(state="failed", reason="sandbox_failed", message="the repository bundle did not arrive")
+                outcome = m.TaskOutcome(
+                    state="failed", reason="sandbox_failed", message="the repository bundle did not arrive"
+                )
             else:
-                outcome = await execute(config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel,
-                                        bundle, result_bundle)
+                outcome = await execute(
+                    config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel, bundle, result_bundle
+                )
             if outcome.has_bundle:
                 await send_file(fs, "result", result_bundle)
             await fs.send(m.AgentResult(outcome=outcome))

@@ -16,9 +16,18 @@ def short(text: str, limit: int = SUMMARY) -> str:
 
 
 _KEY_ARG = {
-    "Bash": "command", "Write": "file_path", "Edit": "file_path", "MultiEdit": "file_path",
-    "Read": "file_path", "NotebookEdit": "notebook_path", "Glob": "pattern", "Grep": "pattern",
-    "WebFetch": "url", "WebSearch": "query", "Task": "description", "TodoWrite": None,
+    "Bash": "command",
+    "Write": "file_path",
+    "Edit": "file_path",
+    "MultiEdit": "file_path",
+    "Read": "file_path",
+    "NotebookEdit": "notebook_path",
+    "Glob": "pattern",
+    "Grep": "pattern",
+    "WebFetch": "url",
+    "WebSearch": "query",
+    "Task": "description",
+    "TodoWrite": None,
 }
 
 
@@ -111,7 +120,13 @@ class StreamParser:
                 out.append(m.TextEvent(text=block["text"]))
             elif block.get("type") == "tool_use":
                 args = block.get("input") if isinstance(block.get("input"), dict) else {}
-                out.append(m.ToolCallEvent(tool_id=block.get("id", ""), name=block.get("name", "?"), summary=tool_summary(block.get("name", "?"), args)))
+                out.append(
+                    m.ToolCallEvent(
+                        tool_id=block.get("id", ""),
+                        name=block.get("name", "?"),
+                        summary=tool_summary(block.get("name", "?"), args),
+                    )
+                )
         return out
 
     def _user(self, msg: dict) -> list[m.Event]:
@@ -121,8 +136,11 @@ class StreamParser:
             return out
         for block in content:
             if isinstance(block, dict) and block.get("type") == "tool_result":
-                out.append(m.ToolResultEvent(
-                    tool_id=block.get("tool_use_id", ""), summary=result_summary(block.get("content")),
-                    is_error=bool(block.get("is_error")),
-                ))
+                out.append(
+                    m.ToolResultEvent(
+                        tool_id=block.get("tool_use_id", ""),
+                        summary=result_summary(block.get("content")),
+                        is_error=bool(block.get("is_error")),
+                    )
+                )
         return out

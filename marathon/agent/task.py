@@ -8,7 +8,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -91,8 +91,14 @@ async def commit_all(user: RunUser, ws: str, message: str) -> bool:
 async def run_verify(user: RunUser, ws: str, cmd: str, timeout: float) -> tuple[int, str]:
     with trio.move_on_after(timeout) as scope:
         res = await trio.run_process(
-            ["/bin/sh", "-c", cmd], cwd=ws, env=user.base_env(), capture_stdout=True, stderr=__import__("subprocess").STDOUT,
-            check=False, start_new_session=True, **user.popen_kwargs,
+            ["/bin/sh", "-c", cmd],
+            cwd=ws,
+            env=user.base_env(),
+            capture_stdout=True,
+            stderr=__import__("subprocess").STDOUT,
+            check=False,
+            start_new_session=True,
+            **user.popen_kwargs,
         )
     if scope.cancelled_caught:
         return 124, f"(timed out after {timeout:.0f}s)"
@@ -102,8 +108,9 @@ async def run_verify(user: RunUser, ws: str, cmd: str, timeout: float) -> tuple[
 Emit = Callable[[list[m.Event]], Awaitable[None]]
 
 
-async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Cancellation,
-                  bundle: str, result_bundle: str) -> m.TaskOutcome:
+async def execute(
+    config, start: m.Start, api_url: str, emit: Emit, cancel: Cancellation, bundle: str, result_bundle: str
+) -> m.TaskOutcome:
     """Run the task; never raises for task-level failures."""
     spec, ws = start.task, start.workspace
     t0 = time.monotonic()
@@ -112,7 +119,9 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
         user = make_run_user(config.sandbox_uid, "/tmp")
         base = await setup_workspace(user, start, bundle)
     except MarathonError as exc:
-        return m.TaskOutcome(state="failed", reason="sandbox_failed", message=str(exc), duration_s=time.monotonic() - t0)
+        return m.TaskOutcome(
+            state="failed", reason="sandbox_failed", message=str(exc), duration_s=time.monotonic() - t0
+        )
 
     await emit([m.StateEvent(state="running")])
     looping = spec.max_iterations > 1 or spec.verify is not None
@@ -127,8 +136,13 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
             prompt = loop.first_prompt(spec.prompt, promise=spec.promise, looping=looping)
         else:
             prompt = loop.next_prompt(
-                prompt=spec.prompt, iteration=iteration, max_iteration=last, promise=spec.promise,
-                previous=previous, memory=read_memory(ws), reply=spec.reply if iteration == spec.iterations_done + 1 else None,
+                prompt=spec.prompt,
+                iteration=iteration,
+                max_iteration=last,
+                promise=spec.promise,
+                previous=previous,
+                memory=read_memory(ws),
+                reply=spec.reply if iteration == spec.iterations_done + 1 else None,
             )
 
         async def tagged(events: list[m.Event], n=iteration) -> None:
@@ -136,8 +150,16 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
 
         await tagged([m.IterationEvent(why="start" if iteration == 1 else "continue")])
         run = await run_claude(
-            claude=claude, prompt=prompt, workspace=ws, user=user, api_url=api_url, api_key=start.api_key,
-            model=spec.model, max_turns=spec.max_turns, emit=tagged, cancel=cancel.event,
+            claude=claude,
+            prompt=prompt,
+            workspace=ws,
+            user=user,
+            api_url=api_url,
+            api_key=start.api_key,
+            model=spec.model,
+            max_turns=spec.max_turns,
+            emit=tagged,
+            cancel=cancel.event,
         )
         res = run.parser.result
         exit_code = run.exit_code
@@ -145,16 +167,26 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
             usage, turns = usage + res.usage, turns + res.num_turns
             claude_usage = usage
         final = (res.result if res else "") or run.parser.last_text
-        await commit_all(user, ws, f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.prompt, 500)}")
+        await commit_all(
+            user, ws, f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.prompt, 500)}"
+        )
         if cancel.event.is_set():
-            state, reason, message = m.stopped_state(cancel.reason or "cancelled"), cancel.reason or "cancelled", f"stopped: {cancel.reason}"
+            state, reason, message = (
+                m.stopped_state(cancel.reason or "cancelled"),
+                cancel.reason or "cancelled",
+                f"stopped: {cancel.reason}",
+            )
             break
         if res is None:
             state, reason = "failed", "agent_error"
             message = f"Claude Code exited with {run.exit_code} without a result: {run.stderr_tail[-500:]}"
             break
         if res.subtype == "error_max_turns":
-            state, reason, message = "failed", "max_turns", f"reached --max-turns {spec.max_turns} in iteration {iteration}"
+            state, reason, message = (
+                "failed",
+                "max_turns",
+                f"reached --max-turns {spec.max_turns} in iteration {iteration}",
+            )
             break
         if res.is_error or run.exit_code != 0:
             state, reason, message = "failed", "claude_error", (res.result or run.stderr_tail)[-500:]
@@ -170,15 +202,25 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
             state, reason, message = "succeeded", None, None
             break
         code, out = await run_verify(user, ws, spec.verify, spec.verify_timeout)
-        await tagged([m.LogEvent(message=f"check `{spec.verify}` exited {code}: {loop.tail(out, 300)}", source="agent",
-                                 level="info" if code == 0 else "warning")])
+        await tagged(
+            [
+                m.LogEvent(
+                    message=f"check `{spec.verify}` exited {code}: {loop.tail(out, 300)}",
+                    source="agent",
+                    level="info" if code == 0 else "warning",
+                )
+            ]
+        )
         if code == 0:
             state, reason, message = "succeeded", None, None
             break
         previous = loop.Previous(final_message=final, verify_cmd=spec.verify, verify_code=code, verify_output=out)
     else:
-        what = f"the check `{spec.verify}` never passed" if spec.verify and previous.verify_code else (
-            f"no <promise>{spec.promise}</promise>" if spec.promise is not None else "not done")
+        what = (
+            f"the check `{spec.verify}` never passed"
+            if spec.verify and previous.verify_code
+            else (f"no <promise>{spec.promise}</promise>" if spec.promise is not None else "not done")
+        )
         message = f"{spec.max_iterations} iteration(s) ended with {what}"
 
     try:
@@ -186,9 +228,19 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
     except MarathonError as exc:
         out = {"diff_stat": f"(work unavailable: {exc})"}
     return m.TaskOutcome(
-        state=state, reason=reason, message=message, exit_code=exit_code, is_error=state == "failed",
-        num_turns=turns, usage=usage, claude_usage=claude_usage, duration_s=time.monotonic() - t0,
-        final_text=final[-4000:], iterations=iteration, memory=read_memory(ws), **out,
+        state=state,
+        reason=reason,
+        message=message,
+        exit_code=exit_code,
+        is_error=state == "failed",
+        num_turns=turns,
+        usage=usage,
+        claude_usage=claude_usage,
+        duration_s=time.monotonic() - t0,
+        final_text=final[-4000:],
+        iterations=iteration,
+        memory=read_memory(ws),
+        **out,
     )
 
 
@@ -203,9 +255,16 @@ async def finish_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec, resul
     has_bundle = False
     if commits:
         # straight from git's stdout into our own file: no path the sandbox user could swap
-        await run_git_to_file(user, ws, result_bundle, "bundle", "create", "--quiet", "-",
-                              f"{base}..refs/heads/{spec.work_branch}")
+        await run_git_to_file(
+            user, ws, result_bundle, "bundle", "create", "--quiet", "-", f"{base}..refs/heads/{spec.work_branch}"
+        )
         has_bundle = True
-    return {"diff": diff, "diff_stat": stat, "commits": commits, "head": head, "head_subject": subject,
-            "branch": spec.work_branch, "has_bundle": has_bundle}
-
+    return {
+        "diff": diff,
+        "diff_stat": stat,
+        "commits": commits,
+        "head": head,
+        "head_subject": subject,
+        "branch": spec.work_branch,
+        "has_bundle": has_bundle,
+    }

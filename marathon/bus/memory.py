@@ -8,7 +8,7 @@ import trio
 
 
 class MemoryWatch:
-    def __init__(self, bus: "MemoryBus", topic: str):
+    def __init__(self, bus: MemoryBus, topic: str):
         self._bus, self._topic = bus, topic
         self._event: trio.Event | None = None
 

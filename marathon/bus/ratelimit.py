@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 
 class RateLimiter(Protocol):

@@ -78,8 +78,13 @@ def serve(
     from marathon.cli.serve import run_serve
 
     flags = {
-        "http_listen": http, "gateway_listen": gateway, "orchestrator": orchestrator,
-        "data_dir": data_dir, "slots": slots, "sandbox": sandbox, "log_level": log_level,
+        "http_listen": http,
+        "gateway_listen": gateway,
+        "orchestrator": orchestrator,
+        "data_dir": data_dir,
+        "slots": slots,
+        "sandbox": sandbox,
+        "log_level": log_level,
     }
     try:
         return run_serve(role, flags, listen)
@@ -162,10 +167,24 @@ def run(
         if not (os.path.exists(os.path.join(path, ".git")) or os.path.exists(os.path.join(path, "HEAD"))):
             return _fail(f"{repo!r} is not a git repository", 2)
         repo = path
-    body = {"prompt": prompt, "repo": repo, "branch": branch, "model": model, "max_turns": max_turns,
-            "timeout": timeout, "max_tokens": max_tokens, "max_cost": max_cost, "max_iterations": max_iterations,
-            "promise": promise, "verify": verify, "base": base, "branch_name": branch_name, "pr": pr,
-            "pr_title": pr_title, "keep_workspace": keep_workspace}
+    body = {
+        "prompt": prompt,
+        "repo": repo,
+        "branch": branch,
+        "model": model,
+        "max_turns": max_turns,
+        "timeout": timeout,
+        "max_tokens": max_tokens,
+        "max_cost": max_cost,
+        "max_iterations": max_iterations,
+        "promise": promise,
+        "verify": verify,
+        "base": base,
+        "branch_name": branch_name,
+        "pr": pr,
+        "pr_title": pr_title,
+        "keep_workspace": keep_workspace,
+    }
     client = _client(url)
     try:
         task = client.post("/v1/tasks", {k: v for k, v in body.items() if v is not None})
@@ -286,8 +305,12 @@ def nodes(*, url: Url = None) -> int:
         extra = ""
         if pool.get("hits") or pool.get("misses") or pool.get("note"):
             claim = f", claim p50 {pool['claim_ms_p50']:.1f} ms" if pool.get("claim_ms_p50") is not None else ""
-            extra = f"  pool {pool['hits']} hits / {pool['misses']} misses{claim}" + (f" ({pool['note']})" if pool.get("note") else "")
-        print(f"{n['id']}  {n['name']:<20} {state:<5} {n['active']}/{n['slots']} busy  warm {n['warm']}  {n['backend']}{extra}")
+            extra = f"  pool {pool['hits']} hits / {pool['misses']} misses{claim}" + (
+                f" ({pool['note']})" if pool.get("note") else ""
+            )
+        print(
+            f"{n['id']}  {n['name']:<20} {state:<5} {n['active']}/{n['slots']} busy  warm {n['warm']}  {n['backend']}{extra}"
+        )
     if not data["nodes"]:
         print("no nodes")
     return 0

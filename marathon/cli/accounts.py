@@ -45,6 +45,7 @@ def register(email: str, *, password_stdin: bool = False, url: Url = None) -> in
 def login(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
     """Log in and keep the token in your config directory (mode 0600)."""
     from marathon.cli import credentials
+
     client = _client(url)
     res = client.post("/v1/auth/login", {"email": email, "password": _password(password_stdin)})
     where = credentials.save(client.url, res["token"], email=res["user"]["email"])
@@ -141,7 +142,9 @@ def usage(
     if by == "total":
         rows = [data["total"]]
     for r in rows:
-        print(f"{str(r['key'])[:24]:<24} {r['requests']:>8} {r['input_tokens']:>10,} {r['output_tokens']:>10,} "
-              f"{r['cache_creation_input_tokens']:>9,} {r['cache_read_input_tokens']:>9,} {r['tool_calls']:>6} "
-              f"{r['cost_usd']:>10.4f} {r['compute_s']:>7.0f}s")
+        print(
+            f"{str(r['key'])[:24]:<24} {r['requests']:>8} {r['input_tokens']:>10,} {r['output_tokens']:>10,} "
+            f"{r['cache_creation_input_tokens']:>9,} {r['cache_read_input_tokens']:>9,} {r['tool_calls']:>6} "
+            f"{r['cost_usd']:>10.4f} {r['compute_s']:>7.0f}s"
+        )
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 
@@ -64,8 +64,11 @@ class Client:
             headers = {"Last-Event-ID": str(after)} if after else {}
             try:
                 with self._http.stream(
-                    "GET", f"/v1/tasks/{task_id}/events", params={"follow": "1" if follow else "0"},
-                    headers=headers, timeout=httpx.Timeout(30.0, read=None),
+                    "GET",
+                    f"/v1/tasks/{task_id}/events",
+                    params={"follow": "1" if follow else "0"},
+                    headers=headers,
+                    timeout=httpx.Timeout(30.0, read=None),
                 ) as resp:
                     if resp.status_code >= 400:
                         resp.read()

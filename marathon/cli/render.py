@@ -55,7 +55,9 @@ def summary(task: dict) -> str:
     lines = [_c("1;" + color, f"{state}") + (f" ({task['reason']})" if task.get("reason") else "")]
     if task.get("message") and state != "succeeded":
         lines.append(f"  {task['message']}")
-    lines.append(f"  task {task['id']} · {duration(task)} · {task.get('num_turns', 0)} turns · {tokens(task.get('usage') or {})}")
+    lines.append(
+        f"  task {task['id']} · {duration(task)} · {task.get('num_turns', 0)} turns · {tokens(task.get('usage') or {})}"
+    )
     if task.get("cost_usd") is not None:
         lines.append(f"  cost ${task['cost_usd']:.4f}")
     if task.get("diff_stat"):
@@ -67,23 +69,35 @@ def summary(task: dict) -> str:
     elif task.get("pr_error"):
         lines.append(f"  pull request: {task['pr_error']}")
     if task.get("question"):
-        lines.append(f"  question: {task['question']}\n  answer with: marathon reply {task['id']} \"…\"")
+        lines.append(f'  question: {task["question"]}\n  answer with: marathon reply {task["id"]} "…"')
     return "\n".join(lines)
 
 
 def status(task: dict) -> str:
     rows = [
-        ("task", task["id"]), ("state", task["state"]), ("reason", task.get("reason")),
-        ("message", task.get("message")), ("prompt", (task.get("request") or {}).get("prompt", "")[:200]),
-        ("repo", (task.get("request") or {}).get("repo")), ("node", task.get("node_id")),
-        ("attempt", task.get("attempt")), ("created", _ts(task.get("created_at"))),
-        ("started", _ts(task.get("started_at"))), ("finished", _ts(task.get("finished_at"))),
-        ("duration", duration(task)), ("turns", task.get("num_turns")),
+        ("task", task["id"]),
+        ("state", task["state"]),
+        ("reason", task.get("reason")),
+        ("message", task.get("message")),
+        ("prompt", (task.get("request") or {}).get("prompt", "")[:200]),
+        ("repo", (task.get("request") or {}).get("repo")),
+        ("node", task.get("node_id")),
+        ("attempt", task.get("attempt")),
+        ("created", _ts(task.get("created_at"))),
+        ("started", _ts(task.get("started_at"))),
+        ("finished", _ts(task.get("finished_at"))),
+        ("duration", duration(task)),
+        ("turns", task.get("num_turns")),
         ("tokens", tokens(task.get("usage") or {})),
         ("claude", tokens(task["claude_usage"]) + " as Claude Code reported" if task.get("claude_usage") else None),
         ("cost", f"${task['cost_usd']:.4f}" if task.get("cost_usd") is not None else None),
         ("iterations", task.get("iterations") or None),
-        ("branch", f"{task['branch']} ({task.get('commits', 0)} commits, head {(task.get('head') or '')[:10]})" if task.get("branch") else None),
+        (
+            "branch",
+            f"{task['branch']} ({task.get('commits', 0)} commits, head {(task.get('head') or '')[:10]})"
+            if task.get("branch")
+            else None,
+        ),
         ("pr", task.get("pr_url") or task.get("pr_error")),
         ("question", task.get("question")),
         ("changes", task.get("diff_stat")),

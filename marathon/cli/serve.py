@@ -53,20 +53,31 @@ def make_backend(config: Config):
         if config.sandbox == "process":
             claude = config.claude_bin or os.environ.get("MARATHON_CLAUDE_BIN", "")
             return ProcessBackend(
-                bwrap=config.bwrap, data_dir=config.data_dir, claude_bin=claude,
-                sandbox_uid=config.sandbox_uid, log_level=config.log_level,
+                bwrap=config.bwrap,
+                data_dir=config.data_dir,
+                claude_bin=claude,
+                sandbox_uid=config.sandbox_uid,
+                log_level=config.log_level,
             )
         if config.sandbox == "qemu":
             from marathon.node.sandbox.qemu import QemuBackend
 
-            return QemuBackend(image_dir=config.image_dir, data_dir=config.data_dir, vcpus=config.vm_vcpus,
-                               mem_mib=config.vm_mem_mib, accel=config.qemu_accel)
+            return QemuBackend(
+                image_dir=config.image_dir,
+                data_dir=config.data_dir,
+                vcpus=config.vm_vcpus,
+                mem_mib=config.vm_mem_mib,
+                accel=config.qemu_accel,
+            )
         from marathon.node.sandbox.detect import default_image_dir
         from marathon.node.sandbox.firecracker import FirecrackerBackend
 
-        return FirecrackerBackend(firecracker_bin=config.firecracker_bin,
-                                  image_dir=config.image_dir or default_image_dir(config.data_dir),
-                                  vcpus=config.vm_vcpus, mem_mib=config.vm_mem_mib)
+        return FirecrackerBackend(
+            firecracker_bin=config.firecracker_bin,
+            image_dir=config.image_dir or default_image_dir(config.data_dir),
+            vcpus=config.vm_vcpus,
+            mem_mib=config.vm_mem_mib,
+        )
     except SandboxError as exc:
         raise ConfigError(f"node cannot start: {exc}") from None
 
@@ -117,7 +128,8 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
             node_config = config
             if info is not None:  # in one process the node trusts its own orchestrator's certificate
                 node_config = msgspec.structs.replace(
-                    config, orchestrator=info.gateway, orchestrator_ca=config.orchestrator_ca or config.gateway_tls_cert)
+                    config, orchestrator=info.gateway, orchestrator_ca=config.orchestrator_ca or config.gateway_tls_cert
+                )
             if info is not None:
                 secret = info.node_secret
             elif config.node_secret:
@@ -158,6 +170,8 @@ async def bootstrap_local_admin(info, config: Config) -> None:
             except AuthError:
                 pass
         admin = await info.accounts.ensure_local_admin()
-        key, _ = await info.accounts.create_key(Principal(admin.id, admin.email, True), "local (marathon serve --role all)")
+        key, _ = await info.accounts.create_key(
+            Principal(admin.id, admin.email, True), "local (marathon serve --role all)"
+        )
         where = credentials.save(url, key, email=admin.email)
         log.info("local administrator %s: API key saved in %s for %s", admin.email, where, url)

@@ -45,8 +45,11 @@ def fetch(task_id: str, *, into: str = ".", url: Url = None) -> int:
     with tempfile.NamedTemporaryFile(suffix=".bundle", delete=False) as f:
         f.write(data)
     try:
-        res = subprocess.run(["git", "-C", into, "fetch", "--quiet", f.name, f"refs/heads/{task['branch']}:refs/heads/{branch}"],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["git", "-C", into, "fetch", "--quiet", f.name, f"refs/heads/{task['branch']}:refs/heads/{branch}"],
+            capture_output=True,
+            text=True,
+        )
     finally:
         os.unlink(f.name)
     if res.returncode != 0:

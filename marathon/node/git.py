@@ -20,8 +20,10 @@ from marathon.errors import RepoError
 
 GIT_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
-    "GIT_AUTHOR_NAME": "Marathon", "GIT_AUTHOR_EMAIL": "marathon@localhost",
-    "GIT_COMMITTER_NAME": "Marathon", "GIT_COMMITTER_EMAIL": "marathon@localhost",
+    "GIT_AUTHOR_NAME": "Marathon",
+    "GIT_AUTHOR_EMAIL": "marathon@localhost",
+    "GIT_COMMITTER_NAME": "Marathon",
+    "GIT_COMMITTER_EMAIL": "marathon@localhost",
     "LANG": "C.UTF-8",
 }
 _URLISH = re.compile(r"^(https?|ssh|git|file)://|^[\w.-]+@[\w.-]+:")
@@ -38,7 +40,7 @@ def resolve_repo(repo: str, github_url: str = "https://github.com", *, private: 
     """A URL, ``owner/name`` on the GitHub host, or a local path — never one inside ``private``
     (the node's own state: other tasks' mirrors and workspaces)."""
     gh = github_url.rstrip("/")
-    local = repo[len("file://"):] if repo.startswith("file://") else None if _URLISH.match(repo) else repo
+    local = repo[len("file://") :] if repo.startswith("file://") else None if _URLISH.match(repo) else repo
     if local is not None and not (_OWNER_NAME.match(repo) and not os.path.exists(repo) and not repo.startswith(".")):
         real = os.path.realpath(os.path.expanduser(local))
         for p in private:
@@ -47,7 +49,7 @@ def resolve_repo(repo: str, github_url: str = "https://github.com", *, private: 
                 raise RepoError(f"repository {repo!r} is inside the node's own state; refused")
     if _URLISH.match(repo):
         if repo.startswith(gh + "/"):
-            m = _OWNER_NAME.match(repo[len(gh) + 1:])
+            m = _OWNER_NAME.match(repo[len(gh) + 1 :])
             return RepoRef(repo, (m.group(1), m.group(2)) if m else None)
         return RepoRef(repo)
     m = _OWNER_NAME.match(repo)
@@ -76,8 +78,9 @@ def auth_env(url: str, token: str | None) -> dict[str, str]:
 async def git(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 600) -> str:
     full_env = {**os.environ, **GIT_ENV, **(env or {})}
     with trio.move_on_after(timeout) as scope:
-        res = await trio.run_process(["git", *args], cwd=cwd, capture_stdout=True, capture_stderr=True,
-                                     check=False, env=full_env)
+        res = await trio.run_process(
+            ["git", *args], cwd=cwd, capture_stdout=True, capture_stderr=True, check=False, env=full_env
+        )
     if scope.cancelled_caught:
         raise RepoError(f"git {args[0]} timed out after {timeout:.0f}s")
     if res.returncode != 0:
@@ -141,13 +144,17 @@ async def rev(repo: str, ref: str) -> str:
         raise RepoError(f"branch {ref.removeprefix('refs/heads/')!r} does not exist in the repository") from None
 
 
-async def make_bundle(mirror: str, branch: str, out: str, *, resume: str | None = None, work_branch: str | None = None) -> str:
+async def make_bundle(
+    mirror: str, branch: str, out: str, *, resume: str | None = None, work_branch: str | None = None
+) -> str:
     """Bundle ``branch`` (and, when resuming, the work branch from the previous result bundle)
     into ``out``; returns the base commit."""
     base = await rev(mirror, f"refs/heads/{branch}")
     if resume is None:
         # the bundle of a branch head is the same for every task: made once, then linked
-        cached = os.path.join(mirror, "marathon-bundles", f"{hashlib.sha256(branch.encode()).hexdigest()[:12]}-{base}.bundle")
+        cached = os.path.join(
+            mirror, "marathon-bundles", f"{hashlib.sha256(branch.encode()).hexdigest()[:12]}-{base}.bundle"
+        )
         if not os.path.exists(cached):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             tmp = f"{cached}.{os.getpid()}-{id(out)}.tmp"
@@ -189,8 +196,17 @@ async def push_result(mirror: str, url: str, result_bundle: str, work_branch: st
         await git("init", "--bare", "--quiet", scratch)
         with open(os.path.join(scratch, "objects", "info", "alternates"), "w") as f:
             f.write(os.path.join(os.path.abspath(mirror), "objects") + "\n")
-        await git("-C", scratch, "fetch", "--quiet", result_bundle, f"refs/heads/{work_branch}:refs/heads/{work_branch}")
-        await git("-C", scratch, "push", "--quiet", url, f"refs/heads/{work_branch}:refs/heads/{work_branch}",
-                  env=auth_env(url, token))
+        await git(
+            "-C", scratch, "fetch", "--quiet", result_bundle, f"refs/heads/{work_branch}:refs/heads/{work_branch}"
+        )
+        await git(
+            "-C",
+            scratch,
+            "push",
+            "--quiet",
+            url,
+            f"refs/heads/{work_branch}:refs/heads/{work_branch}",
+            env=auth_env(url, token),
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -12,7 +12,15 @@ class GitHubError(MarathonError):
 
 
 async def open_pull_request(
-    *, api_url: str, token: str | None, owner: str, repo: str, head: str, base: str, title: str, body: str,
+    *,
+    api_url: str,
+    token: str | None,
+    owner: str,
+    repo: str,
+    head: str,
+    base: str,
+    title: str,
+    body: str,
     timeout: float = 30.0,
 ) -> str:
     """POST /repos/{owner}/{repo}/pulls; returns the PR's html_url."""
@@ -35,7 +43,9 @@ async def open_pull_request(
     try:
         data = r.json()
         msg = data.get("message", "")
-        details = "; ".join(e.get("message") or e.get("code", "") for e in data.get("errors", []) if isinstance(e, dict))
+        details = "; ".join(
+            e.get("message") or e.get("code", "") for e in data.get("errors", []) if isinstance(e, dict)
+        )
     except ValueError:
         msg, details = r.text[:200], ""
     raise GitHubError(f"GitHub answered {r.status_code}: {msg}{f' ({details})' if details else ''}")

@@ -42,7 +42,7 @@ class UsageMeter:
                 if len(self._buf) > 4 * 1024 * 1024:  # a single line this long is not SSE we meter
                     self._buf = b""
                 return
-            line, self._buf = self._buf[:i].rstrip(b"\r"), self._buf[i + 1:]
+            line, self._buf = self._buf[:i].rstrip(b"\r"), self._buf[i + 1 :]
             if line.startswith(b"data:"):
                 self._data(line[5:].strip())
 
@@ -81,6 +81,8 @@ class UsageMeter:
             return
         self.model = obj.get("model") or self.model
         self._usage = {k: _int(v) for k, v in (obj.get("usage") or {}).items() if k in _FIELDS}
-        self.tool_calls += sum(1 for b in obj.get("content") or [] if isinstance(b, dict) and b.get("type") == "tool_use")
+        self.tool_calls += sum(
+            1 for b in obj.get("content") or [] if isinstance(b, dict) and b.get("type") == "tool_use"
+        )
         self.stop_reason = obj.get("stop_reason")
         self.saw_start = self.saw_stop = True

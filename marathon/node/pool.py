@@ -15,7 +15,7 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -39,8 +39,17 @@ class Warm:
 
 
 class WarmPool:
-    def __init__(self, backend, *, target: int, slots: int, active: Callable[[], int], root: str,
-                 connect: Callable, connect_timeout: float):
+    def __init__(
+        self,
+        backend,
+        *,
+        target: int,
+        slots: int,
+        active: Callable[[], int],
+        root: str,
+        connect: Callable,
+        connect_timeout: float,
+    ):
         self.backend, self.target, self.slots, self.active = backend, target, slots, active
         self.root, self._connect, self.connect_timeout = root, connect, connect_timeout
         self.ready: collections.deque[Warm] = collections.deque()
@@ -56,9 +65,14 @@ class WarmPool:
         self._changed.set()
 
     def stats(self) -> dict:
-        return {"warm": len(self.ready), "hits": self.hits, "misses": self.misses, "failures": self.failures,
-                "claim_ms_p50": round(statistics.median(self.claim_ms), 2) if self.claim_ms else None,
-                "disabled": self.disabled}
+        return {
+            "warm": len(self.ready),
+            "hits": self.hits,
+            "misses": self.misses,
+            "failures": self.failures,
+            "claim_ms_p50": round(statistics.median(self.claim_ms), 2) if self.claim_ms else None,
+            "disabled": self.disabled,
+        }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(self)
@@ -75,8 +89,13 @@ class WarmPool:
             try:
                 while True:
                     self._changed = trio.Event()
-                    n = refill_plan(target=self.target, slots=self.slots, active=self.active(),
-                                    ready=len(self.ready), filling=self.filling)
+                    n = refill_plan(
+                        target=self.target,
+                        slots=self.slots,
+                        active=self.active(),
+                        ready=len(self.ready),
+                        filling=self.filling,
+                    )
                     for _ in range(n):
                         self.filling += 1
                         nursery.start_soon(self._fill)

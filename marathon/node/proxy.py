@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import h11
 import httpx
@@ -28,8 +28,17 @@ log = logging.getLogger("marathon.proxy")
 
 MAX_BODY = 32 * 1024 * 1024
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
 }
 ALLOWED_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 _QUERY = re.compile(r"[A-Za-z0-9_.~=&%-]*")
@@ -70,14 +79,23 @@ def _error_body(kind: str, message: str) -> bytes:
 
 
 class MeteringProxy:
-    def __init__(self, upstream: str, api_key: str, *, client: httpx.AsyncClient | None = None,
-                 max_body: int = MAX_BODY, timeout: float = 600.0):
+    def __init__(
+        self,
+        upstream: str,
+        api_key: str,
+        *,
+        client: httpx.AsyncClient | None = None,
+        max_body: int = MAX_BODY,
+        timeout: float = 600.0,
+    ):
         self.upstream = upstream.rstrip("/")
         self._base = httpx.URL(self.upstream)
         self._api_key = api_key
         self.max_body = max_body
         self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=30.0), follow_redirects=False, trust_env=False,
+            timeout=httpx.Timeout(timeout, connect=30.0),
+            follow_redirects=False,
+            trust_env=False,
         )
 
     async def aclose(self) -> None:
@@ -136,8 +154,14 @@ class MeteringProxy:
             return None, b""
         declared = next((int(v) for k, v in event.headers if k == b"content-length" and v.isdigit()), None)
         if declared is not None and declared > self.max_body:
-            await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes",
-                                        extra=[("connection", "close")])
+            await self._send_simple(
+                conn,
+                stream,
+                413,
+                "request_too_large",
+                f"request body exceeds {self.max_body} bytes",
+                extra=[("connection", "close")],
+            )
             await self._discard(stream, declared)
             return None, b""
         body = bytearray()
@@ -146,8 +170,14 @@ class MeteringProxy:
             if isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > self.max_body:
-                    await self._send_simple(conn, stream, 413, "request_too_large", f"request body exceeds {self.max_body} bytes",
-                                        extra=[("connection", "close")])
+                    await self._send_simple(
+                        conn,
+                        stream,
+                        413,
+                        "request_too_large",
+                        f"request body exceeds {self.max_body} bytes",
+                        extra=[("connection", "close")],
+                    )
                     await self._discard(stream, self.max_body)
                     return None, b""
             elif isinstance(ev, h11.EndOfMessage):
@@ -189,7 +219,9 @@ class MeteringProxy:
             return await self._send_simple(conn, stream, 401, "authentication_error", "task token expired")
         url = self.upstream_url(target) if req.method == b"POST" else None
         if url is None:
-            return await self._send_simple(conn, stream, 404, "not_found_error", f"{req.method.decode()} {path[:200]} is not proxied")
+            return await self._send_simple(
+                conn, stream, 404, "not_found_error", f"{req.method.decode()} {path[:200]} is not proxied"
+            )
         reason = grant.budget_check()
         if reason:
             return await self._send_simple(conn, stream, 402, "budget_exhausted", reason)
@@ -221,10 +253,13 @@ class MeteringProxy:
             async with self._client.stream("POST", url, content=body, headers=fwd) as resp:
                 status = resp.status_code
                 out_headers = [
-                    (k, v) for k, v in resp.headers.multi_items()
+                    (k, v)
+                    for k, v in resp.headers.multi_items()
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"
                 ]
-                await deliver(conn.send(h11.Response(status_code=status, headers=out_headers, reason=resp.reason_phrase.encode())))
+                await deliver(
+                    conn.send(h11.Response(status_code=status, headers=out_headers, reason=resp.reason_phrase.encode()))
+                )
                 nonstream = bytearray()
                 ctype = resp.headers.get("content-type", "")
                 drained = 0
@@ -263,9 +298,18 @@ class MeteringProxy:
                 raise trio.BrokenResourceError(error) from None  # cut the client off mid-stream
         finally:
             rec = RequestRecord(
-                task_id=grant.task_id, path=path, model=meter.model, status=status, usage=meter.usage,
-                tool_calls=meter.tool_calls, request_bytes=len(body), response_bytes=sent,
-                duration_s=time.monotonic() - started, ttft_s=ttft, streamed=is_stream,
-                complete=complete and (meter.saw_stop or not is_stream), error=error or meter.error,
+                task_id=grant.task_id,
+                path=path,
+                model=meter.model,
+                status=status,
+                usage=meter.usage,
+                tool_calls=meter.tool_calls,
+                request_bytes=len(body),
+                response_bytes=sent,
+                duration_s=time.monotonic() - started,
+                ttft_s=ttft,
+                streamed=is_stream,
+                complete=complete and (meter.saw_stop or not is_stream),
+                error=error or meter.error,
             )
             grant.on_record(rec)

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 from marathon.config import Config
 from marathon.errors import MarathonError, RepoError
-from marathon.node.git import MirrorCache, RepoRef, default_branch, empty_repo_bundle, make_bundle, push_result, resolve_repo
+from marathon.node.git import (
+    MirrorCache,
+    RepoRef,
+    default_branch,
+    empty_repo_bundle,
+    make_bundle,
+    push_result,
+    resolve_repo,
+)
 from marathon.node.github import open_pull_request
 from marathon.protocol import messages as m
 
@@ -24,8 +32,9 @@ class Prepared:
     cached: bool
 
 
-async def prepare(spec: m.TaskSpec, config: Config, cache: MirrorCache, root: str, *,
-                  token: str | None, resume_bundle: str | None) -> Prepared:
+async def prepare(
+    spec: m.TaskSpec, config: Config, cache: MirrorCache, root: str, *, token: str | None, resume_bundle: str | None
+) -> Prepared:
     bundle = os.path.join(root, "repo.bundle")
     if not spec.repo:
         base, branch = await empty_repo_bundle(os.path.join(root, "empty.git"), bundle)
@@ -49,8 +58,17 @@ def pr_body(spec: m.TaskSpec, out: m.TaskOutcome, usage: m.Usage, cost_usd: floa
     )
 
 
-async def publish(prep: Prepared, spec: m.TaskSpec, out: m.TaskOutcome, result_bundle: str, config: Config, *,
-                  token: str | None, usage: m.Usage, cost_usd: float) -> tuple[str | None, str | None]:
+async def publish(
+    prep: Prepared,
+    spec: m.TaskSpec,
+    out: m.TaskOutcome,
+    result_bundle: str,
+    config: Config,
+    *,
+    token: str | None,
+    usage: m.Usage,
+    cost_usd: float,
+) -> tuple[str | None, str | None]:
     """Push the work branch and open the pull request: (pr_url, error).  Never raises."""
     if prep.ref is None or prep.mirror is None:
         return None, "--pr needs --repo"
@@ -66,8 +84,14 @@ async def publish(prep: Prepared, spec: m.TaskSpec, out: m.TaskOutcome, result_b
     title = spec.pr_title or out.head_subject or f"Marathon: {spec.prompt.splitlines()[0][:70]}"
     try:
         url = await open_pull_request(
-            api_url=config.github_api_url, token=token, owner=owner, repo=name, head=spec.work_branch,
-            base=spec.base or prep.branch, title=title, body=pr_body(spec, out, usage, cost_usd),
+            api_url=config.github_api_url,
+            token=token,
+            owner=owner,
+            repo=name,
+            head=spec.work_branch,
+            base=spec.base or prep.branch,
+            title=title,
+            body=pr_body(spec, out, usage, cost_usd),
         )
     except MarathonError as exc:
         return None, str(exc)

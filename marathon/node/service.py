@@ -63,9 +63,15 @@ class NodeService:
         self.pool: WarmPool | None = None
         target = config.warm_pool_target if config.warm_pool_target >= 0 else config.slots
         if target > 0 and hasattr(backend, "restore") and hasattr(backend, "snapshot"):
-            self.pool = WarmPool(backend, target=min(target, config.slots), slots=config.slots,
-                                 active=lambda: len(self.tasks), root=os.path.join(config.data_dir, "pool"),
-                                 connect=connect_agent, connect_timeout=max(config.connect_timeout, 300.0))
+            self.pool = WarmPool(
+                backend,
+                target=min(target, config.slots),
+                slots=config.slots,
+                active=lambda: len(self.tasks),
+                root=os.path.join(config.data_dir, "pool"),
+                connect=connect_agent,
+                connect_timeout=max(config.connect_timeout, 300.0),
+            )
         self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
 
     # ------------------------------------------------------------------ outbox
@@ -92,9 +98,15 @@ class NodeService:
     def capacity(self) -> m.Capacity:
         p = self.pool.stats() if self.pool is not None else {}
         return m.Capacity(
-            slots=self.config.slots, active=len(self.tasks), warm=p.get("warm", 0), backend=self.backend.name,
-            api_key=bool(self.config.anthropic_api_key), pool_hits=p.get("hits", 0), pool_misses=p.get("misses", 0),
-            claim_ms_p50=p.get("claim_ms_p50"), pool_note=p.get("disabled"),
+            slots=self.config.slots,
+            active=len(self.tasks),
+            warm=p.get("warm", 0),
+            backend=self.backend.name,
+            api_key=bool(self.config.anthropic_api_key),
+            pool_hits=p.get("hits", 0),
+            pool_misses=p.get("misses", 0),
+            claim_ms_p50=p.get("claim_ms_p50"),
+            pool_note=p.get("disabled"),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,11 +151,16 @@ class NodeService:
                 if not isinstance(challenge, m.Challenge):
                     raise ProtocolError(f"expected challenge, got {type(challenge).__name__}")
                 nonce = secrets.token_bytes(32)
-                await fs.send(m.Authenticate(
-                    node_id=self.node_id, name=self.config.node_name,
-                    mac=node_mac(self.secret, challenge.nonce, self.node_id),
-                    capacity=self.capacity(), running=self.running(include_outbox=True), nonce=nonce,
-                ))
+                await fs.send(
+                    m.Authenticate(
+                        node_id=self.node_id,
+                        name=self.config.node_name,
+                        mac=node_mac(self.secret, challenge.nonce, self.node_id),
+                        capacity=self.capacity(),
+                        running=self.running(include_outbox=True),
+                        nonce=nonce,
+                    )
+                )
                 welcome = await fs.receive()
             if isinstance(welcome, m.Error):
                 if welcome.code == AuthError.code:
@@ -277,8 +294,17 @@ class NodeService:
                 while True:
                     data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
                     last = len(data) < m.BLOB_CHUNK
-                    self.emit(m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), name=name, offset=offset,
-                                         data=data, last=last, attempt=attempt))
+                    self.emit(
+                        m.TaskBlob(
+                            task_id=task_id,
+                            node_seq=self.next_seq(),
+                            name=name,
+                            offset=offset,
+                            data=data,
+                            last=last,
+                            attempt=attempt,
+                        )
+                    )
                     offset += len(data)
                     if last:
                         return
@@ -286,8 +312,9 @@ class NodeService:
         try:
             if handle.after is not None:
                 await handle.after.finished.wait()
-            outcome = await supervise(handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache,
-                                      self.pool)
+            outcome = await supervise(
+                handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool
+            )
         finally:
             handle.finished.set()
             if self.tasks.get(task_id) is handle:
@@ -325,7 +352,9 @@ async def reap(config: Config, backend: SandboxBackend) -> None:
         log.warning("removed %d leftovers of a previous run: %s", len(removed), ", ".join(removed[:5]))
 
 
-async def serve_node(config: Config, backend: SandboxBackend, secret: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_node(
+    config: Config, backend: SandboxBackend, secret: str, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     await reap(config, backend)
     proxy = MeteringProxy(config.anthropic_base_url, config.anthropic_api_key)
     try:

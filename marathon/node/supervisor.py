@@ -12,7 +12,7 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -20,7 +20,13 @@ import trio
 from marathon import __version__
 from marathon.config import Config
 from marathon.errors import (
-    ConnectionClosed, MarathonError, ProtocolError, RepoError, SandboxError, VersionMismatch, single_errors,
+    ConnectionClosed,
+    MarathonError,
+    ProtocolError,
+    RepoError,
+    SandboxError,
+    VersionMismatch,
+    single_errors,
 )
 from marathon.node.git import MirrorCache
 from marathon.node.pool import WarmPool
@@ -49,7 +55,7 @@ class TaskHandle:
         self.iteration = 0
         self.github_token: str | None = None
         self.resume_bundle: str | None = None  # path of the previous result bundle, when resuming
-        self.after: "TaskHandle | None" = None  # an older attempt of the same task to wait for
+        self.after: TaskHandle | None = None  # an older attempt of the same task to wait for
         self.finished = trio.Event()
         self.scopes: set[trio.CancelScope] = set()
 
@@ -75,7 +81,9 @@ async def connect_agent(sandbox: Sandbox, timeout: float, *, attempt_timeout: fl
     with trio.move_on_after(timeout):
         while True:
             if sandbox.exited() is not None:
-                raise SandboxError(f"the sandbox exited ({sandbox.exited()}) before its agent was up: {sandbox.diagnostics()[-800:]}")
+                raise SandboxError(
+                    f"the sandbox exited ({sandbox.exited()}) before its agent was up: {sandbox.diagnostics()[-800:]}"
+                )
             fs = None
             try:
                 with trio.fail_after(attempt_timeout):
@@ -97,8 +105,13 @@ async def connect_agent(sandbox: Sandbox, timeout: float, *, attempt_timeout: fl
 
 
 async def supervise(
-    handle: TaskHandle, config: Config, backend: SandboxBackend, proxy: MeteringProxy,
-    emit: Callable[[m.Event], None], upload: Callable[[str, str], Awaitable[None]], cache: MirrorCache,
+    handle: TaskHandle,
+    config: Config,
+    backend: SandboxBackend,
+    proxy: MeteringProxy,
+    emit: Callable[[m.Event], None],
+    upload: Callable[[str, str], Awaitable[None]],
+    cache: MirrorCache,
     pool: WarmPool | None = None,
 ) -> m.TaskOutcome:
     """``emit`` sends an event; ``upload(name, path)`` sends a file to the orchestrator."""
@@ -119,17 +132,25 @@ async def supervise(
             prep = None
             t_repo = time.monotonic()
             with trio.move_on_at(deadline) as scope, _stop_scope(handle):
-                prep = await prepare(spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle)
+                prep = await prepare(
+                    spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle
+                )
             if scope.cancelled_caught:
-                return _ended(handle, t0, state="timed_out", reason="timeout", message="timed out preparing the repository")
+                return _ended(
+                    handle, t0, state="timed_out", reason="timeout", message="timed out preparing the repository"
+                )
             if prep is None or handle.stop.is_set():
                 return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
         except RepoError as exc:
             return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
         if prep.ref is not None:
             how = "cache hit, fetched" if prep.cached else "cloned into the node's mirror cache"
-            emit(m.LogEvent(message=f"repository {prep.branch}@{prep.base[:10]} ({how}; {time.monotonic() - t_repo:.2f}s, "
-                                    f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"))
+            emit(
+                m.LogEvent(
+                    message=f"repository {prep.branch}@{prep.base[:10]} ({how}; {time.monotonic() - t_repo:.2f}s, "
+                    f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"
+                )
+            )
         os.makedirs(workspace, mode=0o755)
         if os.geteuid() == 0:
             os.chown(workspace, config.sandbox_uid, config.sandbox_uid)
@@ -138,11 +159,17 @@ async def supervise(
         warm = pool.claim() if pool is not None else None
         if warm is not None:
             sandbox, fs = warm.sandbox, warm.channel
-            emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
-                                    f"{time.monotonic() - warm.ready_at:.1f}s ago"))
+            emit(
+                m.LogEvent(
+                    message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
+                    f"{time.monotonic() - warm.ready_at:.1f}s ago"
+                )
+            )
         else:
             if pool is not None:
-                why = pool.disabled or ("the pool is empty" if not pool.failures else "restoring from the snapshot failed")
+                why = pool.disabled or (
+                    "the pool is empty" if not pool.failures else "restoring from the snapshot failed"
+                )
                 emit(m.LogEvent(message=f"warm pool: {why}; booting a sandbox cold"))
             sandbox = await backend.create(spec.task_id, workspace, run_dir)
             emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
@@ -175,8 +202,9 @@ async def supervise(
                 log.info("task %s: workspace kept at %s", spec.task_id, workspace)
 
 
-async def _hand_over(handle: TaskHandle, outcome: m.TaskOutcome, prep: Prepared, result_bundle: str,
-                     config: Config, upload, emit) -> m.TaskOutcome:
+async def _hand_over(
+    handle: TaskHandle, outcome: m.TaskOutcome, prep: Prepared, result_bundle: str, config: Config, upload, emit
+) -> m.TaskOutcome:
     """The work is out of the sandbox: send the commits to the orchestrator, and push and
     open the pull request when asked (only for a task that succeeded)."""
     spec = handle.spec
@@ -185,12 +213,19 @@ async def _hand_over(handle: TaskHandle, outcome: m.TaskOutcome, prep: Prepared,
     if not spec.pr:
         return outcome
     if outcome.state != "succeeded":
-        return msgspec.structs.replace(outcome, pr_error=f"no pull request: the task ended {outcome.state} (its commits are kept)")
+        return msgspec.structs.replace(
+            outcome, pr_error=f"no pull request: the task ended {outcome.state} (its commits are kept)"
+        )
     emit(m.LogEvent(message=f"pushing {spec.work_branch} and opening a pull request"))
-    url, error = await publish(prep, spec, outcome, result_bundle, config, token=handle.github_token,
-                               usage=handle.usage, cost_usd=handle.cost)
-    emit(m.LogEvent(message=f"pull request: {url}" if url else f"pull request failed: {error}",
-                    level="info" if url else "warning"))
+    url, error = await publish(
+        prep, spec, outcome, result_bundle, config, token=handle.github_token, usage=handle.usage, cost_usd=handle.cost
+    )
+    emit(
+        m.LogEvent(
+            message=f"pull request: {url}" if url else f"pull request failed: {error}",
+            level="info" if url else "warning",
+        )
+    )
     return msgspec.structs.replace(outcome, pr_url=url, pr_error=error)
 
 
@@ -207,9 +242,18 @@ def _stop_scope(handle: TaskHandle):
             handle.scopes.discard(scope)
 
 
-async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: MeteringProxy,
-                 emit, deadline: float, t0: float, prep: Prepared, result_bundle: str,
-                 max_artifact: int) -> m.TaskOutcome:
+async def _drive(
+    handle: TaskHandle,
+    fs: FramedStream,
+    sandbox: Sandbox,
+    proxy: MeteringProxy,
+    emit,
+    deadline: float,
+    t0: float,
+    prep: Prepared,
+    result_bundle: str,
+    max_artifact: int,
+) -> m.TaskOutcome:
     spec = handle.spec
     result = BlobWriter(result_bundle, limit=max_artifact)
 
@@ -229,11 +273,21 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
     def on_record(rec: RequestRecord) -> None:
         handle.usage = handle.usage + rec.usage
         handle.cost += cost(rec.usage, price_for(rec.model, prices, fallback)[0])
-        emit(m.ApiRequestEvent(
-            iteration=handle.iteration, model=rec.model or "", status=rec.status, usage=rec.usage, tool_calls=rec.tool_calls,
-            request_bytes=rec.request_bytes, response_bytes=rec.response_bytes, duration_s=rec.duration_s,
-            ttft_s=rec.ttft_s, complete=rec.complete, error=rec.error,
-        ))
+        emit(
+            m.ApiRequestEvent(
+                iteration=handle.iteration,
+                model=rec.model or "",
+                status=rec.status,
+                usage=rec.usage,
+                tool_calls=rec.tool_calls,
+                request_bytes=rec.request_bytes,
+                response_bytes=rec.response_bytes,
+                duration_s=rec.duration_s,
+                ttft_s=rec.ttft_s,
+                complete=rec.complete,
+                error=rec.error,
+            )
+        )
         reason = budget_left()
         if reason and not handle.stop.is_set():
             log.info("task %s: %s; stopping it", spec.task_id, reason)
@@ -241,8 +295,11 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             handle.cancel("budget_exhausted")
 
     grant = ProxyGrant(
-        task_id=spec.task_id, token="mt_" + secrets.token_urlsafe(32), on_record=on_record,
-        budget_check=budget_left, expires_at=time.time() + (deadline - trio.current_time()) + STOP_GRACE,
+        task_id=spec.task_id,
+        token="mt_" + secrets.token_urlsafe(32),
+        on_record=on_record,
+        budget_check=budget_left,
+        expires_at=time.time() + (deadline - trio.current_time()) + STOP_GRACE,
     )
     mux = TunnelMux(fs.send, first_id=2)
 
@@ -284,8 +341,12 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
                 elif isinstance(msg, m.AgentResult):
                     out = msg.outcome
                     if out.state not in m.TERMINAL_OUTCOMES:
-                        out = msgspec.structs.replace(out, state="failed", reason="agent_error",
-                                                      message=f"the agent reported state {out.state[:40]!r}")
+                        out = msgspec.structs.replace(
+                            out,
+                            state="failed",
+                            reason="agent_error",
+                            message=f"the agent reported state {out.state[:40]!r}",
+                        )
                     return out
                 elif isinstance(msg, m.Error):
                     raise ProtocolError(f"agent says {msg.code}: {msg.message}")
@@ -300,8 +361,16 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
             nursery.cancel_scope.cancel()
 
     try:
-        await fs.send(m.Start(task=spec, workspace=sandbox.workspace, base_branch=prep.branch, api_key=grant.token,
-                              now=time.time(), entropy=secrets.token_bytes(64)))
+        await fs.send(
+            m.Start(
+                task=spec,
+                workspace=sandbox.workspace,
+                base_branch=prep.branch,
+                api_key=grant.token,
+                now=time.time(),
+                entropy=secrets.token_bytes(64),
+            )
+        )
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)
@@ -311,7 +380,9 @@ async def _drive(handle: TaskHandle, fs: FramedStream, sandbox: Sandbox, proxy: 
         await fs.aclose()
     if outcome is not None and outcome.has_bundle and not result.done:
         why = result.refused or "incomplete"
-        outcome = msgspec.structs.replace(outcome, has_bundle=False, message=f"{outcome.message or ''} (result bundle {why})".strip())
+        outcome = msgspec.structs.replace(
+            outcome, has_bundle=False, message=f"{outcome.message or ''} (result bundle {why})".strip()
+        )
     if handle.stop.is_set():
         reason = handle.stop_reason or "timeout"
         message = handle.budget_message or f"stopped: {reason}"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -14,7 +15,16 @@ from quart_trio import QuartTrio
 
 from marathon import __version__
 from marathon.bus import Bus
-from marathon.errors import AuthError, Conflict, Forbidden, InvalidRequest, MarathonError, NotFound, RateLimited, StoreError
+from marathon.errors import (
+    AuthError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    MarathonError,
+    NotFound,
+    RateLimited,
+    StoreError,
+)
 from marathon.bus.ratelimit import RateLimiter
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.lifecycle import State, is_terminal
@@ -28,7 +38,15 @@ log = logging.getLogger("marathon.api")
 MAX_BODY = 1024 * 1024
 _json = msgspec.json.Encoder()
 
-STATUS = {AuthError: 401, Forbidden: 403, NotFound: 404, InvalidRequest: 400, Conflict: 409, RateLimited: 429, StoreError: 503}
+STATUS = {
+    AuthError: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    InvalidRequest: 400,
+    Conflict: 409,
+    RateLimited: 429,
+    StoreError: 503,
+}
 
 
 @dataclass
@@ -54,9 +72,7 @@ def task_json(rec: TaskRecord) -> dict:
     if rec.state == State.NEEDS_INPUT:
         d["question"] = rec.message
     d["terminal"] = is_terminal(rec.state)
-    d["duration_s"] = (
-        (rec.finished_at or 0) - rec.started_at if rec.started_at and rec.finished_at else None
-    )
+    d["duration_s"] = (rec.finished_at or 0) - rec.started_at if rec.started_at and rec.finished_at else None
     return d
 
 

@@ -78,8 +78,9 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
     async def whoami():
         p = await principal()
         user = await ctx.tasks.store.get_user(p.user)
-        return json_response({"id": p.user, "email": p.email, "admin": p.admin,
-                              "github_token": bool(user and user.github_token)})
+        return json_response(
+            {"id": p.user, "email": p.email, "admin": p.admin, "github_token": bool(user and user.github_token)}
+        )
 
     @app.put("/v1/auth/github-token")
     async def github_token():
@@ -94,16 +95,28 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
         p = await principal()
         body = await body_as(KeyRequest)
         key, rec = await accounts.create_key(p, body.name)
-        return json_response({"id": rec.id, "name": rec.name, "prefix": rec.prefix, "key": key, "created_at": rec.created_at}, 201)
+        return json_response(
+            {"id": rec.id, "name": rec.name, "prefix": rec.prefix, "key": key, "created_at": rec.created_at}, 201
+        )
 
     @app.get("/v1/keys")
     async def list_keys():
         p = await principal()
         keys = await ctx.tasks.store.list_api_keys(p.user)
-        return json_response({"keys": [
-            {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
-            for k in keys
-        ]})
+        return json_response(
+            {
+                "keys": [
+                    {
+                        "id": k.id,
+                        "name": k.name,
+                        "prefix": k.prefix,
+                        "created_at": k.created_at,
+                        "revoked_at": k.revoked_at,
+                    }
+                    for k in keys
+                ]
+            }
+        )
 
     @app.delete("/v1/keys/<key_id>")
     async def revoke_key(key_id: str):
@@ -135,7 +148,16 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
         rows = await ctx.tasks.store.usage_summary(user_id=user_id, since=since, by=by)
         total = UsageBucket(key="total")
         for r in rows:
-            for f in ("requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
-                      "cache_read_input_tokens", "tool_calls", "cost_usd", "compute_s", "tasks"):
+            for f in (
+                "requests",
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "tool_calls",
+                "cost_usd",
+                "compute_s",
+                "tasks",
+            ):
                 setattr(total, f, getattr(total, f) + getattr(r, f))
         return json_response({"since": since, "by": by, "user": user_id or "*", "rows": rows, "total": total})

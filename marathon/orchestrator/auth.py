@@ -78,7 +78,9 @@ class Accounts:
             raise AuthError(BAD_LOGIN)
         token = SESSION_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
-        session = Session(token_hash=token_hash(token), user_id=user.id, created_at=now, expires_at=now + self.session_ttl)
+        session = Session(
+            token_hash=token_hash(token), user_id=user.id, created_at=now, expires_at=now + self.session_ttl
+        )
         await self.store.create_session(session)
         return token, session, user
 
@@ -87,8 +89,13 @@ class Accounts:
 
     async def create_key(self, user: Principal, name: str) -> tuple[str, ApiKey]:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        rec = ApiKey(id="k_" + uuid.uuid4().hex[:12], user_id=user.user, name=name[:100] or "key",
-                     prefix=key[:10], key_hash=token_hash(key))
+        rec = ApiKey(
+            id="k_" + uuid.uuid4().hex[:12],
+            user_id=user.user,
+            name=name[:100] or "key",
+            prefix=key[:10],
+            key_hash=token_hash(key),
+        )
         await self.store.create_api_key(rec)
         return key, rec
 

@@ -76,7 +76,12 @@ class Gateway:
         finally:
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
-                log.warning("node %s (%s) disconnected; its tasks wait %.0fs for it", session.name, session.node_id, self.config.node_grace)
+                log.warning(
+                    "node %s (%s) disconnected; its tasks wait %.0fs for it",
+                    session.name,
+                    session.node_id,
+                    self.config.node_grace,
+                )
                 await self.tasks.bus.notify("scheduler")
             await fs.aclose()
 
@@ -98,9 +103,21 @@ class Gateway:
         old = self.nodes.attach(session)
         if old is not None and old.stream is not None and old.stream is not fs:
             await old.stream.aclose()
-        await fs.send(m.Welcome(node_id=auth.node_id, heartbeat_interval=self.config.heartbeat_interval,
-                                mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id)))
-        log.info("node %s (%s) connected from %s: %d slots, backend %s", auth.name, auth.node_id, peer, auth.capacity.slots, auth.capacity.backend)
+        await fs.send(
+            m.Welcome(
+                node_id=auth.node_id,
+                heartbeat_interval=self.config.heartbeat_interval,
+                mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id),
+            )
+        )
+        log.info(
+            "node %s (%s) connected from %s: %d slots, backend %s",
+            auth.name,
+            auth.node_id,
+            peer,
+            auth.capacity.slots,
+            auth.capacity.backend,
+        )
         await self._reconcile(session, auth.running)
         await self.tasks.bus.notify("scheduler")
         return session
@@ -121,7 +138,8 @@ class Gateway:
             elif not ours or rec.state not in TERMINAL:
                 await session.send(m.Cancel(task_id=task_id, attempt=attempt, reason="no longer assigned to this node"))
         active, _ = await self.tasks.store.list_tasks(
-            states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=100_000, oldest_first=True)
+            states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=100_000, oldest_first=True
+        )
         for rec in active:
             if rec.node_id == session.node_id and rec.id not in running:
                 session.assigned.pop(rec.id, None)
@@ -163,10 +181,16 @@ class Gateway:
             session.capacity = msg.capacity
             await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
         elif isinstance(msg, m.Accepted):
-            moved = await self.tasks.move(msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid,
-                                          expect_attempt=msg.attempt)
+            moved = await self.tasks.move(
+                msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid, expect_attempt=msg.attempt
+            )
             rec = moved or await self.tasks.store.get_task(msg.task_id)
-            if rec is not None and rec.node_id == nid and rec.attempt == msg.attempt and rec.state in (State.STARTING, State.RUNNING):
+            if (
+                rec is not None
+                and rec.node_id == nid
+                and rec.attempt == msg.attempt
+                and rec.state in (State.STARTING, State.RUNNING)
+            ):
                 session.assigned[msg.task_id] = None
             else:  # too late: the task went back to the queue (or elsewhere) meanwhile
                 await session.send(m.Cancel(task_id=msg.task_id, attempt=msg.attempt, reason="assignment expired"))
@@ -174,7 +198,9 @@ class Gateway:
             session.assigned.pop(msg.task_id, None)
             rec = await self.tasks.store.get_task(msg.task_id)
             if rec is not None and rec.node_id == nid and rec.attempt == msg.attempt and rec.state == State.SCHEDULED:
-                await self.tasks.requeue_or_fail(rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}")
+                await self.tasks.requeue_or_fail(
+                    rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}"
+                )
         elif isinstance(msg, m.TaskBlob):
             key = (msg.task_id, msg.name)
             if msg.offset == 0:

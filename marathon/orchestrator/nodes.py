@@ -65,13 +65,25 @@ class NodeSession:
 
     def public(self) -> dict:
         return {
-            "id": self.node_id, "name": self.name, "connected": self.connected,
-            "slots": self.capacity.slots, "active": self.view().active, "warm": self.capacity.warm,
-            "backend": self.capacity.backend, "draining": self.draining, "peer": self.peer,
-            "pool": {"hits": self.capacity.pool_hits, "misses": self.capacity.pool_misses,
-                     "claim_ms_p50": self.capacity.claim_ms_p50, "note": self.capacity.pool_note},
-            "connected_at": self.connected_at, "last_seen": self.last_seen,
-            "disconnected_at": self.disconnected_at, "tasks": sorted(self.assigned),
+            "id": self.node_id,
+            "name": self.name,
+            "connected": self.connected,
+            "slots": self.capacity.slots,
+            "active": self.view().active,
+            "warm": self.capacity.warm,
+            "backend": self.capacity.backend,
+            "draining": self.draining,
+            "peer": self.peer,
+            "pool": {
+                "hits": self.capacity.pool_hits,
+                "misses": self.capacity.pool_misses,
+                "claim_ms_p50": self.capacity.claim_ms_p50,
+                "note": self.capacity.pool_note,
+            },
+            "connected_at": self.connected_at,
+            "last_seen": self.last_seen,
+            "disconnected_at": self.disconnected_at,
+            "tasks": sorted(self.assigned),
         }
 
 

@@ -15,7 +15,10 @@ def _op(summary: str, responses: dict, **extra) -> dict:
 
 
 _ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_TASK = {"description": "a task", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRecord"}}}}
+_TASK = {
+    "description": "a task",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRecord"}}},
+}
 _ID = [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
@@ -26,7 +29,9 @@ def openapi_document() -> dict:
     )
     components["Error"] = {
         "type": "object",
-        "properties": {"error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+        "properties": {
+            "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -42,13 +47,21 @@ def openapi_document() -> dict:
                 "post": _op(
                     "Submit a task",
                     {"201": _TASK, "400": _ERR, "401": _ERR, "429": _ERR},
-                    requestBody={"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}},
+                    },
                 ),
                 "get": _op(
                     "List tasks (newest first)",
                     {"200": {"description": "a page of tasks"}, "400": _ERR, "401": _ERR},
                     parameters=[
-                        {"name": "state", "in": "query", "schema": {"type": "string"}, "description": "comma-separated states"},
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "comma-separated states",
+                        },
                         {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                     ],
@@ -57,13 +70,18 @@ def openapi_document() -> dict:
             "/v1/tasks/{task_id}": {"get": _op("Get a task", {"200": _TASK, "404": _ERR}, parameters=_ID)},
             "/v1/tasks/{task_id}/cancel": {"post": _op("Cancel a task", {"202": _TASK, "404": _ERR}, parameters=_ID)},
             "/v1/tasks/{task_id}/diff": {
-                "get": _op("The change as a patch", {"200": {"description": "patch", "content": {"text/x-diff": {}}}, "404": _ERR}, parameters=_ID)
+                "get": _op(
+                    "The change as a patch",
+                    {"200": {"description": "patch", "content": {"text/x-diff": {}}}, "404": _ERR},
+                    parameters=_ID,
+                )
             },
             "/v1/tasks/{task_id}/events": {
                 "get": _op(
                     "Task events as Server-Sent Events; resume with Last-Event-ID",
                     {"200": {"description": "event stream", "content": {"text/event-stream": {}}}, "404": _ERR},
-                    parameters=_ID + [
+                    parameters=_ID
+                    + [
                         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
                         {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
                     ],

@@ -58,8 +58,6 @@ def plan(tasks: list[TaskView], nodes: list[NodeView]) -> list[tuple[str, str]]:
         if best is None:
             continue
         node = load[best[1]]
-        load[node.node_id] = NodeView(
-            node.node_id, node.slots, node.active + 1, max(0, node.warm - 1), node.draining
-        )
+        load[node.node_id] = NodeView(node.node_id, node.slots, node.active + 1, max(0, node.warm - 1), node.draining)
         out.append((task.task_id, node.node_id))
     return out

@@ -76,7 +76,10 @@ class Scheduler:
             if session is None:
                 continue
             moved = await self.tasks.move(
-                task_id, State.SCHEDULED, expect={State.QUEUED}, message=f"assigned to node {session.name}",
+                task_id,
+                State.SCHEDULED,
+                expect={State.QUEUED},
+                message=f"assigned to node {session.name}",
                 changes={"node_id": node_id, "attempt": rec.attempt + 1, "last_node_seq": 0, "reason": None},
             )
             if moved is None:
@@ -110,13 +113,22 @@ class Scheduler:
             started = rec.started_at or rec.updated_at
             if rec.state == State.RUNNING and now - started > limit:
                 await session.send(m.Cancel(task_id=rec.id, reason="timed out"))
-                await self.tasks.move(rec.id, State.TIMED_OUT, reason="timeout", message="the node did not end the task in time", expect={State.RUNNING})
+                await self.tasks.move(
+                    rec.id,
+                    State.TIMED_OUT,
+                    reason="timeout",
+                    message="the node did not end the task in time",
+                    expect={State.RUNNING},
+                )
         for task_id, deadline in list(self.gateway.cancel_deadlines.items()):
             if now > deadline:
                 self.gateway.cancel_deadlines.pop(task_id, None)
                 self.nodes.forget_task(task_id)
                 await self.tasks.move(
-                    task_id, State.CANCELLED, reason="cancelled", message="cancelled (the node did not confirm)",
+                    task_id,
+                    State.CANCELLED,
+                    reason="cancelled",
+                    message="cancelled (the node did not confirm)",
                     expect={State.SCHEDULED, State.STARTING, State.RUNNING},
                 )
 
@@ -141,10 +153,18 @@ async def serve_orchestrator(
         gateway = Gateway(config, tasks, nodes, secret)
         scheduler = Scheduler(config, tasks, nodes, gateway)
         accounts = Accounts(store, session_ttl=config.session_ttl, allow_registration=config.allow_registration)
-        app = create_app(ApiContext(
-            tasks, nodes, bus, gateway.send_cancel, accounts, MemoryRateLimiter(),
-            submit_rate=config.submit_rate, submit_burst=config.submit_burst,
-        ))
+        app = create_app(
+            ApiContext(
+                tasks,
+                nodes,
+                bus,
+                gateway.send_cancel,
+                accounts,
+                MemoryRateLimiter(),
+                submit_rate=config.submit_rate,
+                submit_burst=config.submit_burst,
+            )
+        )
 
         hc = HyperConfig()
         listen = config.http_listen

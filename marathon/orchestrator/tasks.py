@@ -134,9 +134,12 @@ class TaskService:
         blobs = []
         if bundle is not None:
             for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):
-                data = bundle[off:off + m.BLOB_CHUNK]
-                blobs.append(m.AssignBlob(task_id=rec.id, name="bundle", offset=off, data=data,
-                                          last=off + m.BLOB_CHUNK >= len(bundle)))
+                data = bundle[off : off + m.BLOB_CHUNK]
+                blobs.append(
+                    m.AssignBlob(
+                        task_id=rec.id, name="bundle", offset=off, data=data, last=off + m.BLOB_CHUNK >= len(bundle)
+                    )
+                )
         return m.Assign(task=spec, github_token=owner.github_token if owner else None), blobs
 
     # ------------------------------------------------------------------ writes
@@ -204,11 +207,18 @@ class TaskService:
         expect = {State(rec.state)}
         if rec.attempt >= self.config.max_attempts:
             return await self.move(
-                rec.id, State.FAILED, reason=reason, expect=expect,
+                rec.id,
+                State.FAILED,
+                reason=reason,
+                expect=expect,
                 message=f"{message}; gave up after {rec.attempt} attempts",
             )
         return await self.move(
-            rec.id, State.QUEUED, reason=reason, message=f"{message}; queued again", expect=expect,
+            rec.id,
+            State.QUEUED,
+            reason=reason,
+            message=f"{message}; queued again",
+            expect=expect,
             changes={"node_id": None},
         )
 
@@ -220,11 +230,23 @@ class TaskService:
         usd = cost(ev.usage, price)
         u = ev.usage
         row = LedgerRow(
-            task_id=task_id, user_id=owner, ts=time.time(), model=ev.model or "", input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens, cache_creation_input_tokens=u.cache_creation_input_tokens,
-            cache_read_input_tokens=u.cache_read_input_tokens, tool_calls=ev.tool_calls, cost_usd=usd,
-            status=ev.status, duration_s=ev.duration_s, ttft_s=ev.ttft_s, request_bytes=ev.request_bytes,
-            response_bytes=ev.response_bytes, complete=ev.complete, priced=known,
+            task_id=task_id,
+            user_id=owner,
+            ts=time.time(),
+            model=ev.model or "",
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cache_creation_input_tokens=u.cache_creation_input_tokens,
+            cache_read_input_tokens=u.cache_read_input_tokens,
+            tool_calls=ev.tool_calls,
+            cost_usd=usd,
+            status=ev.status,
+            duration_s=ev.duration_s,
+            ttft_s=ev.ttft_s,
+            request_bytes=ev.request_bytes,
+            response_bytes=ev.response_bytes,
+            complete=ev.complete,
+            priced=known,
         )
         return msgspec.structs.replace(ev, cost_usd=usd), row
 
@@ -243,7 +265,11 @@ class TaskService:
                 await self._flush(batch)
                 batch = []
                 await self.move(
-                    msg.task_id, State.RUNNING, expect={State.STARTING}, expect_node=node_id, expect_attempt=msg.attempt,
+                    msg.task_id,
+                    State.RUNNING,
+                    expect={State.STARTING},
+                    expect_node=node_id,
+                    expect_attempt=msg.attempt,
                     changes={"started_at": time.time(), "last_node_seq": msg.node_seq},
                 )
                 continue
@@ -251,8 +277,11 @@ class TaskService:
                 continue  # states are the orchestrator's to record
             if isinstance(ev, m.ApiRequestEvent):
                 ev, row = self.price(msg.task_id, rec.owner, ev)
-                batch.append(msgspec.structs.replace(
-                    event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id), ledger=row))
+                batch.append(
+                    msgspec.structs.replace(
+                        event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id), ledger=row
+                    )
+                )
                 continue
             batch.append(event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id))
         await self._flush(batch)
@@ -281,7 +310,13 @@ class TaskService:
         if msg.offset != len(buf):
             if msg.offset < len(buf):
                 return False  # a resend after a reconnect
-            log.warning("task %s: %s chunk at %d, expected %d; dropping the artifact", msg.task_id, msg.name, msg.offset, len(buf))
+            log.warning(
+                "task %s: %s chunk at %d, expected %d; dropping the artifact",
+                msg.task_id,
+                msg.name,
+                msg.offset,
+                len(buf),
+            )
             self._blobs.pop(key, None)
             return False
         buf += msg.data
@@ -303,10 +338,19 @@ class TaskService:
         try:
             target = State(out.state)
         except ValueError:
-            target, out = State.FAILED, msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}")
+            target, out = (
+                State.FAILED,
+                msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}"),
+            )
         prev = await self.store.get_task(msg.task_id)
         if prev is None or prev.node_id != node_id or prev.attempt != msg.attempt or State(prev.state) not in ACTIVE:
-            log.info("task %s: ignored outcome %s from node %s (attempt %d is not current)", msg.task_id, out.state, node_id, msg.attempt)
+            log.info(
+                "task %s: ignored outcome %s from node %s (attempt %d is not current)",
+                msg.task_id,
+                out.state,
+                node_id,
+                msg.attempt,
+            )
             return None
         if out.diff:
             await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
@@ -314,19 +358,32 @@ class TaskService:
             await self.store.put_artifact(msg.task_id, "memory", out.memory.encode())
         usage, usd = await self.store.ledger_totals(msg.task_id)
         changes = {
-            "usage": usage, "cost_usd": usd, "claude_usage": out.claude_usage,
-            "exit_code": out.exit_code, "is_error": out.is_error, "diff_stat": out.diff_stat,
-            "final_text": out.final_text[-4000:], "last_node_seq": msg.node_seq,
+            "usage": usage,
+            "cost_usd": usd,
+            "claude_usage": out.claude_usage,
+            "exit_code": out.exit_code,
+            "is_error": out.is_error,
+            "diff_stat": out.diff_stat,
+            "final_text": out.final_text[-4000:],
+            "last_node_seq": msg.node_seq,
             "num_turns": prev.num_turns + out.num_turns,
             "compute_s": prev.compute_s + out.duration_s,
             "iterations": out.iterations or prev.iterations,
-            "reply": None, "pr_url": out.pr_url, "pr_error": out.pr_error,
+            "reply": None,
+            "pr_url": out.pr_url,
+            "pr_error": out.pr_error,
         }
         if out.head:
             changes.update(commits=out.commits, head=out.head, branch=out.branch)
         rec = await self.move(
-            msg.task_id, target, reason=out.reason, message=out.message, changes=changes,
-            expect=ACTIVE, expect_node=node_id, expect_attempt=msg.attempt,
+            msg.task_id,
+            target,
+            reason=out.reason,
+            message=out.message,
+            changes=changes,
+            expect=ACTIVE,
+            expect_node=node_id,
+            expect_attempt=msg.attempt,
         )
         if rec is None:
             log.info("task %s: ignored outcome %s from node %s (task no longer there)", msg.task_id, out.state, node_id)
@@ -339,8 +396,14 @@ class TaskService:
         rec = await self.get(task_id, owner=owner)
         if rec.state != State.NEEDS_INPUT:
             raise Conflict(f"task {task_id} is {rec.state}, not waiting for an answer")
-        new = await self.move(task_id, State.QUEUED, reason="reply", message="answered; queued again",
-                              expect={State.NEEDS_INPUT}, changes={"reply": answer, "node_id": None})
+        new = await self.move(
+            task_id,
+            State.QUEUED,
+            reason="reply",
+            message="answered; queued again",
+            expect={State.NEEDS_INPUT},
+            changes={"reply": answer, "node_id": None},
+        )
         if new is None:
             raise Conflict(f"task {task_id} changed while answering")
         return new
@@ -356,12 +419,17 @@ class TaskService:
         if state in TERMINAL:
             return rec
         if state in (State.QUEUED, State.NEEDS_INPUT) or rec.node_id is None:
-            new = await self.move(task_id, State.CANCELLED, reason="cancelled", message="cancelled by user", expect={state})
+            new = await self.move(
+                task_id, State.CANCELLED, reason="cancelled", message="cancelled by user", expect={state}
+            )
             return new or await self.get(task_id)
         if await send_cancel(rec.node_id, task_id):
             return rec
         new = await self.move(
-            task_id, State.CANCELLED, reason="cancelled", message="cancelled by user (node not connected)",
+            task_id,
+            State.CANCELLED,
+            reason="cancelled",
+            message="cancelled by user (node not connected)",
             expect={state},
         )
         return new or await self.get(task_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from marathon.errors import ProtocolError
 from marathon.protocol.messages import BLOB_CHUNK, Blob

@@ -44,7 +44,7 @@ def decode_frame(buf: bytes | bytearray, decoder: msgspec.msgpack.Decoder, *, ma
     if len(buf) < end:
         return None, 0
     try:
-        msg = decoder.decode(memoryview(buf)[_HEADER.size:end])
+        msg = decoder.decode(memoryview(buf)[_HEADER.size : end])
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -53,8 +53,14 @@ def decode_frame(buf: bytes | bytearray, decoder: msgspec.msgpack.Decoder, *, ma
 
 
 class FramedStream(Generic[T]):
-    def __init__(self, stream: trio.abc.Stream, message_type: Any, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 send_timeout: float | None = None):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        message_type: Any,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        send_timeout: float | None = None,
+    ):
         self.stream = stream
         self.max_frame = max_frame
         self.send_timeout = send_timeout  # a peer that stops reading for this long: TooSlowError

@@ -30,7 +30,7 @@ class Usage(msgspec.Struct, frozen=True):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
@@ -40,12 +40,7 @@ class Usage(msgspec.Struct, frozen=True):
 
     @property
     def total(self) -> int:
-        return (
-            self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-        )
+        return self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
 
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -331,8 +326,22 @@ class TaskResult(_Msg, tag="task_result"):
 
 
 GatewayMessage = Union[
-    Hello, Error, Challenge, Authenticate, Welcome, Heartbeat, HeartbeatAck, Assign, AssignBlob, Accepted,
-    Rejected, Cancel, Drain, TaskEvent, TaskBlob, TaskResult,
+    Hello,
+    Error,
+    Challenge,
+    Authenticate,
+    Welcome,
+    Heartbeat,
+    HeartbeatAck,
+    Assign,
+    AssignBlob,
+    Accepted,
+    Rejected,
+    Cancel,
+    Drain,
+    TaskEvent,
+    TaskBlob,
+    TaskResult,
 ]
 
 
@@ -400,8 +409,18 @@ class TunnelClose(_Msg, tag="t_close"):
 
 
 AgentMessage = Union[
-    Hello, Error, Ready, Start, AgentEvent, AgentResult, Blob, CancelRun,
-    TunnelOpen, TunnelData, TunnelAck, TunnelClose,
+    Hello,
+    Error,
+    Ready,
+    Start,
+    AgentEvent,
+    AgentResult,
+    Blob,
+    CancelRun,
+    TunnelOpen,
+    TunnelData,
+    TunnelAck,
+    TunnelClose,
 ]
 
 TERMINAL_OUTCOMES = ("succeeded", "failed", "cancelled", "timed_out", "needs_input")

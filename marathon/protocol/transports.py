@@ -52,7 +52,9 @@ def parse_address(text: str) -> Address:
             return Address("fcvsock", path=path, port=int(port))
     except ValueError:
         pass
-    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT, tls:HOST:PORT, unix:/PATH, vsock:CID:PORT or fcvsock:/PATH:PORT")
+    raise ConfigError(
+        f"bad address {text!r}: expected tcp:HOST:PORT, tls:HOST:PORT, unix:/PATH, vsock:CID:PORT or fcvsock:/PATH:PORT"
+    )
 
 
 def client_tls(cafile: str = "") -> ssl.SSLContext:

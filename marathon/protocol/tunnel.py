@@ -9,7 +9,7 @@ slow stream never blocks the channel or grows memory without bound.
 from __future__ import annotations
 
 import itertools
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -21,7 +21,7 @@ CHUNK = 64 * 1024
 
 
 class TunnelStream(trio.abc.Stream):
-    def __init__(self, mux: "TunnelMux", conn: int):
+    def __init__(self, mux: TunnelMux, conn: int):
         self._mux, self.conn = mux, conn
         self._buf = bytearray()
         self._data_ready = trio.Event()
@@ -105,7 +105,9 @@ class TunnelStream(trio.abc.Stream):
 class TunnelMux:
     """One per channel.  ``feed`` every tunnel message the reader gets; ``open`` new streams."""
 
-    def __init__(self, send: Callable[[object], Awaitable[None]], *, window: int = WINDOW, first_id: int = 1, id_step: int = 2):
+    def __init__(
+        self, send: Callable[[object], Awaitable[None]], *, window: int = WINDOW, first_id: int = 1, id_step: int = 2
+    ):
         self._send = send
         self.window = window
         self._streams: dict[int, TunnelStream] = {}

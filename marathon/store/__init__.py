@@ -11,7 +11,15 @@ from typing import Any, Protocol
 
 from marathon.protocol.messages import Usage
 from marathon.store.models import (
-    ApiKey, EventIn, LedgerRow, Session, StoredEvent, TaskRecord, TaskRequest, UsageBucket, User,
+    ApiKey,
+    EventIn,
+    LedgerRow,
+    Session,
+    StoredEvent,
+    TaskRecord,
+    TaskRequest,
+    UsageBucket,
+    User,
 )
 
 __all__ = ["Store", "EventIn", "StoredEvent", "TaskRecord", "TaskRequest", "open_store"]
@@ -23,12 +31,21 @@ class Store(Protocol):
     async def get_task(self, task_id: str) -> TaskRecord | None: ...
 
     async def list_tasks(
-        self, *, owner: str | None = None, states: list[str] | None = None,
-        cursor: str | None = None, limit: int = 50, oldest_first: bool = False,
+        self,
+        *,
+        owner: str | None = None,
+        states: list[str] | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        oldest_first: bool = False,
     ) -> tuple[list[TaskRecord], str | None]: ...
 
     async def update_task(
-        self, task_id: str, *, expect_state: str | None, changes: dict[str, Any],
+        self,
+        task_id: str,
+        *,
+        expect_state: str | None,
+        changes: dict[str, Any],
         event: EventIn | None = None,
     ) -> tuple[TaskRecord, StoredEvent | None] | None:
         """Compare-and-set on the task's state; None when the state was not ``expect_state``."""
@@ -81,7 +98,7 @@ async def open_store(url: str, data_dir: str) -> Store:
     if url == "sqlite" or url.startswith("sqlite:"):
         from marathon.store.sqlite import SqliteStore
 
-        path = url[len("sqlite://"):] if url.startswith("sqlite://") else ""
+        path = url[len("sqlite://") :] if url.startswith("sqlite://") else ""
         import os
 
         return await SqliteStore.open(path or os.path.join(data_dir, "marathon.db"))

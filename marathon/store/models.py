@@ -82,16 +82,37 @@ class EventIn(msgspec.Struct, frozen=True):
     data: bytes
     node_seq: int | None = None
     node_id: str | None = None
-    ledger: "LedgerRow | None" = None
+    ledger: LedgerRow | None = None
 
 
 # Columns a store may change with update_task().
 UPDATABLE = frozenset(
     {
-        "state", "reason", "message", "node_id", "attempt", "started_at", "finished_at",
-        "last_node_seq", "usage", "cost_usd", "num_turns", "exit_code", "is_error",
-        "diff_stat", "final_text", "request", "compute_s", "claude_usage", "iterations", "commits",
-        "branch", "head", "pr_url", "pr_error", "reply",
+        "state",
+        "reason",
+        "message",
+        "node_id",
+        "attempt",
+        "started_at",
+        "finished_at",
+        "last_node_seq",
+        "usage",
+        "cost_usd",
+        "num_turns",
+        "exit_code",
+        "is_error",
+        "diff_stat",
+        "final_text",
+        "request",
+        "compute_s",
+        "claude_usage",
+        "iterations",
+        "commits",
+        "branch",
+        "head",
+        "pr_url",
+        "pr_error",
+        "reply",
     }
 )
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 import msgspec
 import trio
@@ -117,7 +118,7 @@ class SqliteStore(AccountsMixin):
         self._rlimit = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: str) -> "SqliteStore":
+    async def open(cls, path: str) -> SqliteStore:
         self = cls(path)
         await trio.to_thread.run_sync(self._open_sync)
         return self
@@ -272,10 +273,14 @@ class SqliteStore(AccountsMixin):
         return await self._write(lambda conn: [self._append_one(conn, ev, now) for ev in items])
 
     async def ledger_totals(self, task_id: str) -> tuple[Usage, float]:
-        row = await self._read(lambda c: c.execute(
-            "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
-            "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-            "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = ?", (task_id,)).fetchone())
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
+                "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
+                "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+        )
         return Usage(row[0], row[1], row[2], row[3]), row[4]
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:

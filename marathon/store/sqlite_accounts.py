@@ -18,14 +18,32 @@ _LEDGER_COLS = (
 def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
     conn.execute(
         f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 17)})",
-        (r.task_id, r.user_id, r.ts, r.model, r.input_tokens, r.output_tokens,
-         r.cache_creation_input_tokens, r.cache_read_input_tokens, r.tool_calls, r.cost_usd,
-         r.status, r.duration_s, r.ttft_s, r.request_bytes, r.response_bytes, int(r.complete), int(r.priced)),
+        (
+            r.task_id,
+            r.user_id,
+            r.ts,
+            r.model,
+            r.input_tokens,
+            r.output_tokens,
+            r.cache_creation_input_tokens,
+            r.cache_read_input_tokens,
+            r.tool_calls,
+            r.cost_usd,
+            r.status,
+            r.duration_s,
+            r.ttft_s,
+            r.request_bytes,
+            r.response_bytes,
+            int(r.complete),
+            int(r.priced),
+        ),
     )
 
 
 def _user(row) -> User:
-    return User(id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5])
+    return User(
+        id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5]
+    )
 
 
 _USER = "SELECT id, email, password_hash, admin, created_at, github_token FROM users"
@@ -33,8 +51,16 @@ _KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_u
 
 
 def _key(row) -> ApiKey:
-    return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], key_hash=row[4],
-                  created_at=row[5], revoked_at=row[6], last_used_at=row[7])
+    return ApiKey(
+        id=row[0],
+        user_id=row[1],
+        name=row[2],
+        prefix=row[3],
+        key_hash=row[4],
+        created_at=row[5],
+        revoked_at=row[6],
+        last_used_at=row[7],
+    )
 
 
 _GROUPS = {
@@ -56,8 +82,10 @@ class AccountsMixin:
             if admin_if_first and conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0:
                 user.admin = True
             try:
-                conn.execute("INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (user.id, user.email, user.password_hash, int(user.admin), user.created_at))
+                conn.execute(
+                    "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (user.id, user.email, user.password_hash, int(user.admin), user.created_at),
+                )
             except sqlite3.IntegrityError:
                 raise Conflict(f"{user.email} is already registered") from None
             return user
@@ -82,41 +110,59 @@ class AccountsMixin:
 
     async def create_api_key(self, key: ApiKey) -> ApiKey:
         key.created_at = key.created_at or time.time()
-        await self._write(lambda c: c.execute(
-            f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None)))
+        await self._write(
+            lambda c: c.execute(
+                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None),
+            )
+        )
         return key
 
     async def list_api_keys(self, user_id: str) -> list[ApiKey]:
-        rows = await self._read(lambda c: c.execute(
-            f"SELECT {_KEY_COLS} FROM api_keys WHERE user_id = ? ORDER BY created_at", (user_id,)).fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys WHERE user_id = ? ORDER BY created_at", (user_id,)
+            ).fetchall()
+        )
         return [_key(r) for r in rows]
 
     async def revoke_api_key(self, user_id: str, key_id: str) -> bool:
-        cur = await self._write(lambda c: c.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
-            (time.time(), key_id, user_id)))
+        cur = await self._write(
+            lambda c: c.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+                (time.time(), key_id, user_id),
+            )
+        )
         return cur.rowcount == 1
 
     async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
-        row = await self._read(lambda c: c.execute(
-            f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
-            "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
-            (key_hash,)).fetchone())
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
+                "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+                (key_hash,),
+            ).fetchone()
+        )
         return (_key(row[:8]), _user(row[8:])) if row else None
 
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, session: Session) -> None:
-        await self._write(lambda c: c.execute(
-            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-            (session.token_hash, session.user_id, session.created_at, session.expires_at)))
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (session.token_hash, session.user_id, session.created_at, session.expires_at),
+            )
+        )
 
     async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
-        row = await self._read(lambda c: c.execute(
-            "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
-            "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
-            (token_hash, time.time())).fetchone())
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
+                "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+                (token_hash, time.time()),
+            ).fetchone()
+        )
         if not row:
             return None
         return Session(token_hash=row[0], user_id=row[1], created_at=row[2], expires_at=row[3]), _user(row[4:])
@@ -127,8 +173,11 @@ class AccountsMixin:
     # ------------------------------------------------------------------ ledger
 
     async def ledger_rows(self, task_id: str) -> list[LedgerRow]:
-        rows = await self._read(lambda c: c.execute(
-            f"SELECT {_LEDGER_COLS} FROM ledger WHERE task_id = ? ORDER BY ts", (task_id,)).fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_LEDGER_COLS} FROM ledger WHERE task_id = ? ORDER BY ts", (task_id,)
+            ).fetchall()
+        )
         names = [x.strip() for x in _LEDGER_COLS.split(",")]
         out = []
         for r in rows:
@@ -148,8 +197,13 @@ class AccountsMixin:
             "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
             f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
         )
-        tgroup = {"day": "strftime('%Y-%m-%d', created_at, 'unixepoch')", "task": "id", "model": None,
-                  "user": "owner", "total": "'total'"}[by]
+        tgroup = {
+            "day": "strftime('%Y-%m-%d', created_at, 'unixepoch')",
+            "task": "id",
+            "model": None,
+            "user": "owner",
+            "total": "'total'",
+        }[by]
         twhere, targs = ["created_at >= ?"], [since]
         if user_id is not None:
             twhere.append("owner = ?")
@@ -159,15 +213,29 @@ class AccountsMixin:
             rows = conn.execute(sql, args).fetchall()
             compute = {}
             if tgroup is not None:
-                compute = dict(conn.execute(
-                    f"SELECT {tgroup} AS k, sum(compute_s) FROM tasks WHERE {' AND '.join(twhere)} GROUP BY k", targs
-                ).fetchall())
+                compute = dict(
+                    conn.execute(
+                        f"SELECT {tgroup} AS k, sum(compute_s) FROM tasks WHERE {' AND '.join(twhere)} GROUP BY k",
+                        targs,
+                    ).fetchall()
+                )
             return rows, compute
 
         rows, compute = await self._read(fn)
-        out = {r[0]: UsageBucket(key=r[0], requests=r[1], input_tokens=r[2] or 0, output_tokens=r[3] or 0,
-                                 cache_creation_input_tokens=r[4] or 0, cache_read_input_tokens=r[5] or 0,
-                                 tool_calls=r[6] or 0, cost_usd=r[7] or 0.0, tasks=r[8]) for r in rows}
+        out = {
+            r[0]: UsageBucket(
+                key=r[0],
+                requests=r[1],
+                input_tokens=r[2] or 0,
+                output_tokens=r[3] or 0,
+                cache_creation_input_tokens=r[4] or 0,
+                cache_read_input_tokens=r[5] or 0,
+                tool_calls=r[6] or 0,
+                cost_usd=r[7] or 0.0,
+                tasks=r[8],
+            )
+            for r in rows
+        }
         for k, secs in compute.items():
             if secs:
                 out.setdefault(k, UsageBucket(key=k)).compute_s = secs

@@ -1,6 +1,6 @@
 """Build the tiny Firecracker test guest (``guest.S``) into an ELF ``vmlinux`` with binutils.
 
-    python3 tests/fc_guest/build.py OUT_DIR      # prints the path
+python3 tests/fc_guest/build.py OUT_DIR      # prints the path
 """
 
 from __future__ import annotations
@@ -25,10 +25,30 @@ def build_guest(out_dir: str, *, period_ns: int = 50_000_000) -> str:
     os.makedirs(out_dir, exist_ok=True)
     obj, elf = os.path.join(out_dir, "guest.o"), os.path.join(out_dir, "guest.elf")
     subprocess.run(["as", "--64", f"--defsym=PERIOD={period_ns}", "-o", obj, SOURCE], check=True, capture_output=True)
-    quiet = ["--no-warn-rwx-segments"] if "--no-warn-rwx-segments" in subprocess.run(
-        ["ld", "--help"], capture_output=True, text=True).stdout else []  # binutils >= 2.39
-    subprocess.run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-N", *quiet,
-                    "-Ttext=0x100000", "-e", "_start", "-o", elf, obj], check=True, capture_output=True)
+    quiet = (
+        ["--no-warn-rwx-segments"]
+        if "--no-warn-rwx-segments" in subprocess.run(["ld", "--help"], capture_output=True, text=True).stdout
+        else []
+    )  # binutils >= 2.39
+    subprocess.run(
+        [
+            "ld",
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "-static",
+            "-N",
+            *quiet,
+            "-Ttext=0x100000",
+            "-e",
+            "_start",
+            "-o",
+            elf,
+            obj,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return elf
 
 

@@ -22,8 +22,10 @@ def hardware_kvm() -> tuple[bool, str]:
     if not os.path.exists("/dev/kvm"):
         return False, "no /dev/kvm (no KVM on this host)"
     if os.path.isdir("/sys/module/kvm_pvm") and not flags:
-        return False, ("/dev/kvm is kvm_pvm, a software PVM driver, and the CPU has no vmx/svm: "
-                       "stock Linux guests cannot run on it")
+        return False, (
+            "/dev/kvm is kvm_pvm, a software PVM driver, and the CPU has no vmx/svm: "
+            "stock Linux guests cannot run on it"
+        )
     if not flags:
         return False, "the CPU has no vmx/svm flag (no hardware virtualisation)"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -40,8 +42,11 @@ def host_tsc_khz() -> int | None:
         text = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         text = ""
-    for pattern in (r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
-                    r"tsc: Detected ([0-9.]+) MHz TSC", r"tsc: Detected ([0-9.]+) MHz processor"):
+    for pattern in (
+        r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
+        r"tsc: Detected ([0-9.]+) MHz TSC",
+        r"tsc: Detected ([0-9.]+) MHz processor",
+    ):
         found = re.findall(pattern, text)
         if found:
             return round(float(found[-1]) * 1000)

@@ -33,7 +33,13 @@ import trio
 from marathon.errors import SandboxError
 from marathon.node.procs import kill_tree
 from marathon.node.sandbox.fc_net import (
-    CLEANUP_TIMEOUT, DEFAULT_PREFIX, MARKER, VMNet, cgroup_version, cleanup_vm_dir, setup_net,
+    CLEANUP_TIMEOUT,
+    DEFAULT_PREFIX,
+    MARKER,
+    VMNet,
+    cgroup_version,
+    cleanup_vm_dir,
+    setup_net,
 )
 
 log = logging.getLogger("marathon.sandbox.firecracker")
@@ -64,13 +70,17 @@ class FirecrackerAPI:
             timeout=httpx.Timeout(timeout),
         )
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      *, timeout: float | None = None) -> Any:
+    async def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
         t = self.timeout if timeout is None else timeout
         try:
             with trio.fail_after(t + 1):  # belt and braces over httpx's own timeouts
                 resp = await self._client.request(
-                    method, path, json=body, timeout=httpx.Timeout(t),
+                    method,
+                    path,
+                    json=body,
+                    timeout=httpx.Timeout(t),
                     headers={"Accept": "application/json"},
                 )
         except trio.TooSlowError:
@@ -172,8 +182,9 @@ class Snapshot:
 
 async def copy_file(src: str, dst: str) -> None:
     """Per-VM copy of a disk: a reflink where the filesystem can, else a sparse copy."""
-    res = await trio.run_process(["cp", "--reflink=auto", "--sparse=always", src, dst],
-                                 capture_stderr=True, check=False)
+    res = await trio.run_process(
+        ["cp", "--reflink=auto", "--sparse=always", src, dst], capture_stderr=True, check=False
+    )
     if res.returncode != 0:
         raise SandboxError(f"could not copy {src}: {res.stderr.decode(errors='replace').strip()}")
 
@@ -189,15 +200,28 @@ class FirecrackerVM:
     """One Firecracker process.  ``spawn()`` -> ``configure()`` -> ``start()``, or ``spawn()``
     -> ``restore_from()``; ``destroy()`` always.  ``open_vm()`` wraps this."""
 
-    def __init__(self, vm_dir: str, *, firecracker_bin: str = "", vm_id: str = "", prefix: str = DEFAULT_PREFIX,
-                 jailer: Jailer | None = None, view_dir: str = DEFAULT_VIEW, network: str = "none",
-                 api_timeout: float = 5.0, ready_timeout: float = 5.0, log_level: str = "Warning"):
+    def __init__(
+        self,
+        vm_dir: str,
+        *,
+        firecracker_bin: str = "",
+        vm_id: str = "",
+        prefix: str = DEFAULT_PREFIX,
+        jailer: Jailer | None = None,
+        view_dir: str = DEFAULT_VIEW,
+        network: str = "none",
+        api_timeout: float = 5.0,
+        ready_timeout: float = 5.0,
+        log_level: str = "Warning",
+    ):
         if network not in ("none", "tap", "egress"):
             raise SandboxError(f"network must be none, tap or egress, not {network!r}")
         self.vm_dir = os.path.abspath(vm_dir)
         self.firecracker_bin = firecracker_bin or find_binary("firecracker")
         if not self.firecracker_bin or not os.access(self.firecracker_bin, os.X_OK):
-            raise SandboxError(f"firecracker binary missing ({self.firecracker_bin or 'not found'}): run make firecracker")
+            raise SandboxError(
+                f"firecracker binary missing ({self.firecracker_bin or 'not found'}): run make firecracker"
+            )
         self.id = vm_id or prefix + secrets.token_hex(4)
         self.jailer, self.network = jailer, network
         self.api_timeout, self.ready_timeout, self.log_level = api_timeout, ready_timeout, log_level
@@ -238,9 +262,23 @@ class FirecrackerVM:
         if self.jailer:
             j = self.jailer
             version = j.cgroup_version or cgroup_version()
-            cmd = [j.binary, "--id", self.id, "--exec-file", self.firecracker_bin, "--uid", str(j.uid),
-                   "--gid", str(j.gid), "--chroot-base-dir", os.path.dirname(os.path.dirname(self.jail_dir)),
-                   "--cgroup-version", str(version), "--parent-cgroup", j.parent_cgroup]
+            cmd = [
+                j.binary,
+                "--id",
+                self.id,
+                "--exec-file",
+                self.firecracker_bin,
+                "--uid",
+                str(j.uid),
+                "--gid",
+                str(j.gid),
+                "--chroot-base-dir",
+                os.path.dirname(os.path.dirname(self.jail_dir)),
+                "--cgroup-version",
+                str(version),
+                "--parent-cgroup",
+                j.parent_cgroup,
+            ]
             for c in j.cgroups:
                 cmd += ["--cgroup", c]
             for r in j.resource_limits:
@@ -249,14 +287,36 @@ class FirecrackerVM:
                 cmd += ["--netns", self.net.netns_path]
             return cmd + ["--"] + fc_args
         cmd = ["nsenter", f"--net={self.net.netns_path}"] if self.net else []
-        return cmd + ["unshare", "--mount", "--propagation", "private", "sh", "-c", _NS_SCRIPT, "fc-vm",
-                      self.vm_dir, self.view, self.firecracker_bin, "--api-sock", self.api_sock,
-                      "--id", self.id] + fc_args
+        return (
+            cmd
+            + [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                _NS_SCRIPT,
+                "fc-vm",
+                self.vm_dir,
+                self.view,
+                self.firecracker_bin,
+                "--api-sock",
+                self.api_sock,
+                "--id",
+                self.id,
+            ]
+            + fc_args
+        )
 
     def _write_marker(self) -> None:
-        doc = {"id": self.id, "pid": self.proc.pid if self.proc else None, "jail_dir": self.jail_dir,
-               "netns": self.net.netns if self.net else "",
-               "parent_cgroup": self.jailer.parent_cgroup if self.jailer else ""}
+        doc = {
+            "id": self.id,
+            "pid": self.proc.pid if self.proc else None,
+            "jail_dir": self.jail_dir,
+            "netns": self.net.netns if self.net else "",
+            "parent_cgroup": self.jailer.parent_cgroup if self.jailer else "",
+        }
         with open(os.path.join(self.vm_dir, MARKER), "w") as f:
             json.dump(doc, f)
 
@@ -285,7 +345,8 @@ class FirecrackerVM:
         with open(self.serial_log, "wb") as out:  # one log per VMM process
             try:
                 self.proc = await trio.lowlevel.open_process(
-                    self._command(), stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                    self._command(), stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                )
             except OSError as exc:
                 raise SandboxError(f"could not start firecracker: {exc}") from None
         self._write_marker()
@@ -342,9 +403,19 @@ class FirecrackerVM:
             os.chown(dst, self.jailer.uid, self.jailer.gid)
         return self.vmm_path(name)
 
-    async def configure(self, *, kernel: str, initrd: str = "", boot_args: str = "", rootfs: str = "",
-                        rootfs_copy: bool = True, vcpus: int = 1, mem_mib: int = 128, vsock_cid: int = 0,
-                        extra_drives: tuple[tuple[str, str, bool], ...] = ()) -> None:
+    async def configure(
+        self,
+        *,
+        kernel: str,
+        initrd: str = "",
+        boot_args: str = "",
+        rootfs: str = "",
+        rootfs_copy: bool = True,
+        vcpus: int = 1,
+        mem_mib: int = 128,
+        vsock_cid: int = 0,
+        extra_drives: tuple[tuple[str, str, bool], ...] = (),
+    ) -> None:
         """Boot source, machine, disks (``rootfs`` copied per VM unless ``rootfs_copy`` is
         False, then shared read-only), vsock (``vsock_cid`` > 2), and the TAP when networked.
         ``extra_drives``: (drive_id, path, read_only) attached as they are."""
@@ -358,19 +429,25 @@ class FirecrackerVM:
             path = await self._place(rootfs, "rootfs.ext4", copy=rootfs_copy)
             if rootfs_copy:
                 self.disks.append("rootfs.ext4")
-            await api.put("/drives/rootfs", {"drive_id": "rootfs", "path_on_host": path, "is_root_device": True,
-                                             "is_read_only": not rootfs_copy})
+            await api.put(
+                "/drives/rootfs",
+                {"drive_id": "rootfs", "path_on_host": path, "is_root_device": True, "is_read_only": not rootfs_copy},
+            )
         for drive_id, path, read_only in extra_drives:
             vpath = await self._place(path, f"drive-{drive_id}", copy=False)
-            await api.put(f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": vpath,
-                                                  "is_root_device": False, "is_read_only": read_only})
+            await api.put(
+                f"/drives/{drive_id}",
+                {"drive_id": drive_id, "path_on_host": vpath, "is_root_device": False, "is_read_only": read_only},
+            )
         if vsock_cid:
             self.vsock_name = "vsock.sock"
             _unlink(self.vsock_uds)
             await api.put("/vsock", {"guest_cid": vsock_cid, "uds_path": self.vmm_path(self.vsock_name)})
         if self.net:
-            await api.put("/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": self.net.tap,
-                                                       "guest_mac": self.net.guest_mac})
+            await api.put(
+                "/network-interfaces/eth0",
+                {"iface_id": "eth0", "host_dev_name": self.net.tap, "guest_mac": self.net.guest_mac},
+            )
 
     async def start(self) -> None:
         await self._api().put("/actions", {"action_type": "InstanceStart"}, timeout=max(self.api_timeout, 10))
@@ -391,8 +468,13 @@ class FirecrackerVM:
         if await self.state() == "Running":
             await self.pause()
         os.makedirs(dir, exist_ok=True)
-        snap = Snapshot(dir=os.path.abspath(dir), layout=self.view, disks=list(self.disks),
-                        vsock=self.vsock_name, net=self.net is not None)
+        snap = Snapshot(
+            dir=os.path.abspath(dir),
+            layout=self.view,
+            disks=list(self.disks),
+            vsock=self.vsock_name,
+            net=self.net is not None,
+        )
         if self.jailer:  # the VMM can only write inside its jail
             tmp = self.host_path("snap")
             os.makedirs(tmp, exist_ok=True)
@@ -400,8 +482,11 @@ class FirecrackerVM:
             paths = (self.vmm_path("snap/" + snap.state), self.vmm_path("snap/" + snap.mem))
         else:
             tmp, paths = snap.dir, (os.path.join(snap.dir, snap.state), os.path.join(snap.dir, snap.mem))
-        await api.put("/snapshot/create", {"snapshot_type": "Full", "snapshot_path": paths[0],
-                                           "mem_file_path": paths[1]}, timeout=timeout)
+        await api.put(
+            "/snapshot/create",
+            {"snapshot_type": "Full", "snapshot_path": paths[0], "mem_file_path": paths[1]},
+            timeout=timeout,
+        )
         if self.jailer:
             for name in (snap.state, snap.mem):
                 shutil.move(os.path.join(tmp, name), os.path.join(snap.dir, name))
@@ -411,13 +496,16 @@ class FirecrackerVM:
         snap.save()
         return snap
 
-    async def restore_from(self, snap: Snapshot, *, resume: bool = True, remove_stale_vsock: bool = True,
-                           timeout: float = 30.0) -> None:
+    async def restore_from(
+        self, snap: Snapshot, *, resume: bool = True, remove_stale_vsock: bool = True, timeout: float = 30.0
+    ) -> None:
         """Load ``snap`` into this freshly spawned VMM (own disk copies, own vsock socket)."""
         api = self._api()
         if snap.layout != self.view:
-            raise SandboxError(f"snapshot taken with the VMM view {snap.layout!r} cannot load into {self.view!r} "
-                               "(jailed and unjailed VMs do not mix)")
+            raise SandboxError(
+                f"snapshot taken with the VMM view {snap.layout!r} cannot load into {self.view!r} "
+                "(jailed and unjailed VMs do not mix)"
+            )
         if snap.net and not self.net:
             raise SandboxError("the snapshot has a network interface: spawn this VM with network='tap'")
         for disk in snap.disks:
@@ -428,8 +516,11 @@ class FirecrackerVM:
             _unlink(self.vsock_uds)  # Firecracker binds this path again and fails if it exists
         state = await self._place(os.path.join(snap.dir, snap.state), "snap.state", copy=False)
         mem = await self._place(os.path.join(snap.dir, snap.mem), "snap.mem", copy=False)
-        await api.put("/snapshot/load", {"snapshot_path": state, "mem_backend": {"backend_type": "File",
-                                         "backend_path": mem}, "resume_vm": resume}, timeout=timeout)
+        await api.put(
+            "/snapshot/load",
+            {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": resume},
+            timeout=timeout,
+        )
 
     async def kill(self) -> None:
         """SIGKILL the VMM and nothing else (what a crash leaves behind stays)."""
@@ -453,9 +544,13 @@ class FirecrackerVM:
                 if left:
                     log.error("vm %s: processes %s survived SIGKILL", self.id, sorted(left))
                 await self.proc.wait()
-            await cleanup_vm_dir(self.vm_dir, id=self.id, jail_dir=self.jail_dir,
-                                 netns=self.net.netns if self.net else "",
-                                 parent_cgroup=self.jailer.parent_cgroup if self.jailer else "")
+            await cleanup_vm_dir(
+                self.vm_dir,
+                id=self.id,
+                jail_dir=self.jail_dir,
+                netns=self.net.netns if self.net else "",
+                parent_cgroup=self.jailer.parent_cgroup if self.jailer else "",
+            )
         if scope.cancelled_caught:
             log.error("vm %s: cleanup did not finish within %.0fs", self.id, CLEANUP_TIMEOUT)
 
@@ -476,5 +571,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-

@@ -159,7 +159,8 @@ def _host_rules(net: VMNet) -> list[list[str]]:
     return [
         ["nat", "POSTROUTING", "-s", net.veth_subnet, "!", "-o", net.host_veth, "-j", "MASQUERADE"] + tag,
         ["filter", "FORWARD", "-i", net.host_veth, "-j", "ACCEPT"] + tag,
-        ["filter", "FORWARD", "-o", net.host_veth, "-m", "state", "--state", "RELATED,ESTABLISHED", "-j", "ACCEPT"] + tag,
+        ["filter", "FORWARD", "-o", net.host_veth, "-m", "state", "--state", "RELATED,ESTABLISHED", "-j", "ACCEPT"]
+        + tag,
     ]
 
 
@@ -275,8 +276,9 @@ def find_stale_vmms(run_root: str, prefix: str) -> list[int]:
     return out
 
 
-async def reap_leftovers(run_root: str, *, prefix: str = DEFAULT_PREFIX,
-                         parent_cgroup: str = "firecracker") -> list[str]:
+async def reap_leftovers(
+    run_root: str, *, prefix: str = DEFAULT_PREFIX, parent_cgroup: str = "firecracker"
+) -> list[str]:
     """At node start: kill our stale VMMs, remove their VM directories under ``run_root``
     (found by their marker file), jails, cgroups, network namespaces and host NAT rules.
     Returns what was removed."""
@@ -297,8 +299,13 @@ async def reap_leftovers(run_root: str, *, prefix: str = DEFAULT_PREFIX,
                     doc = json.load(f)
             except (OSError, ValueError):
                 doc = {}
-            await cleanup_vm_dir(vm_dir, id=doc.get("id", ""), jail_dir=doc.get("jail_dir", ""),
-                                 netns=doc.get("netns", ""), parent_cgroup=doc.get("parent_cgroup", ""))
+            await cleanup_vm_dir(
+                vm_dir,
+                id=doc.get("id", ""),
+                jail_dir=doc.get("jail_dir", ""),
+                netns=doc.get("netns", ""),
+                parent_cgroup=doc.get("parent_cgroup", ""),
+            )
             removed.append(f"dir {vm_dir}")
         for path in stale_cgroups(parent_cgroup, prefix):
             await remove_cgroups(parent_cgroup, os.path.basename(path))

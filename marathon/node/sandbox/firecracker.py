@@ -21,20 +21,36 @@ from marathon.errors import SandboxError
 from marathon.node.sandbox import SandboxInfo
 from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
 from marathon.node.sandbox.fc_api import (
-    DEFAULT_VIEW, FirecrackerAPI, FirecrackerVM, Jailer, Snapshot, find_binary, open_vm,
+    DEFAULT_VIEW,
+    FirecrackerAPI,
+    FirecrackerVM,
+    Jailer,
+    Snapshot,
+    find_binary,
+    open_vm,
 )
 from marathon.node.sandbox.fc_net import DEFAULT_PREFIX, reap_leftovers
 
 __all__ = [
-    "DEFAULT_BOOT_ARGS", "FirecrackerAPI", "FirecrackerBackend", "FirecrackerSandbox", "FirecrackerVM", "Jailer",
-    "Snapshot", "detect", "find_binary", "open_vm", "reap_leftovers",
+    "DEFAULT_BOOT_ARGS",
+    "FirecrackerAPI",
+    "FirecrackerBackend",
+    "FirecrackerSandbox",
+    "FirecrackerVM",
+    "Jailer",
+    "Snapshot",
+    "detect",
+    "find_binary",
+    "open_vm",
+    "reap_leftovers",
 ]
 
 log = logging.getLogger("marathon.sandbox.firecracker")
 
 VMADDR_CID_ANY = 4294967295
-DEFAULT_BOOT_ARGS = ("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw quiet "
-                     "marathon.listen=vsock:{any_cid}:{port} {net}")
+DEFAULT_BOOT_ARGS = (
+    "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw quiet marathon.listen=vsock:{any_cid}:{port} {net}"
+)
 
 
 def detect(firecracker_bin: str | None = None, image_dir: str | None = None) -> tuple[bool, str]:
@@ -43,8 +59,9 @@ def detect(firecracker_bin: str | None = None, image_dir: str | None = None) -> 
     reasons: list[str] = []
     kvm_ok, kvm = hardware_kvm()
     if not kvm_ok:
-        reasons.append(kvm.replace("stock Linux guests cannot run on it",
-                                   "Firecracker starts but a stock Linux guest cannot run"))
+        reasons.append(
+            kvm.replace("stock Linux guests cannot run on it", "Firecracker starts but a stock Linux guest cannot run")
+        )
     fc = firecracker_bin if firecracker_bin is not None else find_binary("firecracker")
     if not fc or not os.access(fc, os.X_OK):
         reasons.append(f"firecracker binary missing ({fc or 'not found'}): run make firecracker")
@@ -100,11 +117,24 @@ class FirecrackerBackend:
 
     name = "firecracker"
 
-    def __init__(self, *, firecracker_bin: str = "", image_dir: str = "", boot_args: str = DEFAULT_BOOT_ARGS,
-                 vcpus: int = 2, mem_mib: int = 1024, agent_port: int = 1024, guest_cid: int = 3,
-                 network: str = "tap", jailer: Jailer | None = None, prefix: str = DEFAULT_PREFIX,
-                 view_dir: str = DEFAULT_VIEW, api_timeout: float = 5.0, ready_timeout: float = 5.0,
-                 check: bool = True):
+    def __init__(
+        self,
+        *,
+        firecracker_bin: str = "",
+        image_dir: str = "",
+        boot_args: str = DEFAULT_BOOT_ARGS,
+        vcpus: int = 2,
+        mem_mib: int = 1024,
+        agent_port: int = 1024,
+        guest_cid: int = 3,
+        network: str = "tap",
+        jailer: Jailer | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        view_dir: str = DEFAULT_VIEW,
+        api_timeout: float = 5.0,
+        ready_timeout: float = 5.0,
+        check: bool = True,
+    ):
         self.firecracker_bin = firecracker_bin or find_binary("firecracker")
         self.image = GuestImage(image_dir or default_image_dir())
         if check:
@@ -115,10 +145,18 @@ class FirecrackerBackend:
             raise SandboxError("firecracker binary missing: run make firecracker")
         self.boot_args, self.vcpus, self.mem_mib = boot_args, vcpus, mem_mib
         self.agent_port, self.guest_cid, self.network = agent_port, guest_cid, network
-        self.vm_kwargs = dict(firecracker_bin=self.firecracker_bin, prefix=prefix, jailer=jailer, view_dir=view_dir,
-                              network=network, api_timeout=api_timeout, ready_timeout=ready_timeout)
-        isolation = (f"Firecracker microVM ({vcpus} vCPU, {mem_mib} MiB), own network namespace"
-                     + (", jailer (chroot, uid, cgroups)" if jailer else ", own mount namespace"))
+        self.vm_kwargs = dict(
+            firecracker_bin=self.firecracker_bin,
+            prefix=prefix,
+            jailer=jailer,
+            view_dir=view_dir,
+            network=network,
+            api_timeout=api_timeout,
+            ready_timeout=ready_timeout,
+        )
+        isolation = f"Firecracker microVM ({vcpus} vCPU, {mem_mib} MiB), own network namespace" + (
+            ", jailer (chroot, uid, cgroups)" if jailer else ", own mount namespace"
+        )
         self.info = SandboxInfo("firecracker", isolation, [])
 
     def _boot_args(self, vm: FirecrackerVM) -> str:
@@ -130,9 +168,15 @@ class FirecrackerBackend:
         vm = FirecrackerVM(os.path.join(run_dir, "vm"), **self.vm_kwargs)
         try:
             await vm.spawn()
-            await vm.configure(kernel=self.image.kernel, initrd=self.image.initrd, boot_args=self._boot_args(vm),
-                               rootfs=self.image.rootfs, vcpus=self.vcpus, mem_mib=self.mem_mib,
-                               vsock_cid=self.guest_cid)
+            await vm.configure(
+                kernel=self.image.kernel,
+                initrd=self.image.initrd,
+                boot_args=self._boot_args(vm),
+                rootfs=self.image.rootfs,
+                vcpus=self.vcpus,
+                mem_mib=self.mem_mib,
+                vsock_cid=self.guest_cid,
+            )
             await vm.start()
         except BaseException:
             await vm.destroy()

@@ -57,13 +57,21 @@ def runtime_paths(claude_bin: str = "") -> list[str]:
     return paths
 
 
-def bwrap_args(*, workspace: str, run_dir: str, hide: list[str], env: dict[str, str], as_root: bool,
-               extra_ro: list[str] = ()) -> list[str]:
+def bwrap_args(
+    *, workspace: str, run_dir: str, hide: list[str], env: dict[str, str], as_root: bool, extra_ro: list[str] = ()
+) -> list[str]:
     """A new root (tmpfs) with the system read-only, the runtime bound in, and only
     loopback networking."""
     args = [
-        "bwrap", "--die-with-parent", "--new-session",
-        "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--hostname", "marathon-sandbox",
+        "bwrap",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--hostname",
+        "marathon-sandbox",
     ]
     for top in ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt"):
         path = "/" + top
@@ -89,9 +97,23 @@ def bwrap_args(*, workspace: str, run_dir: str, hide: list[str], env: dict[str, 
         if os.path.isdir(path) and any(path == p or path.startswith(p.rstrip("/") + "/") for p in extra_ro):
             args += ["--tmpfs", path]
     args += [
-        "--perms", "0755", "--dir", IN_RUN, "--bind", run_dir, IN_RUN,
-        "--perms", "0755", "--dir", IN_WORKSPACE, "--bind", workspace, IN_WORKSPACE,
-        "--chdir", IN_WORKSPACE, "--clearenv",
+        "--perms",
+        "0755",
+        "--dir",
+        IN_RUN,
+        "--bind",
+        run_dir,
+        IN_RUN,
+        "--perms",
+        "0755",
+        "--dir",
+        IN_WORKSPACE,
+        "--bind",
+        workspace,
+        IN_WORKSPACE,
+        "--chdir",
+        IN_WORKSPACE,
+        "--clearenv",
     ]
     if not as_root:
         args += ["--unshare-user"]
@@ -108,8 +130,9 @@ def probe_bwrap() -> str | None:
     """None when bubblewrap works here, else why not."""
     if shutil.which("bwrap") is None:
         return "bwrap is not installed (Debian package bubblewrap)"
-    args = bwrap_args(workspace="/tmp", run_dir="/tmp", hide=[], env={}, as_root=os.geteuid() == 0,
-                      extra_ro=runtime_paths())
+    args = bwrap_args(
+        workspace="/tmp", run_dir="/tmp", hide=[], env={}, as_root=os.geteuid() == 0, extra_ro=runtime_paths()
+    )
     try:
         res = subprocess.run(args + ["true"], capture_output=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -190,10 +213,18 @@ class ProcessBackend:
         if self.use_bwrap:
             env["MARATHON_ISOLATION"] = "bubblewrap"
             listen = f"unix:{IN_RUN}/agent.sock"
-            cmd = bwrap_args(
-                workspace=workspace_host, run_dir=run_dir, hide=[self.data_dir], env=env, as_root=self.as_root,
-                extra_ro=runtime_paths(self.claude_bin),
-            ) + agent_command() + ["serve", "--role", "agent", "--listen", listen]
+            cmd = (
+                bwrap_args(
+                    workspace=workspace_host,
+                    run_dir=run_dir,
+                    hide=[self.data_dir],
+                    env=env,
+                    as_root=self.as_root,
+                    extra_ro=runtime_paths(self.claude_bin),
+                )
+                + agent_command()
+                + ["serve", "--role", "agent", "--listen", listen]
+            )
             workspace = IN_WORKSPACE
             child_env = None
         else:
@@ -205,8 +236,13 @@ class ProcessBackend:
         logf = open(log_path, "ab")
         try:
             proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=child_env,
-                cwd=run_dir, start_new_session=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                env=child_env,
+                cwd=run_dir,
+                start_new_session=True,
             )
         except OSError as exc:
             raise SandboxError(f"could not start the sandbox: {exc}") from None

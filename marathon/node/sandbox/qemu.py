@@ -47,7 +47,7 @@ class Qmp:
         self._buf = b""
 
     @classmethod
-    async def connect(cls, path: str, timeout: float = 10.0) -> "Qmp":
+    async def connect(cls, path: str, timeout: float = 10.0) -> Qmp:
         delay = 0.005
         with trio.fail_after(timeout):
             while True:
@@ -141,20 +141,33 @@ class QemuSandbox:
 class QemuBackend:
     name = "qemu"
 
-    def __init__(self, *, image_dir: str = "", data_dir: str = "", vcpus: int = 2, mem_mib: int = 1024,
-                 accel: str = "auto", qemu_bin: str = "qemu-system-x86_64", boot_timeout: float = 300.0):
+    def __init__(
+        self,
+        *,
+        image_dir: str = "",
+        data_dir: str = "",
+        vcpus: int = 2,
+        mem_mib: int = 1024,
+        accel: str = "auto",
+        qemu_bin: str = "qemu-system-x86_64",
+        boot_timeout: float = 300.0,
+    ):
         self.image_dir = image_dir or default_image_dir(data_dir)
         self.qemu = shutil.which(qemu_bin) or ""
         if not self.qemu:
-            raise SandboxError(f"the qemu backend cannot run here: {qemu_bin} is not installed (Debian qemu-system-x86)")
+            raise SandboxError(
+                f"the qemu backend cannot run here: {qemu_bin} is not installed (Debian qemu-system-x86)"
+            )
         problem = image_problem(self.image_dir, ("vmlinux", "initramfs.cpio.gz", "rootfs.ext4", "manifest.json"))
         if problem:
             raise SandboxError(f"the qemu backend cannot run here: {problem}")
         with open(os.path.join(self.image_dir, "manifest.json")) as f:
             self.manifest = json.load(f)
         if self.manifest.get("marathon", {}).get("placeholder"):
-            raise SandboxError(f"the guest image in {self.image_dir} has a placeholder agent: "
-                               "rebuild it with `make image MARATHON_BIN=dist/marathon`")
+            raise SandboxError(
+                f"the guest image in {self.image_dir} has a placeholder agent: "
+                "rebuild it with `make image MARATHON_BIN=dist/marathon`"
+            )
         kvm_ok, kvm_why = hardware_kvm()
         if accel == "kvm" and not kvm_ok:
             raise SandboxError(f"the qemu backend cannot use KVM here: {kvm_why}")
@@ -165,13 +178,18 @@ class QemuBackend:
         self.vcpus, self.mem_mib, self.boot_timeout = vcpus, mem_mib, boot_timeout
         warnings = [] if kvm_ok else [f"qemu: no hardware KVM ({kvm_why}); guests run under TCG emulation (slow)"]
         self.info = SandboxInfo(
-            "qemu", f"QEMU microvm ({'KVM' if self.accel == 'kvm' else 'TCG emulation'}), own kernel, "
-                    "no network but the agent's forwarded port", warnings)
+            "qemu",
+            f"QEMU microvm ({'KVM' if self.accel == 'kvm' else 'TCG emulation'}), own kernel, "
+            "no network but the agent's forwarded port",
+            warnings,
+        )
 
     def cmdline(self) -> str:
-        parts = ["console=ttyS0 root=/dev/vda rw panic=-1 quiet",
-                 f"marathon.ip={GUEST_IP}/24 marathon.gw=10.0.2.2 marathon.listen=tcp:0.0.0.0:{AGENT_PORT}",
-                 "marathon.on_exit=poweroff"]
+        parts = [
+            "console=ttyS0 root=/dev/vda rw panic=-1 quiet",
+            f"marathon.ip={GUEST_IP}/24 marathon.gw=10.0.2.2 marathon.listen=tcp:0.0.0.0:{AGENT_PORT}",
+            "marathon.on_exit=poweroff",
+        ]
         if self.tsc_khz:
             hz = int(self.manifest.get("kernel", {}).get("hz", 250))
             parts.append(f"tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 1000 // hz} tsc=reliable")
@@ -182,28 +200,55 @@ class QemuBackend:
         # (no PR_SET_PDEATHSIG: trio spawns from a worker thread, whose exit would kill the VM;
         # a VM orphaned by a node that died hard is reaped when the node starts again)
         argv = [
-            self.qemu, "-name", "marathon-vm,debug-threads=off",
-            "-M", MACHINE, "-accel", accel, "-cpu", "max" if self.accel == "tcg" else "host",
-            "-smp", str(self.vcpus), "-m", str(self.mem_mib),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", os.path.join(self.image_dir, "vmlinux"),
-            "-initrd", os.path.join(self.image_dir, "initramfs.cpio.gz"),
-            "-append", self.cmdline(),
-            "-serial", f"file:{os.path.join(run_dir, 'serial.log')}",
-            "-drive", f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{GUEST_IP}:{AGENT_PORT}",
-            "-device", "virtio-net-device,netdev=n0",
-            "-device", "virtio-rng-device",
-            "-qmp", f"unix:{os.path.join(run_dir, 'qmp.sock')},server=on,wait=off",
+            self.qemu,
+            "-name",
+            "marathon-vm,debug-threads=off",
+            "-M",
+            MACHINE,
+            "-accel",
+            accel,
+            "-cpu",
+            "max" if self.accel == "tcg" else "host",
+            "-smp",
+            str(self.vcpus),
+            "-m",
+            str(self.mem_mib),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            os.path.join(self.image_dir, "vmlinux"),
+            "-initrd",
+            os.path.join(self.image_dir, "initramfs.cpio.gz"),
+            "-append",
+            self.cmdline(),
+            "-serial",
+            f"file:{os.path.join(run_dir, 'serial.log')}",
+            "-drive",
+            f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-netdev",
+            f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{GUEST_IP}:{AGENT_PORT}",
+            "-device",
+            "virtio-net-device,netdev=n0",
+            "-device",
+            "virtio-rng-device",
+            "-qmp",
+            f"unix:{os.path.join(run_dir, 'qmp.sock')},server=on,wait=off",
         ]
         if incoming:
             argv += ["-incoming", incoming]
         return argv
 
     async def _overlay(self, path: str, backing: str, fmt: str) -> None:
-        res = await trio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, path],
-                                     capture_stderr=True, check=False)
+        res = await trio.run_process(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, path],
+            capture_stderr=True,
+            check=False,
+        )
         if res.returncode != 0:
             raise SandboxError(f"qemu-img: {res.stderr.decode(errors='replace').strip()}")
 
@@ -212,8 +257,11 @@ class QemuBackend:
         with open(os.path.join(run_dir, "qemu.log"), "ab") as logf:
             try:
                 proc = await trio.lowlevel.open_process(
-                    self.argv(run_dir, disk, port, incoming=incoming), stdin=subprocess.DEVNULL,
-                    stdout=logf, stderr=logf, start_new_session=True,
+                    self.argv(run_dir, disk, port, incoming=incoming),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise SandboxError(f"could not start QEMU: {exc}") from None
