@@ -1,11 +1,8 @@
 #!/bin/sh
 # A stand-in for the Claude Code CLI, for benchmarks of Marathon's own paths.
-# The prompt says what to do: "lines:N" prints N assistant text lines, anything else none.
-prompt=""
-while [ $# -gt 0 ]; do
-  if [ "$1" = "-p" ]; then prompt=$2; shift; fi
-  shift
-done
+# The prompt (on standard input, as Marathon's agent gives it) says what to do: "lines:N"
+# prints N assistant text lines, anything else none.
+prompt=$(cat)
 echo '{"type":"system","subtype":"init","model":"fake","session_id":"bench"}'
 case "$prompt" in
   lines:*) n=${prompt#lines:}

@@ -18,6 +18,7 @@ import msgspec
 
 from marathon.errors import ConfigError
 from marathon.pricing import DEFAULT_FALLBACK, Price
+from marathon.units import parse_size
 
 DEFAULT_URL = "http://127.0.0.1:8600"
 
@@ -82,7 +83,21 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     slots: int = 2
     sandbox: str = "process"  # process | qemu | firecracker
     bwrap: str = "auto"  # auto | required | off
-    sandbox_uid: int = 4242
+    sandbox_uid: int = 4242  # the first sandbox uid: slot i runs as sandbox_uid + i (one uid per slot)
+    # resource limits per task (cgroup v2 or v1; disk: a loop-mounted ext4 image per task on root nodes)
+    limits: str = "auto"  # auto: enforce what this host can | required: refuse to start without | off
+    disk_limit: str = "auto"  # auto | off: cap each task's workspace + HOME + TMPDIR at its disk size
+    default_memory: int | str = "4GiB"
+    max_memory: int | str = "16GiB"
+    default_cpus: float = 2.0
+    max_cpus: float = 0.0  # 0: as many as the host has
+    default_pids: int = 1024
+    max_pids: int = 8192
+    default_disk: int | str = "10GiB"
+    max_disk: int | str = "100GiB"
+    # repositories, on the node
+    repo_hosts: list[str] = []  # hosts non-administrators may clone from even when they resolve to private addresses
+    git_home: str = ""  # HOME for the node's git (ssh keys, credential helpers); default: an empty one in data_dir
     claude_bin: str = ""
     image_dir: str = ""  # guest image for qemu/firecracker (default <data_dir>/image or .cache/image/current)
     vm_vcpus: int = 2
@@ -116,6 +131,16 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"qemu_accel must be auto, kvm or tcg, not {self.qemu_accel!r}")
         if self.bwrap not in ("auto", "required", "off"):
             raise ValueError(f"bwrap must be auto, required or off, not {self.bwrap!r}")
+        if self.limits not in ("auto", "required", "off"):
+            raise ValueError(f"limits must be auto, required or off, not {self.limits!r}")
+        if self.disk_limit not in ("auto", "off"):
+            raise ValueError(f"disk_limit must be auto or off, not {self.disk_limit!r}")
+        for name in ("default_memory", "max_memory", "default_disk", "max_disk"):
+            setattr(self, name, parse_size(getattr(self, name)))
+        if self.default_cpus <= 0 or self.max_cpus < 0 or self.default_pids < 16 or self.max_pids < self.default_pids:
+            raise ValueError("default_cpus must be positive, default_pids at least 16 and at most max_pids")
+        if self.sandbox_uid < 1000 or self.sandbox_uid + self.slots > 2**31:
+            raise ValueError("sandbox_uid must be at least 1000 (slot i runs as sandbox_uid + i)")
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from marathon.errors import ProtocolError, SandboxError
+from marathon.node.procs import alive
 from marathon.node.sandbox.fc_net import _cgroup_mounts, find_stale_vmms, list_netns, veth_name
 from marathon.node.sandbox.firecracker import (
     FirecrackerBackend,
@@ -357,8 +358,10 @@ trio.run(main)
 
 
 async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path, short_dir):
-    """A node process dies (SIGKILL) with VMs up: their VMMs keep running (orphans), and their
-    directories, jails, cgroups and namespaces stay.  The next node's reaper removes them."""
+    """A node process dies (SIGKILL) with VMs up.  A VMM started without the jailer dies with its
+    node (parent-death signal); a jailed one cannot (its change of uid clears the signal) and
+    stays an orphan, and directories, jails, cgroups and namespaces stay.  The next node's
+    reaper removes them."""
     import json
 
     root = str(tmp_path / "run")
@@ -380,13 +383,15 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
         node.kill()  # the crash
         await node.wait()
     subprocess.run(["ip", "netns", "add", PREFIX + "stray"], check=True)
-    assert sorted(find_stale_vmms(root, PREFIX)) == sorted(pid for _, _, pid in vms)
+    plain, jailed = vms[0][2], vms[1][2]
+    await until(lambda: not alive({plain}), what="the unjailed VMM dying with its node")
+    assert find_stale_vmms(root, PREFIX) == [jailed]
     assert len(list_netns(PREFIX)) == 3
     assert all(os.path.isdir(vm_dir) for vm_dir, _, _ in vms) and os.path.isdir(vms[1][1])
 
     removed = await reap_leftovers(root, prefix=PREFIX)  # as the next node process would
 
-    assert sum(r.startswith("process ") for r in removed) == 2
+    assert sum(r.startswith("process ") for r in removed) == 1
     assert sum(r.startswith("dir ") for r in removed) == 2
     assert f"netns {PREFIX}stray" in removed
     for vm_dir, jail_dir, _ in vms:
@@ -410,7 +415,7 @@ async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     )
     assert backend.name == "firecracker" and "network namespace" in backend.info.isolation
     run_dir = str(tmp_path / "task" / "run")
-    sandbox = await backend.create("task-1", str(tmp_path / "ws"), run_dir)
+    sandbox = await backend.create("task-1", run_dir)
     try:
         assert sandbox.agent_address == f"fcvsock:{run_dir}/vm/vsock.sock:1024"
         await until(lambda: "tick" in sandbox.diagnostics(), what="guest output in diagnostics")
@@ -447,7 +452,7 @@ async def test_linux_guest_agent_over_vsock(linux_capable, tmp_path):
     from marathon.protocol.framing import FramedStream
 
     backend = FirecrackerBackend(prefix=PREFIX, vcpus=2, mem_mib=1024)
-    sandbox = await backend.create("linux-1", str(tmp_path / "ws"), str(tmp_path / "run"))
+    sandbox = await backend.create("linux-1", str(tmp_path / "run"))
     try:
         with trio.fail_after(60):
             while True:

@@ -117,10 +117,11 @@ async def test_promise_in_a_tool_result_or_echoed_does_not_complete():
     repo = make_git_repo(os.path.join(tmp, "repo"))
     script = [
         fa.tool_use("Bash", {"command": "echo '<promise>DONE</promise>'"}),
-        fa.text(
-            "I was told to print `<promise>DONE</promise>` when finished, which I am not. "
-            "Also the instructions said <promise>DONE</promise> but not yet."
+        fa.turn(
+            "<promise>DONE</promise> (an earlier message, followed by more work)",
+            fa.tool_use("Bash", {"command": "true"}),
         ),
+        fa.text("Not finished yet: the promise comes when it is true."),
     ]
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)

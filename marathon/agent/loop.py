@@ -10,16 +10,24 @@ MEMORY_CAP = 16_000
 TAIL = 2_000
 
 _CLARIFY = re.compile(r"(?ms)^[ \t]*<clarification>(.*?)</clarification>[ \t]*$")
+_PROMISE = re.compile(r"<promise>(.*?)</promise>", re.S)
 
 
-def promise_kept(final_message: str, promise: str | None) -> bool:
-    """True when the final assistant message has, on a line of its own, exactly
-    ``<promise>PROMISE</promise>``.  A promise quoted inside a sentence, inside code or in a
-    tool's output does not count.  Without a promise every finished run counts."""
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def promise_kept(final_text: str, promise: str | None) -> bool:
+    """The ralph-loop rule: the *first* ``<promise>…</promise>`` element in the final text block
+    of the final assistant message, its content trimmed and whitespace runs collapsed to one
+    space, equals the promise exactly (case-sensitive).  Anywhere in that block counts
+    (``Finished. <promise>DONE</promise>``); a promise in a tool result, an earlier message or
+    the prompt does not, since only the final text block is looked at.  Without a promise
+    every finished run counts."""
     if promise is None:
         return True
-    want = f"<promise>{promise.strip()}</promise>"
-    return any(line.strip() == want for line in final_message.splitlines())
+    found = _PROMISE.search(final_text)
+    return found is not None and _squash(found.group(1)) == _squash(promise)
 
 
 def clarification(final_message: str) -> str | None:
@@ -94,3 +102,77 @@ def next_prompt(
         parts.append(f"You asked the user a question. Their answer:\n<answer>\n{reply}\n</answer>")
     parts.append("Continue the task.\n" + instructions(promise))
     return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- the iteration decision
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What one Claude Code run (and the commit after it) came to."""
+
+    cancelled: str | None = None  # the stop reason when the node stopped the task
+    has_result: bool = True  # Claude Code printed its final ``result`` line
+    subtype: str = ""  # of that line (``error_max_turns``…)
+    is_error: bool = False
+    exit_code: int | None = 0
+    killed_by_signal: int | None = None  # Claude Code died of this signal (e.g. 9: the memory limit)
+    final_text: str = ""  # the final text block of the final assistant message
+    result_text: str = ""
+    stderr_tail: str = ""
+    commit_error: str | None = None  # the iteration's commit failed
+    disk_full: bool = False  # … because the task's disk was full
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``end`` (with the task's state), ``verify`` (run the check), or ``next`` iteration."""
+
+    action: str
+    state: str = ""
+    reason: str | None = None
+    message: str | None = None
+
+
+def after_run(facts: RunFacts, *, promise: str | None, verify: str | None, max_turns: int, iteration: int) -> Verdict:
+    """What happens after a run: pure, so every path is tested without Claude Code."""
+    if facts.cancelled:
+        from marathon.protocol.messages import stopped_state
+
+        return Verdict("end", stopped_state(facts.cancelled), facts.cancelled, f"stopped: {facts.cancelled}")
+    if facts.commit_error:
+        if facts.disk_full:
+            return Verdict("end", "failed", "disk_exhausted",
+                           f"the task's disk is full; the work committed before iteration {iteration} is kept")  # fmt: skip
+        return Verdict("end", "failed", "git_error", f"committing iteration {iteration} failed: {facts.commit_error}")
+    if facts.killed_by_signal == 9 and not facts.has_result:
+        return Verdict("end", "failed", "agent_error", f"Claude Code was killed (signal 9): {facts.stderr_tail[-300:]}")
+    if not facts.has_result:
+        return Verdict("end", "failed", "agent_error",
+                       f"Claude Code exited with {facts.exit_code} without a result: {facts.stderr_tail[-500:]}")  # fmt: skip
+    if facts.subtype == "error_max_turns":
+        return Verdict("end", "failed", "max_turns", f"reached --max-turns {max_turns} in iteration {iteration}")
+    if facts.is_error or facts.exit_code != 0:
+        return Verdict("end", "failed", "claude_error", (facts.result_text or facts.stderr_tail)[-500:])
+    question = clarification(facts.final_text)
+    if question:
+        return Verdict("end", "needs_input", "clarification", question)
+    if not promise_kept(facts.final_text, promise):
+        return Verdict("next")
+    if verify is None:
+        return Verdict("end", "succeeded")
+    return Verdict("verify")
+
+
+def after_verify(code: int) -> Verdict:
+    return Verdict("end", "succeeded") if code == 0 else Verdict("next")
+
+
+def out_of_iterations(*, max_iterations: int, promise: str | None, verify: str | None, verify_failed: bool) -> Verdict:
+    if verify and verify_failed:
+        what = f"the check `{verify}` never passed"
+    elif promise is not None:
+        what = f"no <promise>{promise}</promise>"
+    else:
+        what = "not done"
+    return Verdict("end", "failed", "max_iterations", f"{max_iterations} iteration(s) ended with {what}")

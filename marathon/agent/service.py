@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 
 import trio
@@ -60,6 +61,18 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
         await fs.aclose()
 
 
+def private_dir(given: str) -> str:
+    """Where the agent keeps its bundles: the node's choice (a root-owned directory on the task's
+    disk), else a new one in /tmp (mkdtemp: never an existing, planted path).  Traversable but
+    not writable by the sandbox user: its git reads the repository bundle there."""
+    if given:
+        os.makedirs(given, mode=0o711, exist_ok=True)
+    else:
+        given = tempfile.mkdtemp(prefix="marathon-agent-", dir="/tmp")
+    os.chmod(given, 0o711)
+    return given
+
+
 def reinject_identity(start: m.Start) -> None:
     """In a guest (a VM, perhaps restored from a snapshot): take the node's clock and mix
     fresh entropy into the RNG.  Elsewhere this does nothing."""
@@ -81,8 +94,9 @@ def reinject_identity(start: m.Start) -> None:
 async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
     cancel = Cancellation()
     mux = TunnelMux(fs.send, first_id=1)
-    bundle = f"/tmp/marathon-repo-{os.getpid()}.bundle"
-    result_bundle = f"/tmp/marathon-result-{os.getpid()}.bundle"
+    private = private_dir(start.private_dir)
+    bundle = os.path.join(private, "repo.bundle")
+    result_bundle = os.path.join(private, "result.bundle")
     repo_ready = trio.Event()
     received = BlobWriter(bundle)
 

@@ -68,11 +68,15 @@ def _usage(obj: dict | None) -> m.Usage:
 
 
 class StreamParser:
-    """Feed lines; get events.  Remembers the final result and the last assistant text."""
+    """Feed lines; get events.  Remembers the final result and the final assistant message's
+    text blocks (stream-json sends one ``assistant`` line per content block, each carrying the
+    message's id: a new id starts a new message)."""
 
     def __init__(self) -> None:
         self.result: RunResult | None = None
-        self.last_text = ""
+        self.last_text = ""  # the last non-empty text block of any assistant message
+        self.message_id: str | None = None
+        self.message_texts: list[str] = []  # text blocks of the latest assistant message
         self.session_id = ""
         self.model = ""
         self.bad_lines = 0
@@ -110,11 +114,21 @@ class StreamParser:
             return []
         return []
 
+    @property
+    def final_text(self) -> str:
+        """The final text block of the final assistant message ("" when it had none)."""
+        return self.message_texts[-1] if self.message_texts else ""
+
     def _assistant(self, msg: dict) -> list[m.Event]:
         out: list[m.Event] = []
+        msg_id = msg.get("id") if isinstance(msg.get("id"), str) else None
+        if msg_id is None or msg_id != self.message_id:
+            self.message_id, self.message_texts = msg_id, []
         for block in msg.get("content") or []:
             if not isinstance(block, dict):
                 continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                self.message_texts.append(block["text"])
             if block.get("type") == "text" and block.get("text", "").strip():
                 self.last_text = block["text"]
                 out.append(m.TextEvent(text=block["text"]))

@@ -1,25 +1,42 @@
 """One task inside the sandbox: workspace from the bundle, the loop of Claude Code runs,
-a commit per iteration, the work back as a bundle."""
+a commit per iteration, the work back as a bundle.
+
+Work is never lost to an agent-side error: after every iteration whose commit succeeded the
+work so far is bundled (a new file renamed over the last good one), so when a later commit
+or the final bundle fails (a full disk, a workspace the task broke on purpose) the task ends
+``failed`` with that reason and the last good bundle still goes back to the node.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
-from dataclasses import dataclass, field
+import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import msgspec
 import trio
 
-from marathon.agent import loop
-from marathon.agent.runner import RunUser, find_claude, make_run_user, run_claude, run_git, run_git_to_file
+from marathon.agent import files, loop
+from marathon.agent.runner import (
+    GitError,
+    RunUser,
+    find_claude,
+    make_run_user,
+    run_claude,
+    run_git,
+    run_git_text,
+    run_git_to_file,
+)
 from marathon.errors import MarathonError
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
-DIFF_CAP = 4 * 1024 * 1024
+DIFF_CAP = 4 * 1024 * 1024  # bytes: the diff is for reading; the commits carry the whole work
+STAT_CAP = 64 * 1024
+SUBJECT_CAP = 1000
 
 
 @dataclass
@@ -31,6 +48,16 @@ class Cancellation:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
+
+
+def cap_bytes(data: bytes, cap: int, note: str) -> str:
+    """``data`` as text of at most ``cap`` UTF-8 bytes (cut at a character boundary) plus a note."""
+    if len(data) <= cap:
+        return data.decode(errors="replace")
+    cut = data[:cap].decode("utf-8", errors="ignore")
+    while len(cut.encode()) > cap:  # replacement characters can be wider than what they replace
+        cut = cut[:-1]
+    return cut + note
 
 
 async def setup_workspace(user: RunUser, start: m.Start, bundle: str) -> str:
@@ -45,226 +72,207 @@ async def setup_workspace(user: RunUser, start: m.Start, bundle: str) -> str:
     work = spec.work_branch
     if spec.resume:
         await run_git(user, ws, "checkout", "--quiet", "-B", work, f"refs/remotes/origin/{work}")
-        base = (await run_git(user, ws, "merge-base", base_ref, work)).strip()
+        base = (await run_git_text(user, ws, "merge-base", base_ref, work)).strip()
     else:
-        base = (await run_git(user, ws, "rev-parse", base_ref)).strip()
+        base = (await run_git_text(user, ws, "rev-parse", base_ref)).strip()
         await run_git(user, ws, "checkout", "--quiet", "-B", work, base)
     if start.base_branch != work:
         await run_git(user, ws, "branch", "--quiet", "-f", start.base_branch, base_ref)
     await run_git(user, ws, "remote", "remove", "origin")  # the bundle is not a remote Claude Code should see
-    with open(os.path.join(ws, ".git", "info", "exclude"), "a") as f:
-        f.write(f"\n/{loop.MEMORY_FILE}\n")
+    # written by us, maybe as root, into a directory the sandbox user owns: never through its links
+    files.replace_file(ws, ".git/info/exclude", f"\n/{loop.MEMORY_FILE}\n".encode(), uid=user.uid, gid=user.gid,
+                       append=True)  # fmt: skip
     if spec.memory:
-        await write_as(user, os.path.join(ws, loop.MEMORY_FILE), spec.memory)
+        files.replace_file(ws, loop.MEMORY_FILE, spec.memory.encode(), uid=user.uid, gid=user.gid)
     return base
 
 
-async def write_as(user: RunUser, path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-    if os.geteuid() == 0:
-        os.chown(path, user.uid, user.gid)
-
-
 def read_memory(ws: str) -> str | None:
-    """MEMORY.md, read by the (root) agent from a directory the sandbox user controls: never
-    through a symlink, only a regular file, only its first part."""
-    try:
-        fd = os.open(os.path.join(ws, loop.MEMORY_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        return loop.cap_memory(f.read(loop.MEMORY_CAP + 1).decode(errors="replace"))
+    """MEMORY.md, read from a directory the sandbox user controls: never through a symlink,
+    only a regular file, only its first part."""
+    data = files.read_regular(ws, loop.MEMORY_FILE, loop.MEMORY_CAP * 4 + 4)
+    return None if data is None else loop.cap_memory(data.decode(errors="replace"))
 
 
 async def commit_all(user: RunUser, ws: str, message: str) -> bool:
     """Commit whatever Claude Code left uncommitted.  True when a commit was made."""
     await run_git(user, ws, "add", "-A")
-    if not (await run_git(user, ws, "status", "--porcelain")).strip():
+    if not (await run_git(user, ws, "status", "--porcelain", limit=1)).strip():
         return False
     await run_git(user, ws, "commit", "--quiet", "--no-verify", "-m", message)
     return True
 
 
+async def bundle_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec, result_bundle: str) -> bool:
+    """The commits beyond ``base`` as a bundle (replacing the last good one only on success);
+    False when there are none."""
+    count = int(
+        (await run_git_text(user, ws, "rev-list", "--count", f"{base}..refs/heads/{spec.work_branch}")).strip() or 0
+    )
+    if not count:
+        return False
+    # straight from git's stdout into our own file: no path the sandbox user could swap
+    await run_git_to_file(user, ws, result_bundle, "bundle", "create", "--quiet", "-",
+                          f"{base}..refs/heads/{spec.work_branch}")  # fmt: skip
+    return True
+
+
 async def run_verify(user: RunUser, ws: str, cmd: str, timeout: float) -> tuple[int, str]:
+    import subprocess
+
     with trio.move_on_after(timeout) as scope:
         res = await trio.run_process(
-            ["/bin/sh", "-c", cmd],
-            cwd=ws,
-            env=user.base_env(),
-            capture_stdout=True,
-            stderr=__import__("subprocess").STDOUT,
-            check=False,
-            start_new_session=True,
-            **user.popen_kwargs,
-        )
+            ["/bin/sh", "-c", cmd], cwd=ws, env=user.base_env(), capture_stdout=True, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, check=False, start_new_session=True, **user.popen_kwargs,
+        )  # fmt: skip
     if scope.cancelled_caught:
         return 124, f"(timed out after {timeout:.0f}s)"
-    return res.returncode, res.stdout.decode(errors="replace")
+    return res.returncode, res.stdout[-65536:].decode(errors="replace")
 
 
 Emit = Callable[[list[m.Event]], Awaitable[None]]
 
 
-async def execute(
-    config, start: m.Start, api_url: str, emit: Emit, cancel: Cancellation, bundle: str, result_bundle: str
-) -> m.TaskOutcome:
-    """Run the task; never raises for task-level failures."""
-    spec, ws = start.task, start.workspace
-    t0 = time.monotonic()
-    try:
-        claude = find_claude(config.claude_bin)
-        user = make_run_user(config.sandbox_uid, "/tmp")
-        base = await setup_workspace(user, start, bundle)
-    except MarathonError as exc:
-        return m.TaskOutcome(
-            state="failed", reason="sandbox_failed", message=str(exc), duration_s=time.monotonic() - t0
-        )
+@dataclass
+class Progress:
+    """What the loop has so far (for the outcome, also when something breaks half-way)."""
 
+    iteration: int = 0
+    turns: int = 0
+    usage: m.Usage = field(default_factory=m.Usage)
+    claude_usage: m.Usage | None = None
+    exit_code: int | None = None
+    final: str = ""
+    bundled: bool = False  # result_bundle holds the work up to the last good commit
+    base: str = ""
+
+
+async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Cancellation,
+                  bundle: str, result_bundle: str) -> m.TaskOutcome:  # fmt: skip
+    """Run the task; never raises for task-level failures (a bug is reported as ``agent_error``
+    with what the agent had, and the last good bundle)."""
+    t0 = time.monotonic()
+    p = Progress()
+    user = None
+    try:
+        claude = find_claude(start.claude_bin or config.claude_bin)
+        user = make_run_user(start.run_uid or config.sandbox_uid, start.run_gid or None, home=start.home,
+                             tmp=start.tmp_dir)  # fmt: skip
+        p.base = await setup_workspace(user, start, bundle)
+    except MarathonError as exc:
+        reason = exc.code if isinstance(exc, GitError) else "sandbox_failed"
+        return m.TaskOutcome(state="failed", reason=reason, message=str(exc), duration_s=time.monotonic() - t0)
+    try:
+        verdict = await _loop(start, user, claude, api_url, emit, cancel, result_bundle, p)
+    except Exception as exc:  # a bug here must not lose the work or the reason
+        log.exception("agent: task failed")
+        tb = traceback.format_exc(limit=4)
+        verdict = loop.Verdict(
+            "end", "failed", "agent_error", f"agent error: {type(exc).__name__}: {exc}\n{tb[-1500:]}"
+        )
+    return await _outcome(start, user, verdict, p, result_bundle, t0)
+
+
+async def _loop(start: m.Start, user: RunUser, claude: str, api_url: str, emit: Emit, cancel: Cancellation,
+                result_bundle: str, p: Progress) -> loop.Verdict:  # fmt: skip
+    spec, ws = start.task, start.workspace
     await emit([m.StateEvent(state="running")])
     looping = spec.max_iterations > 1 or spec.verify is not None
     last = spec.iterations_done + spec.max_iterations
     previous = loop.Previous()
-    usage, turns, iteration = m.Usage(), 0, spec.iterations_done
-    state, reason, message, final = "failed", "max_iterations", "", ""
-    claude_usage: m.Usage | None = None
-    exit_code: int | None = None
+    verify_failed = False
     for iteration in range(spec.iterations_done + 1, last + 1):
+        p.iteration = iteration
         if iteration == 1:
             prompt = loop.first_prompt(spec.prompt, promise=spec.promise, looping=looping)
         else:
-            prompt = loop.next_prompt(
-                prompt=spec.prompt,
-                iteration=iteration,
-                max_iteration=last,
-                promise=spec.promise,
-                previous=previous,
-                memory=read_memory(ws),
-                reply=spec.reply if iteration == spec.iterations_done + 1 else None,
-            )
+            reply = spec.reply if iteration == spec.iterations_done + 1 else None
+            prompt = loop.next_prompt(prompt=spec.prompt, iteration=iteration, max_iteration=last, promise=spec.promise,
+                                      previous=previous, memory=read_memory(ws), reply=reply)  # fmt: skip
 
         async def tagged(events: list[m.Event], n=iteration) -> None:
             await emit([msgspec.structs.replace(e, iteration=n) for e in events])
 
         await tagged([m.IterationEvent(why="start" if iteration == 1 else "continue")])
-        run = await run_claude(
-            claude=claude,
-            prompt=prompt,
-            workspace=ws,
-            user=user,
-            api_url=api_url,
-            api_key=start.api_key,
-            model=spec.model,
-            max_turns=spec.max_turns,
-            emit=tagged,
-            cancel=cancel.event,
-        )
+        run = await run_claude(claude=claude, prompt=prompt, workspace=ws, user=user, api_url=api_url,
+                               api_key=start.api_key, model=spec.model, max_turns=spec.max_turns, emit=tagged,
+                               cancel=cancel.event)  # fmt: skip
         res = run.parser.result
-        exit_code = run.exit_code
+        p.exit_code = run.exit_code
         if res is not None:
-            usage, turns = usage + res.usage, turns + res.num_turns
-            claude_usage = usage
-        final = (res.result if res else "") or run.parser.last_text
-        await commit_all(
-            user, ws, f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.prompt, 500)}"
-        )
-        if cancel.event.is_set():
-            state, reason, message = (
-                m.stopped_state(cancel.reason or "cancelled"),
-                cancel.reason or "cancelled",
-                f"stopped: {cancel.reason}",
+            p.usage, p.turns = p.usage + res.usage, p.turns + res.num_turns
+            p.claude_usage = p.usage
+        final = run.parser.final_text if run.parser.message_id is not None else (res.result if res else "")
+        p.final = final or (res.result if res else "") or run.parser.last_text
+        commit_error, disk_full = None, False
+        try:
+            await commit_all(
+                user, ws, f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.prompt, 500)}"
             )
-            break
-        if res is None:
-            state, reason = "failed", "agent_error"
-            message = f"Claude Code exited with {run.exit_code} without a result: {run.stderr_tail[-500:]}"
-            break
-        if res.subtype == "error_max_turns":
-            state, reason, message = (
-                "failed",
-                "max_turns",
-                f"reached --max-turns {spec.max_turns} in iteration {iteration}",
-            )
-            break
-        if res.is_error or run.exit_code != 0:
-            state, reason, message = "failed", "claude_error", (res.result or run.stderr_tail)[-500:]
-            break
-        question = loop.clarification(final)
-        if question:
-            state, reason, message = "needs_input", "clarification", question
-            break
-        previous = loop.Previous(final_message=final)
-        if not loop.promise_kept(final, spec.promise):
-            continue
-        if spec.verify is None:
-            state, reason, message = "succeeded", None, None
-            break
-        code, out = await run_verify(user, ws, spec.verify, spec.verify_timeout)
-        await tagged(
-            [
-                m.LogEvent(
-                    message=f"check `{spec.verify}` exited {code}: {loop.tail(out, 300)}",
-                    source="agent",
-                    level="info" if code == 0 else "warning",
+            p.bundled = await bundle_work(user, ws, p.base, spec, result_bundle) or p.bundled
+        except GitError as exc:
+            commit_error, disk_full = str(exc), exc.disk_full
+            await tagged([m.LogEvent(message=str(exc)[:500], level="warning", source="agent")])
+        facts = loop.RunFacts(
+            cancelled=(cancel.reason or "cancelled") if cancel.event.is_set() else None,
+            has_result=res is not None, subtype=res.subtype if res else "", is_error=res.is_error if res else False,
+            exit_code=run.exit_code, killed_by_signal=-run.exit_code if (run.exit_code or 0) < 0 else None,
+            final_text=final, result_text=res.result if res else "", stderr_tail=run.stderr_tail,
+            commit_error=commit_error, disk_full=disk_full,
+        )  # fmt: skip
+        verdict = loop.after_run(facts, promise=spec.promise, verify=spec.verify, max_turns=spec.max_turns,
+                                 iteration=iteration)  # fmt: skip
+        previous = loop.Previous(final_message=p.final)
+        if verdict.action == "verify":
+            assert spec.verify is not None
+            code, out = await run_verify(user, ws, spec.verify, spec.verify_timeout)
+            await tagged([m.LogEvent(message=f"check `{spec.verify}` exited {code}: {loop.tail(out, 300)}", source="agent",
+                                     level="info" if code == 0 else "warning")])  # fmt: skip
+            verdict = loop.after_verify(code)
+            verify_failed = code != 0
+            if verify_failed:
+                previous = loop.Previous(
+                    final_message=p.final, verify_cmd=spec.verify, verify_code=code, verify_output=out
                 )
-            ]
-        )
-        if code == 0:
-            state, reason, message = "succeeded", None, None
-            break
-        previous = loop.Previous(final_message=final, verify_cmd=spec.verify, verify_code=code, verify_output=out)
-    else:
-        what = (
-            f"the check `{spec.verify}` never passed"
-            if spec.verify and previous.verify_code
-            else (f"no <promise>{spec.promise}</promise>" if spec.promise is not None else "not done")
-        )
-        message = f"{spec.max_iterations} iteration(s) ended with {what}"
+        if verdict.action == "end":
+            return verdict
+    return loop.out_of_iterations(max_iterations=spec.max_iterations, promise=spec.promise, verify=spec.verify,
+                                  verify_failed=verify_failed)  # fmt: skip
 
+
+async def _outcome(start: m.Start, user: RunUser, verdict: loop.Verdict, p: Progress, result_bundle: str,
+                   t0: float) -> m.TaskOutcome:  # fmt: skip
+    spec, ws = start.task, start.workspace
+    state, reason, message = verdict.state, verdict.reason, verdict.message
     try:
-        out = await finish_work(user, ws, base, spec, result_bundle)
-    except MarathonError as exc:
-        out = {"diff_stat": f"(work unavailable: {exc})"}
+        out = await finish_work(user, ws, p.base, spec)
+    except (MarathonError, OSError, ValueError) as exc:
+        out = {"diff_stat": f"(work unavailable: {str(exc)[:300]})"}
+        if state == "succeeded":  # the work cannot be read back: do not claim it is done
+            state, reason = "failed", exc.code if isinstance(exc, GitError) else "git_error"
+            message = f"the work could not be read back: {str(exc)[:300]}"
+    try:
+        if out.get("commits"):
+            p.bundled = await bundle_work(user, ws, p.base, spec, result_bundle) or p.bundled
+    except (MarathonError, OSError) as exc:
+        log.warning("agent: final bundle failed (%s); sending the last good one", exc)
+        note = f"(the final bundle failed: {str(exc)[:200]}; the last good bundle is kept)"
+        message = f"{message} {note}" if message else note
     return m.TaskOutcome(
-        state=state,
-        reason=reason,
-        message=message,
-        exit_code=exit_code,
-        is_error=state == "failed",
-        num_turns=turns,
-        usage=usage,
-        claude_usage=claude_usage,
-        duration_s=time.monotonic() - t0,
-        final_text=final[-4000:],
-        iterations=iteration,
-        memory=read_memory(ws),
-        **out,
-    )
+        state=state, reason=reason, message=message, exit_code=p.exit_code, is_error=state == "failed",
+        num_turns=p.turns, usage=p.usage, claude_usage=p.claude_usage, duration_s=time.monotonic() - t0,
+        final_text=p.final[-4000:], iterations=p.iteration, memory=read_memory(ws), has_bundle=p.bundled
+        and os.path.exists(result_bundle), **out,
+    )  # fmt: skip
 
 
-async def finish_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec, result_bundle: str) -> dict:
-    head = (await run_git(user, ws, "rev-parse", "HEAD")).strip()
-    subject = (await run_git(user, ws, "log", "-1", "--format=%s", "HEAD")).strip()
-    commits = int((await run_git(user, ws, "rev-list", "--count", f"{base}..HEAD")).strip() or 0)
-    diff = await run_git(user, ws, "diff", "--binary", base, "HEAD")
-    if len(diff) > DIFF_CAP:  # the commits carry the whole work; the diff is for reading
-        diff = diff[:DIFF_CAP] + f"\n… diff truncated at {DIFF_CAP} bytes: `marathon fetch` has every commit\n"
-    stat = (await run_git(user, ws, "diff", "--stat", base, "HEAD")).strip()
-    has_bundle = False
-    if commits:
-        # straight from git's stdout into our own file: no path the sandbox user could swap
-        await run_git_to_file(
-            user, ws, result_bundle, "bundle", "create", "--quiet", "-", f"{base}..refs/heads/{spec.work_branch}"
-        )
-        has_bundle = True
-    return {
-        "diff": diff,
-        "diff_stat": stat,
-        "commits": commits,
-        "head": head,
-        "head_subject": subject,
-        "branch": spec.work_branch,
-        "has_bundle": has_bundle,
-    }
+async def finish_work(user: RunUser, ws: str, base: str, spec: m.TaskSpec) -> dict:
+    head = (await run_git_text(user, ws, "rev-parse", "HEAD")).strip()
+    subject = (await run_git_text(user, ws, "log", "-1", "--format=%s", "HEAD", limit=SUBJECT_CAP)).strip()
+    commits = int((await run_git_text(user, ws, "rev-list", "--count", f"{base}..HEAD")).strip() or 0)
+    diff = await run_git(user, ws, "diff", "--binary", base, "HEAD", limit=DIFF_CAP)
+    note = f"\n… diff truncated at {DIFF_CAP} bytes: `marathon fetch` has every commit\n"
+    stat = await run_git(user, ws, "diff", "--stat", base, "HEAD", limit=STAT_CAP)
+    return {"diff": cap_bytes(diff, DIFF_CAP - len(note.encode()), note),
+            "diff_stat": cap_bytes(stat, STAT_CAP, "\n…").strip(), "commits": commits, "head": head,
+            "head_subject": subject[:SUBJECT_CAP], "branch": spec.work_branch}  # fmt: skip

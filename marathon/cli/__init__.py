@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import cyclopts
 from cyclopts import Parameter
 
-from marathon import __version__
+from marathon import __version__, repos
 from marathon.cli import render
 from marathon.config import DEFAULT_URL, load_config
 from marathon.errors import ConfigError, MarathonError
@@ -111,6 +111,9 @@ def run(
     pr: bool = False,
     pr_title: str | None = None,
     keep_workspace: bool = False,
+    memory: str | None = None,
+    cpus: float | None = None,
+    disk: str | None = None,
     detach: bool = False,
     cancel_on_interrupt: bool = False,
     url: Url = None,
@@ -151,6 +154,12 @@ def run(
         Pull request title (default: the last commit's first line).
     keep_workspace
         Keep the sandbox's workspace on the node after the task.
+    memory
+        Memory limit of the sandbox, e.g. 2GiB (default: the node's; capped at the node's maximum).
+    cpus
+        CPU limit of the sandbox in cores, e.g. 1.5.
+    disk
+        Disk limit for the workspace, HOME and TMPDIR together, e.g. 20GiB.
     detach
         Print the task id and return at once.
     cancel_on_interrupt
@@ -161,7 +170,7 @@ def run(
     if not prompt.strip():
         return _fail("the prompt is empty", 2)
     if repo and _looks_local(repo):
-        path = os.path.abspath(os.path.expanduser(repo))
+        path = os.path.abspath(os.path.expanduser(repos.local_path(repo)))
         if not os.path.isdir(path):
             return _fail(f"repository {repo!r} does not exist", 2)
         if not (os.path.exists(os.path.join(path, ".git")) or os.path.exists(os.path.join(path, "HEAD"))):
@@ -184,6 +193,9 @@ def run(
         "pr": pr,
         "pr_title": pr_title,
         "keep_workspace": keep_workspace,
+        "memory_limit": memory,
+        "cpu_limit": cpus,
+        "disk_limit": disk,
     }
     client = _client(url)
     try:
@@ -198,14 +210,9 @@ def run(
 
 
 def _looks_local(repo: str) -> bool:
-    """A path, not a URL and not GitHub's owner/name shorthand."""
-    import re
-
-    if "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo):
-        return False
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo):
-        return False
-    return True
+    """A path here (made absolute before it is sent), not a URL and not GitHub's owner/name
+    shorthand (``./owner/name`` for a directory of that name): ``marathon.repos.classify``."""
+    return repos.classify(os.path.expanduser(repo)) in ("local", "relative")
 
 
 def _follow(client, task_id: str, *, cancel_on_interrupt: bool, summary: bool, after: int = 0) -> int:

@@ -43,22 +43,14 @@ def setup_logging(config: Config, role: str) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def make_backend(config: Config):
+def make_backend(config: Config, cgroups=None):
+    from marathon.errors import ConfigError, SandboxError
     from marathon.node.sandbox.process import ProcessBackend
-    from marathon.errors import ConfigError
-
-    from marathon.errors import SandboxError
 
     try:
         if config.sandbox == "process":
-            claude = config.claude_bin or os.environ.get("MARATHON_CLAUDE_BIN", "")
-            return ProcessBackend(
-                bwrap=config.bwrap,
-                data_dir=config.data_dir,
-                claude_bin=claude,
-                sandbox_uid=config.sandbox_uid,
-                log_level=config.log_level,
-            )
+            return ProcessBackend(bwrap=config.bwrap, data_dir=config.data_dir, claude_bin=config.claude_bin,
+                                  log_level=config.log_level, cgroups=cgroups, disk=config.disk_limit)  # fmt: skip
         if config.sandbox == "qemu":
             from marathon.node.sandbox.qemu import QemuBackend
 
@@ -68,6 +60,7 @@ def make_backend(config: Config):
                 vcpus=config.vm_vcpus,
                 mem_mib=config.vm_mem_mib,
                 accel=config.qemu_accel,
+                cgroups=cgroups,
             )
         from marathon.node.sandbox.detect import default_image_dir
         from marathon.node.sandbox.firecracker import FirecrackerBackend
@@ -77,9 +70,22 @@ def make_backend(config: Config):
             image_dir=config.image_dir or default_image_dir(config.data_dir),
             vcpus=config.vm_vcpus,
             mem_mib=config.vm_mem_mib,
+            cgroups=cgroups,
         )
     except SandboxError as exc:
         raise ConfigError(f"node cannot start: {exc}") from None
+
+
+def detect_cgroups(config: Config):
+    """Which limits this node can enforce; ``limits = required`` refuses to start without memory and pids."""
+    from marathon.errors import ConfigError
+    from marathon.node.cgroups import Cgroups
+    from marathon.node.service import load_node_id
+
+    cgroups = Cgroups.detect(load_node_id(config), prefer="off" if config.limits == "off" else "auto")
+    if config.limits == "required" and not {"memory", "pids"} <= set(cgroups.enforced):
+        raise ConfigError(f"limits = required, but {cgroups.describe()}")
+    return cgroups
 
 
 def run_serve(role: str, flags: dict, listen: str | None) -> int:
@@ -138,8 +144,10 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 secret = load_node_secret(config)
             else:
                 raise ConfigError("a node needs the orchestrator's node secret: set MARATHON_NODE_SECRET")
-            backend = make_backend(node_config)
+            cgroups = detect_cgroups(node_config)
+            backend = make_backend(node_config, cgroups)
             log.info("sandbox backend %s: %s", backend.name, backend.info.isolation)
+            log.info("limits: %s; disk: %s", cgroups.describe(), getattr(backend, "disk_note", "the guest's own disk"))
             for w in backend.info.warnings:
                 log.warning("%s", w)
             if not config.anthropic_api_key:

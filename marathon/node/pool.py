@@ -118,7 +118,7 @@ class WarmPool:
         t0 = time.monotonic()
         for attempt in range(1, attempts + 1):
             base_dir = os.path.join(self.root, f"base-vm-{attempt}")
-            sb = await self.backend.create("pool-base", "", base_dir)
+            sb = await self.backend.create("pool-base", base_dir)
             try:
                 fs = await self._connect(sb, self.connect_timeout / attempts)
                 await fs.aclose()  # the agent goes back to listening; that is the state we keep

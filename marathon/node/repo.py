@@ -5,18 +5,20 @@ processes (environment only)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from marathon import repos
 from marathon.config import Config
 from marathon.errors import MarathonError, RepoError
 from marathon.node.git import (
     MirrorCache,
-    RepoRef,
     default_branch,
     empty_repo_bundle,
     make_bundle,
     push_result,
+    RepoRef,
     resolve_repo,
+    untrusted_config,
 )
 from marathon.node.github import open_pull_request
 from marathon.protocol import messages as m
@@ -30,6 +32,7 @@ class Prepared:
     ref: RepoRef | None
     mirror: str | None
     cached: bool
+    git_config: list[tuple[str, str]] = field(default_factory=list)  # restrictions for a non-administrator's remote
 
 
 async def prepare(
@@ -39,11 +42,26 @@ async def prepare(
     if not spec.repo:
         base, branch = await empty_repo_bundle(os.path.join(root, "empty.git"), bundle)
         return Prepared(bundle, branch, base, None, None, False)
-    ref = resolve_repo(spec.repo, config.github_url, private=(config.data_dir,))
-    mirror, cached = await cache.ensure(ref.url, token=token)
+    ref = resolve_repo(spec.repo, config.github_url, private=(config.data_dir,), trusted=spec.trusted_repo)
+    git_config = await remote_config(ref, spec, config)
+    mirror, cached = await cache.ensure(ref.url, token=token, config=git_config)
     branch = spec.branch or await default_branch(mirror)
     base = await make_bundle(mirror, branch, bundle, resume=resume_bundle, work_branch=spec.work_branch)
-    return Prepared(bundle, branch, base, ref, mirror, cached)
+    return Prepared(bundle, branch, base, ref, mirror, cached, git_config)
+
+
+async def remote_config(ref: RepoRef, spec: m.TaskSpec, config: Config) -> list[tuple[str, str]]:
+    """A non-administrator's remote is checked on the node too (its network is not the
+    orchestrator's): public addresses only, unless allow-listed, pinned for the clone."""
+    if ref.local:
+        return []
+    if spec.trusted_repo or repos.classify(spec.repo or "") == "github":
+        return []
+    try:
+        addresses = await repos.check_remote(ref.url, config.repo_hosts)
+    except repos.RemoteRefused as exc:
+        raise RepoError(str(exc)) from None
+    return untrusted_config(ref.url, addresses)
 
 
 def pr_body(spec: m.TaskSpec, out: m.TaskOutcome, usage: m.Usage, cost_usd: float) -> str:
@@ -75,7 +93,7 @@ async def publish(
     if not out.commits or not out.has_bundle:
         return None, "no commits to open a pull request with"
     try:
-        await push_result(prep.mirror, prep.ref.url, result_bundle, spec.work_branch, token)
+        await push_result(prep.mirror, prep.ref.url, result_bundle, spec.work_branch, token, prep.git_config)
     except RepoError as exc:
         return None, f"push failed: {exc}"
     if prep.ref.github is None:

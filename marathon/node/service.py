@@ -25,7 +25,9 @@ import trio
 from marathon import __version__
 from marathon.config import Config, state_value
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
+from marathon.node.git import set_home as set_git_home
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
 from marathon.node.pool import WarmPool
@@ -60,6 +62,7 @@ class NodeService:
         self.connected = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.cache = MirrorCache(os.path.join(config.data_dir, "mirrors"))
+        set_git_home(config.git_home or os.path.join(config.data_dir, "git-home"), managed=not config.git_home)
         self.pool: WarmPool | None = None
         target = config.warm_pool_target if config.warm_pool_target >= 0 else config.slots
         if target > 0 and hasattr(backend, "restore") and hasattr(backend, "snapshot"):
@@ -73,6 +76,8 @@ class NodeService:
                 connect_timeout=max(config.connect_timeout, 300.0),
             )
         self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
+        self._free_slots = set(range(config.slots))  # slot i runs as sandbox uid sandbox_uid + i
+        self._slot_freed = trio.Event()
 
     # ------------------------------------------------------------------ outbox
 
@@ -309,13 +314,23 @@ class NodeService:
                     if last:
                         return
 
+        slot = None
         try:
             if handle.after is not None:
                 await handle.after.finished.wait()
+            while not self._free_slots:  # only when an attempt being superseded still holds one
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
+            slot = min(self._free_slots)
+            self._free_slots.discard(slot)
+            handle.slot = slot
             outcome = await supervise(
                 handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool
             )
         finally:
+            if slot is not None:
+                self._free_slots.add(slot)
+                self._slot_freed.set()
             handle.finished.set()
             if self.tasks.get(task_id) is handle:
                 del self.tasks[task_id]
@@ -333,6 +348,10 @@ async def reap(config: Config, backend: SandboxBackend) -> None:
     VMMs, their sockets, disks, jails, network namespaces, and sandbox directories."""
     roots = [os.path.join(config.data_dir, d) for d in ("sandboxes", "pool", "incoming")]
     removed: list[str] = []
+    cgroups = getattr(backend, "cgroups", None)
+    if cgroups is not None:  # processes first: whatever a crashed run left is killed with its cgroup
+        removed += [f"cgroup {name}" for name in await cgroups.reap()]
+    removed += [f"mount {point}" for point in await reap_mounts(roots[0])]  # task disks, before deleting below them
     if backend.name == "qemu":
         from marathon.node.sandbox.qemu import reap_leftovers
 

@@ -32,8 +32,10 @@ from marathon.node.git import MirrorCache
 from marathon.node.pool import WarmPool
 from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
-from marathon.node.sandbox import Sandbox, SandboxBackend
+from marathon.node.limits import resolve as resolve_resources
+from marathon.node.sandbox import Sandbox, SandboxBackend, SandboxOptions
 from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
+from marathon.units import format_size
 from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, send_file
 from marathon.protocol import messages as m
@@ -56,6 +58,7 @@ class TaskHandle:
         self.github_token: str | None = None
         self.resume_bundle: str | None = None  # path of the previous result bundle, when resuming
         self.after: TaskHandle | None = None  # an older attempt of the same task to wait for
+        self.slot = 0  # which of the node's slots (and so which sandbox uid) the task runs in
         self.finished = trio.Event()
         self.scopes: set[trio.CancelScope] = set()
 
@@ -119,14 +122,14 @@ async def supervise(
     t0 = time.monotonic()
     deadline = trio.current_time() + spec.timeout_s
     root = os.path.join(config.data_dir, "sandboxes", spec.task_id)
-    workspace, run_dir = os.path.join(root, "workspace"), os.path.join(root, "run")
+    run_dir = os.path.join(root, "run")
     result_bundle = os.path.join(root, "result.bundle")
     sandbox: Sandbox | None = None
     keep = False
     try:
-        os.makedirs(os.path.dirname(root), mode=0o711, exist_ok=True)
-        os.makedirs(root, mode=0o711, exist_ok=True)
-        os.chmod(root, 0o711)
+        for d in (os.path.dirname(root), root):  # traversable by the sandbox user (plain fallback), not listable
+            os.makedirs(d, mode=0o711, exist_ok=True)
+            os.chmod(d, 0o711)
         emit(m.LogEvent(message=f"preparing the repository{f' {spec.repo}' if spec.repo else ''}"))
         try:
             prep = None
@@ -151,9 +154,11 @@ async def supervise(
                     f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"
                 )
             )
-        os.makedirs(workspace, mode=0o755)
-        if os.geteuid() == 0:
-            os.chown(workspace, config.sandbox_uid, config.sandbox_uid)
+        res = resolve_resources(config, spec)
+        for note in res.notes:
+            emit(m.LogEvent(message=note, level="warning"))
+        uid = config.sandbox_uid + handle.slot
+        options = SandboxOptions(uid=uid, gid=uid, limits=res.limits, disk=res.disk, keep_workspace=spec.keep_workspace)
 
         fs = None
         warm = pool.claim() if pool is not None else None
@@ -171,18 +176,32 @@ async def supervise(
                     "the pool is empty" if not pool.failures else "restoring from the snapshot failed"
                 )
                 emit(m.LogEvent(message=f"warm pool: {why}; booting a sandbox cold"))
-            sandbox = await backend.create(spec.task_id, workspace, run_dir)
+            sandbox = await backend.create(spec.task_id, run_dir, options)
             emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
             with _stop_scope(handle):
                 fs = await connect_agent(sandbox, config.connect_timeout)
+        if sandbox.group is not None:
+            disk = f"; disk {format_size(res.disk)}" if res.disk and getattr(sandbox, "disk", None) else ""
+            emit(m.LogEvent(message=f"limits: {sandbox.group.limits.describe()}{disk}"))
         if fs is None or handle.stop.is_set():
             if fs is not None:
                 await fs.aclose()
             return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
-        outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle, config.max_artifact)
+        watch = LimitWatch(sandbox.group, emit)
+        try:
+            outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle,
+                                   config.max_artifact, watch)  # fmt: skip
+        except SandboxError as exc:
+            watch.check()
+            if not watch.oom_kills:
+                raise
+            outcome = _ended(handle, t0, state="failed", reason="memory_exhausted",
+                             message=f"the agent was killed for exceeding the memory limit: {exc}")  # fmt: skip
+        outcome = watch.explain(outcome)
+        if spec.keep_workspace and sandbox.host_workspace:
+            keep = await _keep_workspace(sandbox.host_workspace, os.path.join(root, "workspace"))
         await sandbox.destroy()
         outcome = await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
-        keep = spec.keep_workspace
         return outcome
     except (SandboxError, ProtocolError, ConnectionClosed) as exc:
         log.warning("task %s: sandbox failed: %s", spec.task_id, exc)
@@ -199,7 +218,65 @@ async def supervise(
             if not keep:
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
             else:
-                log.info("task %s: workspace kept at %s", spec.task_id, workspace)
+                log.info("task %s: workspace kept at %s", spec.task_id, os.path.join(root, "workspace"))
+
+
+async def _keep_workspace(src: str, dst: str) -> bool:
+    """keep_workspace: the workspace copied off the task's disk before it is unmounted."""
+    if os.path.realpath(src) == os.path.realpath(dst):
+        return True
+    res = await trio.run_process(["cp", "-a", "--reflink=auto", src, dst], capture_stderr=True, check=False)
+    if res.returncode != 0:
+        log.warning("keeping the workspace failed: %s", res.stderr.decode(errors="replace")[-300:])
+    return res.returncode == 0
+
+
+class LimitWatch:
+    """Reads the sandbox's cgroup counters: says in the task's stream when the kernel killed a
+    process for memory or refused a fork at the process limit, and explains a failure that
+    came from it (``memory_exhausted``)."""
+
+    POLL = 0.1
+
+    def __init__(self, group, emit):
+        self.group, self.emit = group, emit
+        self.oom_kills = 0
+        self.pids_hits = 0
+
+    def check(self) -> None:
+        if self.group is None:
+            return
+        oom, pids = self.group.oom_kills(), self.group.pids_limit_hits()
+        if oom > self.oom_kills:
+            limit = format_size(self.group.limits.memory) if self.group.limits.memory else "its limit"
+            n = oom - self.oom_kills
+            self.emit(m.LogEvent(level="warning", source="node", message=(
+                f"out of memory: the kernel killed {n} process{'es' if n > 1 else ''} in the sandbox "
+                f"(memory limit {limit})")))  # fmt: skip
+            self.oom_kills = oom
+        if pids > self.pids_hits:
+            if not self.pids_hits:
+                self.emit(m.LogEvent(level="warning", source="node", message=(
+                    f"process limit reached: the sandbox may run at most {self.group.limits.pids} processes; "
+                    "new ones are refused")))  # fmt: skip
+            self.pids_hits = pids
+
+    async def run(self) -> None:
+        if self.group is None:
+            return
+        while True:
+            self.check()
+            await trio.sleep(self.POLL)
+
+    def explain(self, outcome: m.TaskOutcome) -> m.TaskOutcome:
+        self.check()
+        if self.oom_kills and outcome.state == "failed" and outcome.reason in OOM_SUSPECTS:
+            return msgspec.structs.replace(outcome, reason="memory_exhausted",
+                                           message=f"out of memory (the sandbox's limit): {outcome.message or ''}".strip())  # fmt: skip
+        return outcome
+
+
+OOM_SUSPECTS = ("agent_error", "claude_error", "sandbox_failed", "git_error", "max_turns")
 
 
 async def _hand_over(
@@ -253,6 +330,7 @@ async def _drive(
     prep: Prepared,
     result_bundle: str,
     max_artifact: int,
+    watch: LimitWatch,
 ) -> m.TaskOutcome:
     spec = handle.spec
     result = BlobWriter(result_bundle, limit=max_artifact)
@@ -369,11 +447,13 @@ async def _drive(
                 api_key=grant.token,
                 now=time.time(),
                 entropy=secrets.token_bytes(64),
+                **sandbox.start_fields,
             )
         )
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stopper)
+                nursery.start_soon(watch.run)
                 nursery.start_soon(send_file, fs, "repo", prep.bundle)
                 outcome = await pump(nursery)
     finally:

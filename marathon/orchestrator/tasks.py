@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from marathon import repos
 from marathon.bus import Bus
 from marathon.config import Config
 from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound
@@ -22,12 +23,13 @@ from marathon.protocol import messages as m
 from marathon.pricing import cost, merged_table, price_for
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
 from marathon.store.models import LedgerRow
+from marathon.units import parse_size
 
 log = logging.getLogger("marathon.orchestrator")
 _json = msgspec.json.Encoder()
 
 SCHED_TOPIC = "scheduler"
-MAX_PROMPT = 100_000
+MAX_PROMPT_BYTES = 1024 * 1024  # UTF-8 bytes; the prompt reaches Claude Code on stdin, never in argv
 
 
 def task_topic(task_id: str) -> str:
@@ -36,15 +38,6 @@ def task_topic(task_id: str) -> str:
 
 def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_id: str | None = None) -> EventIn:
     return EventIn(task_id, type(event).__struct_config__.tag, _json.encode(event), node_seq, node_id)
-
-
-def is_local_repo(repo: str) -> bool:
-    """A path on the node (or a file:// URL), as opposed to a remote or GitHub's owner/name."""
-    if repo.startswith("file://"):
-        return True
-    if re.match(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:", repo):
-        return False
-    return not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith(".")
 
 
 def new_task_id() -> str:
@@ -57,8 +50,28 @@ _BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])$"
 def validate_request(req: TaskRequest) -> TaskRequest:
     if not req.prompt.strip():
         raise InvalidRequest("prompt must not be empty")
-    if len(req.prompt) > MAX_PROMPT:
-        raise InvalidRequest(f"prompt is longer than {MAX_PROMPT} characters")
+    size = len(req.prompt.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidRequest(f"prompt is {size} bytes of UTF-8; the limit is {MAX_PROMPT_BYTES} bytes")
+    if req.repo is not None and repos.classify(req.repo) == "relative":
+        raise InvalidRequest(
+            f"repo {req.repo!r}: give a URL, owner/name, or an absolute path (the CLI makes relative paths absolute)"
+        )
+    changes = {}
+    for name in ("memory_limit", "disk_limit"):
+        value = getattr(req, name)
+        if value is not None:
+            try:
+                size = parse_size(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"{name}: {exc}") from None
+            if size < 16 * 1024 * 1024:
+                raise InvalidRequest(f"{name} must be at least 16 MiB")
+            changes[name] = size
+    if req.cpu_limit is not None and not 0.01 <= req.cpu_limit <= 1024:
+        raise InvalidRequest("cpu_limit must be between 0.01 and 1024 cores")
+    if changes:
+        req = msgspec.structs.replace(req, **changes)
     if req.max_turns is not None and not 1 <= req.max_turns <= 1000:
         raise InvalidRequest("max_turns must be between 1 and 1000")
     if req.timeout is not None and not 1 <= req.timeout <= 7 * 86400:
@@ -129,8 +142,12 @@ class TaskService:
             reply=rec.reply,
             memory=memory.decode(errors="replace") if memory else None,
             resume=bundle is not None,
+            memory_limit=req.memory_limit if isinstance(req.memory_limit, int) else None,
+            cpu_limit=req.cpu_limit,
+            disk_limit=req.disk_limit if isinstance(req.disk_limit, int) else None,
         )
         owner = await self.store.get_user(rec.owner)
+        spec = msgspec.structs.replace(spec, trusted_repo=bool(owner and owner.admin))
         blobs = []
         if bundle is not None:
             for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):
@@ -145,9 +162,16 @@ class TaskService:
     # ------------------------------------------------------------------ writes
 
     async def submit(self, owner: str, req: TaskRequest, *, admin: bool = False) -> TaskRecord:
-        validate_request(req)
-        if req.repo and is_local_repo(req.repo) and not admin:
-            raise Forbidden("local paths and file:// repositories are for administrators; use a URL or owner/name")
+        req = validate_request(req)
+        if req.repo and not admin:
+            kind = repos.classify(req.repo)
+            if kind == "local":
+                raise Forbidden("local paths and file:// repositories are for administrators; use a URL or owner/name")
+            if kind == "url":
+                try:
+                    await repos.check_remote(req.repo, self.config.repo_hosts)
+                except repos.RemoteRefused as exc:
+                    raise Forbidden(str(exc)) from None
         rec = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=req)
         rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
         log.info("task %s queued by %s", rec.id, owner)

@@ -39,8 +39,10 @@ class BlobWriter:
         self.done = False
         self.refused = ""
         self.limit = limit
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.close(fd)
+        # never through a link someone planted at the name
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
 
     def add(self, offset: int, data: bytes, last: bool) -> bool:
         """Returns True once the last chunk is in."""
@@ -52,11 +54,25 @@ class BlobWriter:
             raise ProtocolError(f"{os.path.basename(self.path)}: chunk at {offset}, expected {self.size}")
         if self.size + len(data) > self.limit:
             self.refused = f"larger than {self.limit} bytes"
-            with open(self.path, "wb"):
-                pass
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+            self.close()
             raise ProtocolError(f"{os.path.basename(self.path)}: {self.refused}")
-        with open(self.path, "ab") as f:
-            f.write(data)
+        if self._fd is None:
+            raise ProtocolError(f"{os.path.basename(self.path)}: already closed")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
         self.size += len(data)
         self.done = last
+        if last:
+            self.close()
         return last
+
+    def __del__(self) -> None:  # an abandoned transfer must not keep its descriptor
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

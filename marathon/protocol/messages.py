@@ -92,6 +92,11 @@ class TaskSpec(msgspec.Struct, frozen=True):
     reply: str | None = None
     memory: str | None = None
     resume: bool = False  # the task's last result bundle comes with the assignment
+    # resource limits asked for (None: the node's defaults); the node caps them at its maxima
+    memory_limit: int | None = None  # bytes
+    cpu_limit: float | None = None  # cores
+    disk_limit: int | None = None  # bytes: workspace + HOME + TMPDIR
+    trusted_repo: bool = False  # submitted by an administrator: local paths and private hosts allowed
 
     @property
     def work_branch(self) -> str:
@@ -362,6 +367,13 @@ class Start(_Msg, tag="start"):
     base_branch: str  # the branch in the bundle the work starts from
     api_base_path: str = ""  # path prefix the tunnel's upstream expects
     api_key: str = ""  # the credential Claude Code presents: a per-task token, never the real key
+    # who and where, as the node set the sandbox up (empty/0: the agent's defaults, as in a VM guest)
+    run_uid: int = 0  # the slot's sandbox user Claude Code runs as (when the agent is root)
+    run_gid: int = 0
+    claude_bin: str = ""  # Claude Code's binary as the agent sees it
+    home: str = ""  # HOME and TMPDIR of Claude Code (on the task's capped disk)
+    tmp_dir: str = ""
+    private_dir: str = ""  # the agent's own files (bundles): out of the sandbox user's reach where it can be
     # identity re-injected into a VM restored from a snapshot (never baked into the snapshot)
     now: float = 0.0  # the node's clock: a restored guest's clock is behind by the time since the snapshot
     entropy: bytes = b""  # mixed into the guest's RNG, so clones of one snapshot diverge

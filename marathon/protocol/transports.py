@@ -5,6 +5,9 @@
     unix:/path         Unix domain socket
     vsock:CID:PORT     AF_VSOCK (inside a guest)
     fcvsock:/uds:PORT  Firecracker's hybrid vsock from the host (CONNECT <port>\\n -> OK <n>\\n)
+    fd:N               (listen only) a listening Unix socket inherited as file descriptor N: the
+                       process sandbox's agent gets its socket this way, so no host directory
+                       needs to be writable from inside the sandbox
 
 Everything above this module sees a trio Stream and does not care which.
 """
@@ -33,6 +36,8 @@ class Address:
             return f"unix:{self.path}"
         if self.kind == "fcvsock":
             return f"fcvsock:{self.path}:{self.port}"
+        if self.kind == "fd":
+            return f"fd:{self.port}"
         return f"{self.kind}:{self.host}:{self.port}"
 
 
@@ -50,10 +55,12 @@ def parse_address(text: str) -> Address:
         if kind == "fcvsock":
             path, _, port = rest.rpartition(":")
             return Address("fcvsock", path=path, port=int(port))
+        if kind == "fd" and rest.isdigit():
+            return Address("fd", port=int(rest))
     except ValueError:
         pass
     raise ConfigError(
-        f"bad address {text!r}: expected tcp:HOST:PORT, tls:HOST:PORT, unix:/PATH, vsock:CID:PORT or fcvsock:/PATH:PORT"
+        f"bad address {text!r}: expected tcp:HOST:PORT, tls:HOST:PORT, unix:/PATH, vsock:CID:PORT, fcvsock:/PATH:PORT or fd:N"
     )
 
 
@@ -153,6 +160,13 @@ async def open_listeners(address: str | Address, *, mode: int = 0o600, tls: ssl.
         except BaseException:
             sock.close()
             raise
+        return [trio.SocketListener(sock)]
+    if addr.kind == "fd":
+        try:
+            sock = trio.socket.fromfd(addr.port, socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"no listening socket on file descriptor {addr.port}: {exc}") from None
+        os.close(addr.port)  # fromfd duplicated it
         return [trio.SocketListener(sock)]
     raise ConfigError(f"cannot listen on {addr}")
 

@@ -27,6 +27,10 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     promise: str | None = None
     verify: str | None = None
     verify_timeout: float | None = None
+    # resource limits (default: the node's); sizes as bytes or "4GiB", stored as bytes
+    memory_limit: int | str | None = None
+    cpu_limit: float | None = None
+    disk_limit: int | str | None = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):

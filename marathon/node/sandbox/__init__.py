@@ -7,8 +7,10 @@ removes what it left on the host; it is shielded and bounded, and safe to call t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from marathon.node.cgroups import Group, Limits
 
 
 @dataclass
@@ -18,10 +20,24 @@ class SandboxInfo:
     warnings: list[str]
 
 
+@dataclass(frozen=True)
+class SandboxOptions:
+    """What the node decided for one task's sandbox."""
+
+    uid: int = 4242  # the slot's sandbox user (process backend)
+    gid: int = 4242
+    limits: Limits = field(default_factory=Limits)
+    disk: int | None = None  # bytes: workspace + HOME + TMPDIR
+    keep_workspace: bool = False  # the host keeps the workspace after the task (process backend, loop disk)
+
+
 class Sandbox(Protocol):
     id: str
     agent_address: str  # where the node dials the agent
     workspace: str  # the workspace as the agent sees it
+    host_workspace: str | None  # the workspace on the node, when it is visible there
+    group: Group | None  # the cgroup the sandbox runs in (None: no limits enforced)
+    start_fields: dict[str, Any]  # fields of the Start message this sandbox needs (uid, paths)
 
     def exited(self) -> int | None:
         """The sandbox's exit status once it has ended, else None."""
@@ -36,6 +52,6 @@ class SandboxBackend(Protocol):
     name: str
     info: SandboxInfo
 
-    async def create(self, task_id: str, workspace_host: str, run_dir: str) -> Sandbox: ...
+    async def create(self, task_id: str, run_dir: str, options: SandboxOptions = SandboxOptions()) -> Sandbox: ...
 
     async def aclose(self) -> None: ...

@@ -20,7 +20,6 @@ import logging
 import os
 import secrets
 import shutil
-import subprocess
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,9 @@ import httpx
 import trio
 
 from marathon.errors import SandboxError
+from marathon.node.cgroups import Group
 from marathon.node.procs import kill_tree
+from marathon.node.spawn import Child, spawn
 from marathon.node.sandbox.fc_net import (
     CLEANUP_TIMEOUT,
     DEFAULT_PREFIX,
@@ -237,7 +238,8 @@ class FirecrackerVM:
             self.api_sock = os.path.join(self.vm_dir, "api.sock")
             self.fc_log = os.path.join(self.vm_dir, "fc.log")
         self.net: VMNet | None = None
-        self.proc: trio.Process | None = None
+        self.proc: Child | None = None
+        self.group: Group | None = None  # the VMM's cgroup (without a jailer, which makes its own)
         self.api: FirecrackerAPI | None = None
         self.vsock_name = ""
         self.disks: list[str] = []
@@ -344,9 +346,11 @@ class FirecrackerVM:
             os.chown(self.fc_log, self.jailer.uid, self.jailer.gid)
         with open(self.serial_log, "wb") as out:  # one log per VMM process
             try:
-                self.proc = await trio.lowlevel.open_process(
-                    self._command(), stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-                )
+                # forked on the trio thread with a parent-death signal, so the VMM dies with its node
+                # (the jailer's change of uid clears it: jailed VMMs are reaped at the next start)
+                enter = self.group.procs_files if self.group is not None and not self.jailer else ()
+                self.proc = spawn(self._command(), env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+                                  stdout=out.fileno(), stderr=out.fileno(), enter=enter, pdeathsig=True)  # fmt: skip
             except OSError as exc:
                 raise SandboxError(f"could not start firecracker: {exc}") from None
         self._write_marker()
@@ -544,6 +548,8 @@ class FirecrackerVM:
                 if left:
                     log.error("vm %s: processes %s survived SIGKILL", self.id, sorted(left))
                 await self.proc.wait()
+            if self.group is not None:
+                await self.group.destroy()
             await cleanup_vm_dir(
                 self.vm_dir,
                 id=self.id,

@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 
 from marathon.errors import SandboxError
-from marathon.node.sandbox import SandboxInfo
+from marathon.node.cgroups import Cgroups, Limits
+from marathon.node.sandbox import SandboxInfo, SandboxOptions
 from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
 from marathon.node.sandbox.fc_api import (
     DEFAULT_VIEW,
@@ -80,6 +81,9 @@ class FirecrackerSandbox:
     def __init__(self, task_id: str, vm: FirecrackerVM, agent_port: int):
         self.id = task_id
         self.vm = vm
+        self.group = vm.group
+        self.host_workspace: str | None = None
+        self.start_fields: dict = {}
         self.agent_address = f"fcvsock:{vm.vsock_uds}:{agent_port}"
         self.workspace = "/workspace"
 
@@ -134,7 +138,9 @@ class FirecrackerBackend:
         api_timeout: float = 5.0,
         ready_timeout: float = 5.0,
         check: bool = True,
+        cgroups: Cgroups | None = None,
     ):
+        self.cgroups = cgroups or Cgroups(0)
         self.firecracker_bin = firecracker_bin or find_binary("firecracker")
         self.image = GuestImage(image_dir or default_image_dir())
         if check:
@@ -163,9 +169,25 @@ class FirecrackerBackend:
         net = vm.net.boot_args() if vm.net else ""
         return self.boot_args.format(any_cid=VMADDR_CID_ANY, port=self.agent_port, net=net).strip()
 
-    async def create(self, task_id: str, workspace_host: str, run_dir: str) -> FirecrackerSandbox:
-        """Cold boot: a fresh VM with its own copy of the root disk."""
+    def vmm_limits(self, limits: Limits | None) -> Limits:
+        """The VMM's cgroup: the task's limits, never less memory than the guest's plus the VMM's own."""
+        floor = (self.mem_mib + 128) * 1024 * 1024
+        limits = limits or Limits(pids=1024, cpus=float(self.vcpus))
+        return Limits(memory=max(limits.memory or 0, floor), pids=limits.pids or 1024, cpus=limits.cpus)
+
+    def _new_vm(self, task_id: str, run_dir: str, limits: Limits | None) -> FirecrackerVM:
         vm = FirecrackerVM(os.path.join(run_dir, "vm"), **self.vm_kwargs)
+        try:
+            vm.group = self.cgroups.create(f"vm-{os.path.basename(run_dir)}-{task_id}", self.vmm_limits(limits))
+        except OSError as exc:
+            raise SandboxError(f"could not create the VM's cgroup: {exc}") from None
+        return vm
+
+    async def create(
+        self, task_id: str, run_dir: str, options: SandboxOptions = SandboxOptions()
+    ) -> FirecrackerSandbox:
+        """Cold boot: a fresh VM with its own copy of the root disk."""
+        vm = self._new_vm(task_id, run_dir, options.limits if options.limits.memory else None)
         try:
             await vm.spawn()
             await vm.configure(
@@ -196,7 +218,7 @@ class FirecrackerBackend:
         """Warm start: a fresh VMM loading ``snapshot`` (taken with the same network mode and
         jailer setting); identity is re-injected by the caller over the agent channel."""
         snap = Snapshot.load(snapshot) if isinstance(snapshot, str) else snapshot
-        vm = FirecrackerVM(os.path.join(run_dir, "vm"), **self.vm_kwargs)
+        vm = self._new_vm(task_id, run_dir, None)
         try:
             await vm.spawn()
             await vm.restore_from(snap, resume=True)

@@ -14,15 +14,16 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 
 import trio
 
 from marathon.errors import SandboxError
+from marathon.node.cgroups import Cgroups, Group, Limits
 from marathon.node.procs import kill_tree
-from marathon.node.sandbox import SandboxInfo
+from marathon.node.sandbox import SandboxInfo, SandboxOptions
+from marathon.node.spawn import Child, spawn
 from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, host_tsc_khz, image_problem
 
 log = logging.getLogger("marathon.sandbox.qemu")
@@ -95,13 +96,16 @@ class QemuSnapshot:
 
 
 class QemuSandbox:
-    def __init__(self, task_id: str, proc: trio.Process, run_dir: str, port: int):
+    def __init__(self, task_id: str, proc: Child, run_dir: str, port: int, group: Group | None = None):
         self.id = task_id
         self._proc = proc
         self.run_dir = run_dir
         self.port = port
         self.agent_address = f"tcp:127.0.0.1:{port}"
         self.workspace = GUEST_WORKSPACE
+        self.host_workspace: str | None = None
+        self.group = group
+        self.start_fields: dict = {}
         self._destroyed = False
 
     @property
@@ -135,6 +139,8 @@ class QemuSandbox:
             if self._proc.poll() is None:
                 await kill_tree(self._proc.pid)
                 await self._proc.wait()
+            if self.group is not None:
+                await self.group.destroy()
             await trio.to_thread.run_sync(lambda: shutil.rmtree(self.run_dir, ignore_errors=True))
 
 
@@ -151,7 +157,9 @@ class QemuBackend:
         accel: str = "auto",
         qemu_bin: str = "qemu-system-x86_64",
         boot_timeout: float = 300.0,
+        cgroups: Cgroups | None = None,
     ):
+        self.cgroups = cgroups or Cgroups(0)
         self.image_dir = image_dir or default_image_dir(data_dir)
         self.qemu = shutil.which(qemu_bin) or ""
         if not self.qemu:
@@ -197,8 +205,6 @@ class QemuBackend:
 
     def argv(self, run_dir: str, disk: str, port: int, *, incoming: str | None = None) -> list[str]:
         accel = "tcg,thread=multi,tb-size=256" if self.accel == "tcg" else "kvm"
-        # (no PR_SET_PDEATHSIG: trio spawns from a worker thread, whose exit would kill the VM;
-        # a VM orphaned by a node that died hard is reaped when the node starts again)
         argv = [
             self.qemu,
             "-name",
@@ -252,29 +258,40 @@ class QemuBackend:
         if res.returncode != 0:
             raise SandboxError(f"qemu-img: {res.stderr.decode(errors='replace').strip()}")
 
-    async def _start(self, task_id: str, run_dir: str, disk: str, *, incoming: str | None = None) -> QemuSandbox:
+    def vmm_limits(self, limits: Limits | None) -> Limits:
+        """The VMM's cgroup: the task's limits, but never less memory than the guest's plus QEMU's own
+        (its TCG translation cache is 256 MiB)."""
+        floor = (self.mem_mib + 512) * 1024 * 1024
+        limits = limits or Limits(pids=1024, cpus=float(self.vcpus))
+        return Limits(memory=max(limits.memory or 0, floor), pids=limits.pids or 1024, cpus=limits.cpus)
+
+    async def _start(self, task_id: str, run_dir: str, disk: str, *, incoming: str | None = None,
+                     limits: Limits | None = None) -> QemuSandbox:  # fmt: skip
         port = free_port()
+        try:
+            group = self.cgroups.create(f"vm-{os.path.basename(run_dir)}-{task_id}", self.vmm_limits(limits))
+        except OSError as exc:
+            raise SandboxError(f"could not create the VM's cgroup: {exc}") from None
         with open(os.path.join(run_dir, "qemu.log"), "ab") as logf:
             try:
-                proc = await trio.lowlevel.open_process(
-                    self.argv(run_dir, disk, port, incoming=incoming),
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    start_new_session=True,
-                )
+                # forked on the trio thread with a parent-death signal: the VM dies with its node
+                proc = spawn(self.argv(run_dir, disk, port, incoming=incoming), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                             stdout=logf.fileno(), stderr=logf.fileno(), enter=group.procs_files if group else (),
+                             pdeathsig=True)  # fmt: skip
             except OSError as exc:
+                if group is not None:
+                    await group.destroy()
                 raise SandboxError(f"could not start QEMU: {exc}") from None
         with open(os.path.join(run_dir, "vm.json"), "w") as f:  # for the reaper after a crash
             json.dump({"pid": proc.pid, "task": task_id, "started": time.time()}, f)
-        return QemuSandbox(task_id, proc, run_dir, port)
+        return QemuSandbox(task_id, proc, run_dir, port, group)
 
-    async def create(self, task_id: str, workspace_host: str, run_dir: str) -> QemuSandbox:
+    async def create(self, task_id: str, run_dir: str, options: SandboxOptions = SandboxOptions()) -> QemuSandbox:
         """Cold boot."""
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         disk = os.path.join(run_dir, "disk.qcow2")
         await self._overlay(disk, os.path.join(self.image_dir, "rootfs.ext4"), "raw")
-        return await self._start(task_id, run_dir, disk)
+        return await self._start(task_id, run_dir, disk, limits=options.limits if options.limits.memory else None)
 
     async def snapshot(self, sandbox: QemuSandbox, directory: str) -> QemuSnapshot:
         """Pause ``sandbox`` and save it; the VM is gone afterwards, its disk frozen into the snapshot."""
