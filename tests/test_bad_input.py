@@ -93,7 +93,7 @@ async def test_gateway_and_api_survive_bad_input(caplog):
             assert r.status_code == 400
             r = await mt.client.get("/v1/nope")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-            r = await mt.client.post("/v1/tasks", content=b"x" * (2 * 1024 * 1024))
+            r = await mt.client.post("/v1/tasks", content=b"x" * (9 * 1024 * 1024))
             assert r.status_code == 413
 
             # a repository that does not exist on the node: the task fails with the reason

@@ -24,7 +24,19 @@ from marathon.protocol.tunnel import TunnelMux, pipe
 log = logging.getLogger("marathon.agent")
 
 
+def not_dumpable() -> None:
+    """No core dumps, no ptrace, no /proc/<agent>/{mem,environ,fd} for processes of the same uid
+    (Claude Code runs as our uid on nodes that are not root).  Reset for Claude Code by its exec."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError) as exc:
+        log.warning("agent: cannot make itself non-dumpable: %s", exc)
+
+
 async def serve_agent(config: Config, listen: str, *, once: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    not_dumpable()
     listeners = await open_listeners(listen)
     listener = listeners[0]
     addr = listener_address(listener)

@@ -35,7 +35,7 @@ from marathon.orchestrator.tasks import TaskService, task_topic
 from marathon.store import TaskRecord, TaskRequest
 
 log = logging.getLogger("marathon.api")
-MAX_BODY = 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # a 1 MiB prompt of non-ASCII text, \u-escaped, fits
 _json = msgspec.json.Encoder()
 
 STATUS = {
