@@ -10,6 +10,7 @@ from marathon.errors import StoreError, StoreUnavailable
 from marathon.store import EventIn, TaskRecord, TaskRequest, open_store
 from marathon.store.postgres import PostgresStore
 from marathon.store.postgres_schema import MIGRATIONS
+from tests.polling import until
 
 
 def rec(i: int) -> TaskRecord:
@@ -32,10 +33,8 @@ def server_queries(url: str, like: str) -> list[str]:
 
 
 async def wait_for(cond, timeout=30.0):
-    """Poll a condition the server holds (no event to wait on), with a bound."""
-    with trio.fail_after(timeout):
-        while not await trio.to_thread.run_sync(cond):  # noqa: ASYNC110
-            await trio.sleep(0.05)
+    """Poll a condition the server holds (in a thread: it queries the server)."""
+    await until(lambda: trio.to_thread.run_sync(cond), timeout)
 
 
 async def test_cancellation_cancels_the_query_on_the_server(pg_url):
