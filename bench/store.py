@@ -129,5 +129,6 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    args = [int(a) for a in sys.argv[1:3]]
-    trio.run(run, *(args + [5000, 20000][len(args) :]))
+    n_tasks = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    n_events = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    trio.run(run, n_tasks, n_events)

@@ -9,6 +9,8 @@ install (``make system-deps`` installs them), it never skips.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import itertools
 import os
 import pwd
@@ -50,6 +52,15 @@ def require_binary(path: str | Path, package: str) -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: a server must not outlive a killed test run."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-servers")
+
+
 class Server:
     """One server process; ``stop()``/``start()`` for restart tests (same port, same data)."""
 
@@ -74,9 +85,19 @@ class Server:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **self.popen_kwargs()
-            )
+            # spawned from one long-lived thread: the death signal follows the thread that
+            # forked, and trio's worker threads come and go
+            cmd, kwargs = self.command(), self.popen_kwargs()
+            self.proc = _SPAWNER.submit(
+                lambda: subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                    **kwargs,
+                )
+            ).result()
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready():
             if self.proc.poll() is not None:

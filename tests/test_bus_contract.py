@@ -152,7 +152,7 @@ async def test_notifications_survive_a_redis_restart(own_servers):
         w.arm()
         with trio.fail_after(BOUND):
             await pub.notify("t")
-        assert pub.dropped >= 1
+        await until(lambda: pub.dropped >= 1)
         await trio.to_thread.run_sync(redis.start)
         # the subscriber comes back by itself
         await until(lambda: sub.connected)
@@ -161,6 +161,24 @@ async def test_notifications_survive_a_redis_restart(own_servers):
         with trio.fail_after(BOUND):
             await w.wait()
         assert sub.reconnects >= 1
+
+
+async def test_a_hung_redis_blocks_neither_writers_nor_followers(own_servers):
+    import signal
+
+    redis = own_servers.redis()
+    async with two_buses(redis.url, poll_interval=0.5) as (pub, sub), sub.watch("t") as w:
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            with trio.fail_after(BOUND):  # 200 publishes would take 400 s if each waited
+                for i in range(200):
+                    await pub.notify(f"t{i}")
+                w.arm()
+                await w.wait()  # returns by poll_interval
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        await until(lambda: pub.published + pub.dropped >= 200)
 
 
 async def test_a_bus_opened_while_redis_is_down_connects_when_it_is_up(own_servers):

@@ -4,9 +4,10 @@ A notification only says "topic X changed, look again"; the store stays the sour
 truth.  So nothing here has to be reliable, only prompt, and a lost notification can only
 delay a follower:
 
-- ``notify`` wakes this process's watchers at once (no round trip) and publishes the topic
-  on ``<prefix><topic>`` for the other replicas; if Redis is down the publish is dropped
-  (logged) and the caller carries on.
+- ``notify`` wakes this process's watchers at once and queues the topic for the publisher
+  task, which publishes it on ``<prefix><topic>`` for the other replicas: a writer never
+  waits for Redis.  Topics queued meanwhile coalesce (a set), so a slow or absent Redis
+  costs bounded memory; what cannot be published is dropped (logged once per outage).
 - one subscriber per process (``PSUBSCRIBE <prefix>*``, set up before ``open`` returns, so
   a watch armed after it cannot miss a publish) fans messages out to local watchers; when
   its connection drops it reconnects with backoff and then wakes every watcher, since a
@@ -71,6 +72,10 @@ class RedisBus:
         self.published = 0
         self.dropped = 0  # notifications not published because Redis was unreachable
         self._warned = False
+        self._pending: dict[str, None] = {}  # topics to publish, in order, each once
+        self._publish_now = trio.Event()
+
+    MAX_PENDING = 100_000
 
     # ------------------------------------------------------------------ local fan-out
 
@@ -94,16 +99,33 @@ class RedisBus:
 
     async def notify(self, topic: str) -> None:
         self._wake(topic)
-        try:
-            with trio.fail_after(self.timeout):
-                await self._client.publish(self.prefix + topic, self.instance)
-            self.published += 1
-            self._warned = False
-        except REDIS_ERRORS as exc:
-            self.dropped += 1
-            if not self._warned:  # once per outage, not once per event
-                log.warning("bus: cannot publish to Redis (followers elsewhere poll meanwhile): %s", exc)
-                self._warned = True
+        if len(self._pending) >= self.MAX_PENDING:  # Redis is far behind: they will poll
+            self.dropped += len(self._pending)
+            self._pending.clear()
+        self._pending[topic] = None
+        self._publish_now.set()
+        await trio.lowlevel.checkpoint()
+
+    async def serve_publisher(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._publish_now.wait()
+            self._publish_now = trio.Event()
+            topics, self._pending = list(self._pending), {}
+            sent = 0
+            try:
+                for topic in topics:
+                    with trio.fail_after(self.timeout):
+                        await self._client.publish(self.prefix + topic, self.instance)
+                    sent += 1
+                    self.published += 1
+                self._warned = False
+            except REDIS_ERRORS as exc:
+                self.dropped += len(topics) - sent
+                if not self._warned:  # once per outage, not once per event
+                    log.warning("bus: cannot publish to Redis (followers elsewhere poll meanwhile): %s", exc)
+                    self._warned = True
+                await trio.sleep(min(1.0, self.poll_interval / 5))
 
     @asynccontextmanager
     async def watch(self, topic: str) -> AsyncIterator[RedisWatch]:
@@ -177,6 +199,7 @@ async def open_redis_bus(
     )
     async with client, trio.open_nursery() as nursery:
         bus = RedisBus(client, prefix=prefix, poll_interval=poll_interval, timeout=timeout)
+        await nursery.start(bus.serve_publisher)
         await nursery.start(bus.serve_subscriber)
         if not bus.connected:
             log.warning("bus: Redis at %s is not reachable yet; polling until it is", redact_redis_url(url))
