@@ -161,3 +161,24 @@ async def test_server_restart_fails_fast_then_recovers_by_itself(own_servers):
         assert [e.seq for e in await store.events_after("t001", 0)] == [1, 2]
     finally:
         await store.close()
+
+
+async def test_batches_spanning_tasks_in_opposite_orders_do_not_deadlock(pg_url):
+    store = await PostgresStore.open(pg_url, pool_size=4)
+    try:
+        for i in (1, 2, 3):
+            await store.create_task(rec(i), ev(f"t{i:03d}"))
+
+        async def writer(order):
+            for _ in range(30):
+                await store.append_events([ev(t) for t in order for _ in range(3)])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(writer, ["t001", "t002", "t003"])
+                n.start_soon(writer, ["t003", "t002", "t001"])
+                n.start_soon(writer, ["t002", "t001", "t003"])
+        for t in ("t001", "t002", "t003"):
+            assert [e.seq for e in await store.events_after(t, 0, limit=1000)] == list(range(1, 2 + 3 * 30 * 3))
+    finally:
+        await store.close()

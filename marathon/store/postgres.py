@@ -325,9 +325,13 @@ class PostgresStore(PgAccountsMixin):
         if len(items) == 1:
             return [await self._run(lambda c: self._append_one(c, items[0], now))]
 
+        tasks = sorted({ev.task_id for ev in items})
+
         def fn(conn: psycopg.Connection) -> list[StoredEvent | None]:
             # pipelined: every statement sent before the first answer is read
             with conn.pipeline():
+                if len(tasks) > 1:  # take the rows in one order, so two batches cannot deadlock
+                    conn.execute("SELECT 1 FROM tasks WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (tasks,))
                 curs = [conn.execute(*self._append_sql(ev, now)) for ev in items]
             out: list[StoredEvent | None] = []
             for ev, cur in zip(items, curs, strict=True):
