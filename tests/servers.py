@@ -9,8 +9,6 @@ install (``make system-deps`` installs them), it never skips.
 
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
 import itertools
 import os
 import pwd
@@ -52,13 +50,25 @@ def require_binary(path: str | Path, package: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: a server must not outlive a killed test run."""
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# Servers run detached from the test process (their parent exits at once), so tests that
+# check that nothing they started outlives them do not count the servers.  A watchdog, as
+# detached, kills a server whose test run died without stopping it.
+_LAUNCH = r"""
+"$@" >>"$SERVER_LOG" 2>&1 </dev/null &
+srv=$!
+echo "$srv"
+alive() { [ -r /proc/$1/status ] && ! grep -q '^State:[[:space:]]*[ZX]' /proc/$1/status; }
+( while [ -d /proc/$TEST_PID ] && alive "$srv"; do sleep 1; done
+  alive "$srv" && kill -9 "$srv" ) </dev/null >/dev/null 2>&1 &
+"""
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-servers")
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 class Server:
@@ -68,7 +78,7 @@ class Server:
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix=f"marathon-{self.name}-", dir="/tmp")
-        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
         self.log_path = os.path.join(self.dir, "log")
         self.port = free_port()
 
@@ -82,40 +92,50 @@ class Server:
     def popen_kwargs(self) -> dict:
         return {}
 
+    def running(self) -> bool:
+        return self.pid is not None and pid_alive(self.pid)
+
     def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
-        with open(self.log_path, "ab") as log:
-            # spawned from one long-lived thread: the death signal follows the thread that
-            # forked, and trio's worker threads come and go
-            cmd, kwargs = self.command(), self.popen_kwargs()
-            self.proc = _SPAWNER.submit(
-                lambda: subprocess.Popen(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
-                    **kwargs,
-                )
-            ).result()
+        assert not self.running(), f"{self.name} is running"
+        env = {**os.environ, "SERVER_LOG": self.log_path, "TEST_PID": str(os.getpid())}
+        out = subprocess.run(
+            ["sh", "-c", _LAUNCH, "sh", *self.command()],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            **self.popen_kwargs(),
+        )
+        self.pid = int(out.stdout.split()[0])
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at start:\n{self.log_tail()}")
+            if not self.running():
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT}s:\n{self.log_tail()}")
             time.sleep(0.05)
 
+    def send_signal(self, sig: int) -> None:
+        if self.running():
+            assert self.pid is not None
+            os.kill(self.pid, sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.running():
             return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                self.send_signal(signal.SIGKILL)
+                deadline = time.monotonic() + 10
+            time.sleep(0.02)
+        # the port is free again only when every child (postgres backends) has gone
+        wait_until = time.monotonic() + 10
+        while _port_open(self.port) and time.monotonic() < wait_until:
+            time.sleep(0.02)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
