@@ -7,7 +7,8 @@ CACHE := .cache
 CLAUDE_CODE_VERSION := 2.1.332
 CLAUDE_DIR := $(CACHE)/claude-code
 CLAUDE_BIN := $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
-DEBIAN_PACKAGES := bubblewrap git util-linux procps binutils iproute2 iptables
+DEBIAN_PACKAGES := bubblewrap git util-linux procps binutils iproute2 iptables redis-server etcd-server
+PG_BIN := /usr/lib/postgresql/15/bin
 TASK ?= add a CONTRIBUTING.md
 REPO ?=
 
@@ -33,6 +34,7 @@ claude-code: $(CLAUDE_BIN)
 system-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	[ -x $(PG_BIN)/postgres ] || missing="$$missing postgresql-15"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them with apt-get)"; exit 1; fi; fi

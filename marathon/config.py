@@ -66,6 +66,18 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_listen: str = "tcp:127.0.0.1:8600"
     gateway_listen: str = "tcp:127.0.0.1:8601"
     store: str = "sqlite"  # sqlite | sqlite:///path | postgresql://...
+    store_pool_size: int = 8  # PostgreSQL connections (and worker threads) per process
+    store_statement_timeout: float = 30.0  # seconds; PostgreSQL cancels a statement running longer
+    store_connect_timeout: float = 5.0  # seconds a call waits for a connection before a 503
+    # distributed mode: empty means in-process (one orchestrator)
+    redis_url: str = ""  # redis://[:password@]host:port/db: change notifications, rate limits, login throttling
+    redis_timeout: float = 5.0  # seconds, connect and each command
+    bus_poll_interval: float = 5.0  # a follower looks again at least this often (a lost notification only delays)
+    etcd_endpoints: str = ""  # comma-separated http(s)://host:port: membership, leases, scheduler leader
+    etcd_timeout: float = 5.0  # seconds, each etcd request
+    etcd_prefix: str = "/marathon/"
+    lease_ttl: float = 10.0  # seconds a replica's or node's record outlives its last keepalive
+    leader_ttl: float = 10.0  # seconds a dead scheduler leader keeps the lead at most
     node_secret: str = ""
     gateway_tls_cert: str = ""  # with gateway_listen = tls:HOST:PORT
     gateway_tls_key: str = ""
@@ -141,12 +153,27 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("default_cpus must be positive, default_pids at least 16 and at most max_pids")
         if self.sandbox_uid < 1000 or self.sandbox_uid + self.slots > 2**31:
             raise ValueError("sandbox_uid must be at least 1000 (slot i runs as sandbox_uid + i)")
+        if self.store_pool_size < 1:
+            raise ValueError("store_pool_size must be at least 1")
+        for name in ("lease_ttl", "leader_ttl"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2 seconds (etcd leases count whole seconds)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        for ep in self.etcd_endpoint_list():
+            if not ep.startswith(("http://", "https://")):
+                raise ValueError(f"etcd_endpoints must be http(s)://host:port, not {ep!r}")
+
+    def etcd_endpoint_list(self) -> list[str]:
+        return [e.strip().rstrip("/") for e in self.etcd_endpoints.split(",") if e.strip()]
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
         for key in ("token", "node_secret", "anthropic_api_key"):
             if out.get(key):
                 out[key] = "***"
+        for key in ("store", "redis_url"):  # URLs may carry a password
+            out[key] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", out[key])
         return out
 
 

@@ -77,6 +77,12 @@ class StoreError(MarathonError):
     code = "store_error"
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, restarting, timed out): retry later (HTTP 503)."""
+
+    code = "store_unavailable"
+
+
 class Unavailable(MarathonError):
     """A dependency (orchestrator, store, upstream) cannot be reached right now."""
 

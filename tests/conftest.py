@@ -4,6 +4,8 @@ import tempfile
 
 import pytest
 
+pytest_plugins = ["tests.servers"]  # real PostgreSQL / Redis / etcd on loopback for the contract suites
+
 # The CLI keeps credentials under XDG_CONFIG_HOME: keep the tests' out of the real home.
 _CONFIG_HOME = os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="marathon-test-config-")
 

@@ -7,7 +7,7 @@ test suite run against both.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from marathon.protocol.messages import Usage
 from marathon.store.models import (
@@ -21,6 +21,9 @@ from marathon.store.models import (
     UsageBucket,
     User,
 )
+
+if TYPE_CHECKING:
+    from marathon.config import Config
 
 __all__ = ["Store", "EventIn", "StoredEvent", "TaskRecord", "TaskRequest", "open_store"]
 
@@ -93,8 +96,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-async def open_store(url: str, data_dir: str) -> Store:
-    """``sqlite`` (in data_dir), ``sqlite:///path/to.db`` or ``postgresql://…``."""
+async def open_store(url: str, data_dir: str, *, config: Config | None = None) -> Store:
+    """``sqlite`` (in data_dir), ``sqlite:///path/to.db`` or ``postgresql://…`` (``postgres://``
+    too); ``config`` supplies the PostgreSQL pool size and timeouts."""
     if url == "sqlite" or url.startswith("sqlite:"):
         from marathon.store.sqlite import SqliteStore
 
@@ -102,6 +106,17 @@ async def open_store(url: str, data_dir: str) -> Store:
         import os
 
         return await SqliteStore.open(path or os.path.join(data_dir, "marathon.db"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from marathon.store.postgres import PostgresStore
+
+        if config is None:
+            return await PostgresStore.open(url)
+        return await PostgresStore.open(
+            url,
+            pool_size=config.store_pool_size,
+            statement_timeout=config.store_statement_timeout,
+            connect_timeout=config.store_connect_timeout,
+        )
     from marathon.errors import ConfigError
 
-    raise ConfigError(f"unsupported store {url!r}: use sqlite or sqlite:///path")
+    raise ConfigError(f"unsupported store {url!r}: use sqlite, sqlite:///path or postgresql://user@host/db")

@@ -1,0 +1,252 @@
+"""PostgreSQL: users, API keys, login sessions, and the usage ledger (as sqlite_accounts.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+
+from marathon.errors import Conflict
+from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
+from marathon.store.postgres_schema import FIRST_USER_LOCK
+
+T = TypeVar("T")
+
+LEDGER_COLS = (
+    "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
+    "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
+    "response_bytes, complete, priced"
+)
+_LEDGER_NAMES = [x.strip() for x in LEDGER_COLS.split(",")]
+# the types of the ledger columns, for a "SELECT %s, … FROM s" whose parameters PostgreSQL cannot infer
+_LEDGER_CASTS = [
+    *("text", "text", "float8", "text", "int8", "int8", "int8", "int8", "int4"),
+    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool"),
+]
+
+
+def ledger_values(r: LedgerRow) -> list[Any]:
+    return [getattr(r, n) for n in _LEDGER_NAMES]
+
+
+def ledger_placeholders() -> str:
+    return ", ".join(f"%s::{t}" for t in _LEDGER_CASTS)
+
+
+_USER_COLS = "id, email, password_hash, admin, created_at, github_token"
+_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at"
+
+
+def _user(row) -> User:
+    return User(
+        id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5]
+    )
+
+
+def _key(row) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        user_id=row[1],
+        name=row[2],
+        prefix=row[3],
+        key_hash=row[4],
+        created_at=row[5],
+        revoked_at=row[6],
+        last_used_at=row[7],
+    )
+
+
+_DAY = "to_char(to_timestamp({col}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+_GROUPS = {
+    "day": _DAY.format(col="ts"),
+    "task": "task_id",
+    "model": "model",
+    "user": "user_id",
+    "total": "'total'::text",
+}
+_TASK_GROUPS: dict[str, str | None] = {
+    "day": _DAY.format(col="created_at"),
+    "task": "id",
+    "model": None,
+    "user": "owner",
+    "total": "'total'::text",
+}
+
+
+class PgAccountsMixin:
+    if TYPE_CHECKING:
+
+        async def _run(self, fn: Callable[[psycopg.Connection], T], *, transaction: bool = False) -> T: ...
+
+    # ------------------------------------------------------------------ users
+
+    async def create_user(self, user: User, *, admin_if_first: bool = False) -> User:
+        user.created_at = user.created_at or time.time()
+
+        def fn(conn: psycopg.Connection) -> User:
+            if admin_if_first:
+                # two replicas registering the first two users at once must not make two admins
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_USER_LOCK,))
+                row = conn.execute("SELECT count(*) FROM users").fetchone()
+                if row and row[0] == 0:
+                    user.admin = True
+            try:
+                conn.execute(
+                    "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (%s, %s, %s, %s, %s)",
+                    (user.id, user.email, user.password_hash, user.admin, user.created_at),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise Conflict(f"{user.email} is already registered") from None
+            return user
+
+        return await self._run(fn, transaction=True)
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._run(
+            lambda c: c.execute(f"SELECT {_USER_COLS} FROM users WHERE id = %s", (user_id,)).fetchone()
+        )
+        return _user(row) if row else None
+
+    async def get_user_by_email(self, email: str) -> User | None:
+        row = await self._run(
+            lambda c: c.execute(f"SELECT {_USER_COLS} FROM users WHERE email = %s", (email,)).fetchone()
+        )
+        return _user(row) if row else None
+
+    async def set_github_token(self, user_id: str, token: str | None) -> None:
+        await self._run(lambda c: c.execute("UPDATE users SET github_token = %s WHERE id = %s", (token, user_id)))
+
+    async def count_users(self) -> int:
+        row = await self._run(lambda c: c.execute("SELECT count(*) FROM users").fetchone())
+        return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------------ API keys
+
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        key.created_at = key.created_at or time.time()
+        await self._run(
+            lambda c: c.execute(
+                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None),
+            )
+        )
+        return key
+
+    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
+        rows = await self._run(
+            lambda c: c.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys WHERE user_id = %s ORDER BY created_at", (user_id,)
+            ).fetchall()
+        )
+        return [_key(r) for r in rows]
+
+    async def revoke_api_key(self, user_id: str, key_id: str) -> bool:
+        n = await self._run(
+            lambda c: (
+                c.execute(
+                    "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND user_id = %s AND revoked_at IS NULL",
+                    (time.time(), key_id, user_id),
+                ).rowcount
+            )
+        )
+        return n == 1
+
+    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        kcols = ", ".join("k." + x.strip() for x in _KEY_COLS.split(","))
+        ucols = ", ".join("u." + x.strip() for x in _USER_COLS.split(","))
+        row = await self._run(
+            lambda c: c.execute(
+                f"SELECT {kcols}, {ucols} FROM api_keys k JOIN users u ON u.id = k.user_id "
+                "WHERE k.key_hash = %s AND k.revoked_at IS NULL",
+                (key_hash,),
+            ).fetchone()
+        )
+        return (_key(row[:8]), _user(row[8:])) if row else None
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, session: Session) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (%s, %s, %s, %s)",
+                (session.token_hash, session.user_id, session.created_at, session.expires_at),
+            )
+        )
+
+    async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
+        ucols = ", ".join("u." + x.strip() for x in _USER_COLS.split(","))
+        row = await self._run(
+            lambda c: c.execute(
+                f"SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, {ucols} "
+                "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = %s AND s.expires_at > %s",
+                (token_hash, time.time()),
+            ).fetchone()
+        )
+        if not row:
+            return None
+        return Session(token_hash=row[0], user_id=row[1], created_at=row[2], expires_at=row[3]), _user(row[4:])
+
+    async def revoke_session(self, token_hash: str) -> None:
+        await self._run(lambda c: c.execute("DELETE FROM sessions WHERE token_hash = %s", (token_hash,)))
+
+    # ------------------------------------------------------------------ ledger
+
+    async def ledger_rows(self, task_id: str) -> list[LedgerRow]:
+        rows = await self._run(
+            lambda c: c.execute(
+                f"SELECT {LEDGER_COLS} FROM ledger WHERE task_id = %s ORDER BY ts, id", (task_id,)
+            ).fetchall()
+        )
+        return [LedgerRow(**dict(zip(_LEDGER_NAMES, r, strict=True))) for r in rows]
+
+    async def usage_summary(self, *, user_id: str | None, since: float, by: str) -> list[UsageBucket]:
+        group = _GROUPS[by]
+        where, args = ["ts >= %s"], list[Any]([since])
+        if user_id is not None:
+            where.append("user_id = %s")
+            args.append(user_id)
+        sql = (
+            f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
+            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
+            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
+        )
+        tgroup = _TASK_GROUPS[by]
+        twhere, targs = ["created_at >= %s"], list[Any]([since])
+        if user_id is not None:
+            twhere.append("owner = %s")
+            targs.append(user_id)
+
+        def fn(conn: psycopg.Connection):
+            rows = conn.execute(sql, args).fetchall()
+            compute: dict[str, float] = {}
+            if tgroup is not None:
+                compute = {
+                    k: v
+                    for k, v in conn.execute(
+                        f"SELECT {tgroup} AS k, sum(compute_s) FROM tasks WHERE {' AND '.join(twhere)} GROUP BY 1",
+                        targs,
+                    ).fetchall()
+                }
+            return rows, compute
+
+        rows, compute = await self._run(fn, transaction=True)
+        out = {
+            r[0]: UsageBucket(
+                key=r[0],
+                requests=int(r[1]),
+                input_tokens=int(r[2] or 0),
+                output_tokens=int(r[3] or 0),
+                cache_creation_input_tokens=int(r[4] or 0),
+                cache_read_input_tokens=int(r[5] or 0),
+                tool_calls=int(r[6] or 0),
+                cost_usd=float(r[7] or 0.0),
+                tasks=int(r[8]),
+            )
+            for r in rows
+        }
+        for k, secs in compute.items():
+            if secs:
+                out.setdefault(k, UsageBucket(key=k)).compute_s = float(secs)
+        return [out[k] for k in sorted(out)]
