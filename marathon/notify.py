@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping
 
 import trio
@@ -51,7 +52,10 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     except ValueError:
         return None
     pid = env.get("WATCHDOG_PID")
-    if usec <= 0 or (pid and pid != str(os.getpid())):
+    ours = {str(os.getpid())}
+    if getattr(sys, "frozen", False):  # the one-file executable: systemd's main pid is its bootloader, our parent
+        ours.add(str(os.getppid()))
+    if usec <= 0 or (pid and pid not in ours):
         return None
     return usec / 2 / 1_000_000
 

@@ -134,7 +134,9 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
         if info is not None:
             if role == "all":
                 await bootstrap_local_admin(info, config)
-            if not json_enabled():  # JSON logs say it in a record (orchestrator API on …)
+            if json_enabled():  # stderr is JSON lines: say it in a record
+                log.info("marathon %s: API on %s", role, info.url)
+            else:
                 print(f"marathon {role}: API on {info.url}", file=sys.stderr, flush=True)
         nursery.start_soon(serve_notify, f"marathon {role}: API on {info.url}" if info else f"marathon {role}")
         task_status.started((info, node))

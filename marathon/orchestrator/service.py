@@ -191,7 +191,7 @@ async def serve_orchestrator(
             binds = await nursery.start(lambda task_status: hyper_serve(app, hc, task_status=task_status))
             await nursery.start(scheduler.run)
             url = binds[0] if binds else ""
-            log.info("orchestrator API on %s", url)
+            log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
             task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts))
     finally:
         if own_store:
