@@ -55,7 +55,9 @@ async def test_orchestrator_says_ready_pings_the_watchdog_and_says_stopping(form
         address = "@marathon-test-" + secrets.token_hex(6)
         await sock.bind("\0" + address[1:])
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith("MARATHON_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_PID")
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MARATHON_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_PID")
     }
     env.update(
         NOTIFY_SOCKET=address,

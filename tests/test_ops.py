@@ -90,40 +90,42 @@ def test_openapi_documents_readyz():
 
 async def test_running_orchestrator_is_ready_and_serves_the_dashboard():
     config = marathon_config(os.path.join(scratch_dir(), "data"))
-    async with run_marathon(config, role="orchestrator") as mt:
-        async with httpx.AsyncClient(base_url=mt.url, trust_env=False) as anon:
-            r = await anon.get("/readyz")
-            assert r.status_code == 200 and r.json() == {"ready": True, "checks": {"store": "ok", "gateway": "ok"}}
+    async with (
+        run_marathon(config, role="orchestrator") as mt,
+        httpx.AsyncClient(base_url=mt.url, trust_env=False) as anon,
+    ):
+        r = await anon.get("/readyz")
+        assert r.status_code == 200 and r.json() == {"ready": True, "checks": {"store": "ok", "gateway": "ok"}}
 
-            r = await anon.get("/")
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-            csp = r.headers["content-security-policy"]
-            # the page may talk to this origin only: no CDN, no external request, no inline script
-            assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
-            assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
-            assert r.headers["x-content-type-options"] == "nosniff"
-            html = r.text
-            assert '<script type="module" src="/ui/app.js">' in html and "<script>" not in html
+        r = await anon.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]
+        # the page may talk to this origin only: no CDN, no external request, no inline script
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        html = r.text
+        assert '<script type="module" src="/ui/app.js">' in html and "<script>" not in html
 
-            # every asset the page refers to is served with its type; nothing external
-            refs = set(re.findall(r'(?:src|href)="(/ui/[^"]+)"', html))
-            assert {"/ui/app.js", "/ui/app.css", "/ui/favicon.svg"} <= refs
-            for name in sorted(os.listdir(WEB_DIR)):
-                r = await anon.get(f"/ui/{name}")
-                assert r.status_code == 200, name
-                if name.endswith(".js"):
-                    assert r.headers["content-type"].startswith("text/javascript")
-                    for imp in re.findall(r'^import .* from "([^"]+)";$', r.text, re.M):
-                        assert imp.startswith("./") and os.path.exists(os.path.join(WEB_DIR, imp[2:])), (name, imp)
-                    urls = set(re.findall(r"https?://[\w.-]+[^\s\"'`]*", r.text))
-                    assert urls <= {"http://www.w3.org/2000/svg"}, (name, urls)  # a namespace, not a request
-            # revalidation: the ETag answers 304
-            r = await anon.get("/ui/app.js")
-            r2 = await anon.get("/ui/app.js", headers={"If-None-Match": r.headers["etag"]})
-            assert r2.status_code == 304 and r2.content == b""
-            assert (await anon.get("/ui/nope.js")).status_code == 404
-            assert (await anon.get("/ui/..%2Fapi.py")).status_code == 404
-            assert (await anon.get("/favicon.ico")).headers["content-type"] == "image/svg+xml"
+        # every asset the page refers to is served with its type; nothing external
+        refs = set(re.findall(r'(?:src|href)="(/ui/[^"]+)"', html))
+        assert {"/ui/app.js", "/ui/app.css", "/ui/favicon.svg"} <= refs
+        for name in sorted(os.listdir(WEB_DIR)):
+            r = await anon.get(f"/ui/{name}")
+            assert r.status_code == 200, name
+            if name.endswith(".js"):
+                assert r.headers["content-type"].startswith("text/javascript")
+                for imp in re.findall(r'^import .* from "([^"]+)";$', r.text, re.M):
+                    assert imp.startswith("./") and os.path.exists(os.path.join(WEB_DIR, imp[2:])), (name, imp)
+                urls = set(re.findall(r"https?://[\w.-]+[^\s\"'`]*", r.text))
+                assert urls <= {"http://www.w3.org/2000/svg"}, (name, urls)  # a namespace, not a request
+        # revalidation: the ETag answers 304
+        r = await anon.get("/ui/app.js")
+        r2 = await anon.get("/ui/app.js", headers={"If-None-Match": r.headers["etag"]})
+        assert r2.status_code == 304 and r2.content == b""
+        assert (await anon.get("/ui/nope.js")).status_code == 404
+        assert (await anon.get("/ui/..%2Fapi.py")).status_code == 404
+        assert (await anon.get("/favicon.ico")).headers["content-type"] == "image/svg+xml"
 
 
 def test_every_dashboard_file_ships_with_the_package():

@@ -33,10 +33,18 @@ def script(body, i):
     if "wait forever" in first:
         return fa.hang()
     if "iteration 2 of 2" in first:
-        return fa.text("Checked again: all done.\n<promise>DONE</promise>", usage={"input_tokens": 90, "output_tokens": 9})
+        return fa.text(
+            "Checked again: all done.\n<promise>DONE</promise>", usage={"input_tokens": 90, "output_tokens": 9}
+        )
     steps = [
-        fa.tool_use("Write", {"file_path": "hello.py", "content": HELLO}, usage={"input_tokens": 120, "output_tokens": 30}),
-        fa.tool_use("Bash", {"command": "git status --short", "description": "status"}, usage={"input_tokens": 150, "output_tokens": 20}),
+        fa.tool_use(
+            "Write", {"file_path": "hello.py", "content": HELLO}, usage={"input_tokens": 120, "output_tokens": 30}
+        ),
+        fa.tool_use(
+            "Bash",
+            {"command": "git status --short", "description": "status"},
+            usage={"input_tokens": 150, "output_tokens": 20},
+        ),
         fa.text("I added hello.py.", usage={"input_tokens": 170, "output_tokens": 12}),
     ]
     return steps[min(i, len(steps) - 1)]
@@ -109,10 +117,17 @@ class Page:
         }
 
     def rendered_seqs(self) -> list[int]:
-        return [int(x) for x in self.d.execute_script("return [...document.querySelectorAll('ol.events [data-seq]')].map(e => e.dataset.seq)")]
+        return [
+            int(x)
+            for x in self.d.execute_script(
+                "return [...document.querySelectorAll('ol.events [data-seq]')].map(e => e.dataset.seq)"
+            )
+        ]
 
     def state(self) -> str:
-        return self.d.execute_script("return document.querySelector('h1 + span .badge')?.textContent || ''").replace(" ", "_")
+        return self.d.execute_script("return document.querySelector('h1 + span .badge')?.textContent || ''").replace(
+            " ", "_"
+        )
 
 
 async def in_thread(fn, *args):
@@ -144,7 +159,9 @@ async def test_dashboard_in_a_real_browser():
             r = await mt.client.post("/v1/auth/register", json={"email": "alice@example.com", "password": PASSWORD})
             assert r.status_code == 201, r.text
             async with httpx.AsyncClient(base_url=mt.url, trust_env=False) as anon:
-                login = (await anon.post("/v1/auth/login", json={"email": "alice@example.com", "password": PASSWORD})).json()
+                login = (
+                    await anon.post("/v1/auth/login", json={"email": "alice@example.com", "password": PASSWORD})
+                ).json()
                 alice = {"Authorization": f"Bearer {login['token']}"}
                 r = await anon.put("/v1/auth/github-token", json={"token": GH_TOKEN}, headers=alice)
                 assert r.status_code == 200
