@@ -5,6 +5,7 @@ import { h } from "./dom.js";
 
 function field(id, label, input, hint) {
   input.id = id;
+  if (hint) input.setAttribute("aria-describedby", `${id}-hint`);
   return h("div", { class: "field" }, h("label", { for: id }, label), input, hint ? h("div", { class: "hint", id: `${id}-hint` }, hint) : null);
 }
 

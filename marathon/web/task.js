@@ -6,17 +6,20 @@ import { TERMINAL, h, money, num, seconds, stateBadge, taskDuration, totalTokens
 
 // ------------------------------------------------------------------ the event log
 
-/** Renders events into an <ol>: tool calls collapsed with their results, iterations
- * separated, state changes marked.  Events are queued and drawn once per frame, so a task of
- * ten thousand lines renders in a few frames, not ten thousand layouts. */
+/** Renders events: tool calls collapsed with their results, iterations separated, state
+ * changes marked.  Events are queued and drawn once per frame, in chunks of CHUNK lines that
+ * the browser lays out only when on screen (content-visibility), so a task of ten thousand
+ * lines costs a few frames, not ten thousand layouts. */
+const CHUNK = 200;
+
 export class EventLog {
   constructor() {
-    this.el = h("ol", { class: "events", "aria-label": "Events", dataset: { lastSeq: "0", count: "0" } });
-    this.tools = new Map(); // tool_id -> the call's <li>
+    this.el = h("div", { class: "events", role: "log", "aria-label": "Events", dataset: { lastSeq: "0", count: "0" } });
+    this.chunk = null;
+    this.tools = new Map(); // tool_id -> the call's element
     this.queue = [];
     this.scheduled = false;
     this.count = 0;
-    this.follow = true;
     this.onFlush = () => {};
   }
 
@@ -33,18 +36,29 @@ export class EventLog {
     const events = this.queue;
     this.queue = [];
     if (!events.length) return;
-    const nearBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 80;
-    const frag = document.createDocumentFragment();
+    const follow = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 80;
+    let frag = document.createDocumentFragment();
+    const place = () => {
+      if (frag.childNodes.length) this.chunk.append(frag);
+      frag = document.createDocumentFragment();
+    };
     for (const ev of events) {
-      const li = this.render(ev);
-      if (li) frag.append(li);
+      const item = this.render(ev);
+      if (!item) continue;
+      if (!this.chunk || this.chunk.childElementCount + frag.childNodes.length >= CHUNK) {
+        if (this.chunk) place();
+        this.chunk = h("div", { class: "chunk" });
+        this.el.append(this.chunk);
+      }
+      frag.append(item);
     }
-    this.el.append(frag);
+    place();
     this.count += events.length;
     const last = events[events.length - 1].id;
     this.el.dataset.lastSeq = String(last);
     this.el.dataset.count = String(this.count);
-    if (this.follow && nearBottom) this.el.lastElementChild?.scrollIntoView({ block: "end" });
+    // scroll along in the next frame (reading layout here would force it for every batch)
+    if (follow) requestAnimationFrame(() => window.scrollTo(0, document.documentElement.scrollHeight));
     this.onFlush(last, this.count);
   }
 
@@ -53,13 +67,13 @@ export class EventLog {
     const seq = { seq: String(ev.id) };
     switch (ev.kind) {
       case "iteration":
-        return h("li", { class: "ev-iteration", dataset: seq }, h("h3", {}, `Iteration ${d.iteration}`), d.why ? h("div", { class: "muted" }, d.why) : null);
+        return h("div", { class: "ev-iteration", dataset: seq }, h("h3", {}, `Iteration ${d.iteration}`), d.why ? h("div", { class: "muted" }, d.why) : null);
       case "text":
-        return h("li", { class: "ev-text", dataset: seq }, d.text || "");
+        return h("div", { class: "ev-text", dataset: seq }, d.text || "");
       case "tool_call": {
         const result = h("div", { class: "result pending" }, "running…");
         const li = h(
-          "li",
+          "div",
           { class: "ev-tool", dataset: { ...seq, tool: d.tool_id || "" } },
           h("details", {}, h("summary", {}, `→ ${d.summary || d.name}`), result),
         );
@@ -77,14 +91,14 @@ export class EventLog {
           this.tools.delete(d.tool_id);
           return null;
         }
-        return h("li", { class: "ev-tool" }, text); // a result whose call came before a resume point
+        return h("div", { class: "ev-tool" }, text); // a result whose call came before a resume point
       }
       case "state": {
         const extra = (d.reason ? ` (${d.reason})` : "") + (d.message ? `: ${d.message}` : "");
-        return h("li", { class: `ev-state s-${d.state}`, dataset: seq }, `● ${d.state}${extra}`);
+        return h("div", { class: `ev-state s-${d.state}`, dataset: seq }, `● ${d.state}${extra}`);
       }
       case "log":
-        return h("li", { class: "ev-log", dataset: seq }, `· ${d.message || ""}`);
+        return h("div", { class: "ev-log", dataset: seq }, `· ${d.message || ""}`);
       case "api_request": {
         const bad = d.status >= 400 || d.error;
         const u = d.usage || {};
@@ -94,15 +108,17 @@ export class EventLog {
             (u.cache_read_input_tokens || u.cache_creation_input_tokens ? ` · cache ${num(u.cache_creation_input_tokens)}/${num(u.cache_read_input_tokens)}` : "") +
             (d.cost_usd != null ? ` · ${money(d.cost_usd)}` : "") +
             (d.duration_s ? ` · ${seconds(d.duration_s)}` : "");
-        return h("li", { class: bad ? "ev-api bad" : "ev-api", dataset: seq }, line);
+        return h("div", { class: bad ? "ev-api bad" : "ev-api", dataset: seq }, line);
       }
       default:
-        return h("li", { class: "ev-log", dataset: seq }, `· ${ev.kind}`);
+        return h("div", { class: "ev-log", dataset: seq }, `· ${ev.kind}`);
     }
   }
 }
 
 // ------------------------------------------------------------------ the page
+
+export const afterPaint = (fn) => requestAnimationFrame(() => setTimeout(fn, 0));
 
 function facts(t) {
   const req = t.request || {};
@@ -322,7 +338,8 @@ export function taskView(main, { id, signal }) {
       return;
     }
     log.onFlush = (last) => {
-      if (task && TERMINAL.has(task.state) && last >= task.last_seq) performance.mark("marathon:events-complete");
+      // the mark once the last line is painted: the frame after this one has begun
+      if (task && TERMINAL.has(task.state) && last >= task.last_seq) afterPaint(() => performance.mark("marathon:events-complete"));
     };
     start();
   })();

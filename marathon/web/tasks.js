@@ -117,7 +117,7 @@ export function tasksView(main, { params, signal, navigate }) {
         : "No tasks yet: submit one.";
     if (first) {
       first = false;
-      performance.mark("marathon:tasks-rendered");
+      requestAnimationFrame(() => setTimeout(() => performance.mark("marathon:tasks-rendered"), 0)); // once painted
     }
   }
 
