@@ -21,7 +21,6 @@ import msgspec
 import trio
 
 from bench.common import describe
-from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.tasks import event_in, new_task_id
 from marathon.protocol import messages as m
 from marathon.store import EventIn, TaskRecord, TaskRequest
@@ -29,27 +28,12 @@ from tests import browser
 from tests.harness import marathon_config, run_marathon, scratch_dir
 
 RUNS = 5
-STATES = [State.SUCCEEDED, State.FAILED, State.RUNNING, State.QUEUED, State.CANCELLED]
 
 
 async def fill(store, owner: str, n_tasks: int, n_lines: int) -> str:
-    now = time.time()
-    for i in range(n_tasks):
-        state = STATES[i % len(STATES)]
-        rec = TaskRecord(
-            id=new_task_id(),
-            owner=owner,
-            state=state,
-            request=TaskRequest(prompt=f"task {i}: fix the flaky test in module {i % 37}", repo=f"acme/repo{i % 11}"),
-            created_at=now - (n_tasks - i) * 10,
-            started_at=now - (n_tasks - i) * 10 + 1,
-            finished_at=now - (n_tasks - i) * 10 + 30 if state != State.RUNNING else None,
-            usage=m.Usage(1000 + i, 200 + i, 0, 50),
-            cost_usd=0.01 * (i % 9),
-        )
-        await store.create_task(rec, event_in(rec.id, m.StateEvent(state=str(state))))
+    await browser.fill_tasks(store, owner, n_tasks)
     # one finished task with a long event stream
-    big = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=TaskRequest(prompt="print 10k lines"))
+    big = TaskRecord(id=new_task_id(), owner=owner, state="queued", request=TaskRequest(prompt="print 10k lines"))
     await store.create_task(big, event_in(big.id, m.StateEvent(state="queued")))
     enc = msgspec.json.Encoder()
     for start in range(0, n_lines, 1000):
@@ -75,7 +59,9 @@ def measure(driver, url: str, token: str, hash_: str, mark: str, timeout: float 
     driver.get(f"{url}/#/{hash_}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        t = driver.execute_script(f"const e = performance.getEntriesByName('{mark}'); return e.length ? e[0].startTime : null")
+        t = driver.execute_script(
+            f"const e = performance.getEntriesByName('{mark}'); return e.length ? e[0].startTime : null"
+        )
         if t is not None:
             return float(t)
         time.sleep(0.01)
@@ -136,6 +122,4 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    trio.run(
-        main, int(sys.argv[1]) if len(sys.argv) > 1 else 1000, int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
-    )
+    trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 1000, int(sys.argv[2]) if len(sys.argv) > 2 else 10_000)

@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,34 @@ CHROMIUM_ARGS = [
     "--disable-features=Translate,OptimizationHints,MediaRouter",
     "--window-size=1280,960",
 ]
+
+
+async def fill_tasks(store, owner: str, n: int) -> list[str]:
+    """``n`` tasks of every state straight into the store (newest last), for pages of many."""
+    from marathon.orchestrator.lifecycle import State
+    from marathon.orchestrator.tasks import event_in, new_task_id
+    from marathon.protocol import messages as m
+    from marathon.store import TaskRecord, TaskRequest
+
+    states = [State.SUCCEEDED, State.FAILED, State.RUNNING, State.QUEUED, State.CANCELLED]
+    now = time.time()
+    ids = []
+    for i in range(n):
+        state = states[i % len(states)]
+        rec = TaskRecord(
+            id=new_task_id(),
+            owner=owner,
+            state=state,
+            request=TaskRequest(prompt=f"task {i}: fix the flaky test in module {i % 37}", repo=f"acme/repo{i % 11}"),
+            created_at=now - (n - i) * 10,
+            started_at=now - (n - i) * 10 + 1,
+            finished_at=now - (n - i) * 10 + 30 if state != State.RUNNING else None,
+            usage=m.Usage(1000 + i, 200 + i, 0, 50),
+            cost_usd=0.01 * (i % 9),
+        )
+        await store.create_task(rec, event_in(rec.id, m.StateEvent(state=str(state))))
+        ids.append(rec.id)
+    return ids
 
 
 def missing() -> str | None:

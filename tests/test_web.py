@@ -32,6 +32,10 @@ def script(body, i):
     first = json.dumps(body.get("messages", [])[:1])
     if "wait forever" in first:
         return fa.hang()
+    if "Their answer" in first and "blue" in first:
+        return fa.text("Painted it blue.")
+    if "pick a colour" in first:
+        return fa.text("<clarification>Which colour?</clarification>")
     if "iteration 2 of 2" in first:
         return fa.text(
             "Checked again: all done.\n<promise>DONE</promise>", usage={"input_tokens": 90, "output_tokens": 9}
@@ -82,11 +86,11 @@ class Page:
 
     def by_label(self, label: str):
         """The form control a <label> with this text names (what a screen reader announces)."""
-        lab = self.d.find_element(self.By.XPATH, f"//label[normalize-space()={json.dumps(label)}]")
+        lab = self.d.find_element(self.By.XPATH, f"//label[normalize-space()={json.dumps(label, ensure_ascii=False)}]")
         return self.d.find_element(self.By.ID, lab.get_attribute("for"))
 
     def button(self, text: str):
-        return self.d.find_element(self.By.XPATH, f"//button[normalize-space()={json.dumps(text)}]")
+        return self.d.find_element(self.By.XPATH, f"//button[normalize-space()={json.dumps(text, ensure_ascii=False)}]")
 
     def click(self, el) -> None:
         """Click as a person would: scroll it to the middle first (the header is sticky)."""
@@ -322,6 +326,25 @@ async def scenario(page: Page, mt, proxy: browser.DropProxy, admin_key: str, ali
     assert len(before) < len(events), "the drop really cut the stream short"
     assert sorted(after) == [e["id"] for e in events], "after the drop: every event shown, once"
 
+    # ---- a task that asks a question: the page shows it; the reply button continues it
+    r = await mt.client.post("/v1/tasks", json={"prompt": "pick a colour"}, headers=alice)
+    assert r.status_code == 201, r.text
+    task4 = r.json()["id"]
+
+    def reply():
+        p.d.get(f"{p.base}/#/tasks/{task4}")
+        p.until(lambda: p.state() == "needs_input", timeout=60, what="the task asks")
+        p.until(lambda: "Which colour?" in p.css("main").text)
+        p.by_label("Your answer").send_keys("blue")
+        p.shot("08-question")
+        p.click(p.button("Reply"))
+        p.until(lambda: p.state() == "succeeded", timeout=90, what="answered and done")
+        p.until(lambda: "Painted it blue." in p.css("div.events").text, what="the answer's run streamed")
+        p.check_console()
+
+    await in_thread(reply)
+    assert (await mt.task(task4))["state"] == "succeeded"
+
     # ---- an administrator, with an API key: nodes and usage
     def admin():
         p.click(p.button("Log out"))
@@ -333,13 +356,13 @@ async def scenario(page: Page, mt, proxy: browser.DropProxy, admin_key: str, ali
         p.until(lambda: p.all("tr[data-node]"))
         row = p.css("tr[data-node]").text
         assert "connected" in row and "process" in row, row
-        p.shot("08-nodes")
+        p.shot("09-nodes")
         p.click(p.d.find_element(p.By.LINK_TEXT, "Usage"))
         p.until(lambda: p.all("svg.chart"))
         p.click(p.by_label("All users"))
         p.until(lambda: p.all("svg.chart rect.bar"), what="bars for the tasks' usage")
         assert len(p.all("svg.chart")) == 4
-        p.shot("09-usage")
+        p.shot("10-usage")
         # the page loads nothing from anywhere else
         origins = p.d.execute_script(
             "return [...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).origin))]"
@@ -407,24 +430,56 @@ const done = arguments[arguments.length - 1];
 """
 
 
-async def test_dashboard_modules_in_the_browser():
+async def test_dashboard_modules_and_pages_in_the_browser():
     """The page's pure parts, run in the browser: the SSE parser at every chunk size, the
-    diff parser and highlighter (markup in a diff is shown, never run), the event log."""
+    diff parser and highlighter (markup in a diff is shown, never run), the event log; and
+    the task list a page at a time through 120 tasks."""
     why = browser.missing()
     if why:
         pytest.fail(f"the browser test cannot run: {why}")
     config = marathon_config(os.path.join(scratch_dir(), "data"))
     async with run_marathon(config, role="orchestrator") as mt:
+        admin = await mt.info.accounts.ensure_local_admin()
+        ids = await browser.fill_tasks(mt.info.tasks.store, admin.id, 120)
+        token = mt.client.headers["Authorization"].split()[1]
 
         def run():
             with browser.open_chromium() as d:
                 d.get(mt.url + "/")
                 out = d.execute_async_script(UNIT_CHECKS)
+                # pagination: 120 tasks are three pages, newest first, each task once
+                d.execute_script("localStorage.setItem('marathon.token', arguments[0])", token)
+                d.get("about:blank")
+                d.get(mt.url + "/#/tasks")  # a fresh load: logged in with the key
+                p = Page(d, mt.url, browser.output_dir("web"))
+                pages: list[list[str]] = []
+                for _ in range(3):
+                    p.until(
+                        lambda: (
+                            len(p.all("tbody tr[data-id]")) > 0
+                            and p.all("tbody tr[data-id]")[0].get_attribute("data-id")
+                            not in {i for pg in pages for i in pg}
+                        )
+                    )
+                    pages.append([r.get_attribute("data-id") for r in p.all("tbody tr[data-id]")])
+                    older = p.button("Older →")
+                    if len(pages) < 3:
+                        p.click(older)
+                assert not older.is_enabled(), "the last page has no older one"
+                p.click(p.button("← Newer"))
+                p.until(lambda: p.all("tbody tr[data-id]")[0].get_attribute("data-id") == pages[1][0])
+                out["pages"] = pages
                 return out, browser.console_errors(d)
 
         out, errors = await in_thread(run)
+    assert [len(pg) for pg in out["pages"]] == [50, 50, 20]
+    assert [i for pg in out["pages"] for i in pg] == ids[::-1]
     assert "error" not in out, out.get("error")
-    assert out["sse"] == [[1, "text", '{"text":"a"}'], [2, "state", '{"state":"running"}'], [3, "text", "line one\nline two"]]
+    assert out["sse"] == [
+        [1, "text", '{"text":"a"}'],
+        [2, "state", '{"state":"running"}'],
+        [3, "text", "line one\nline two"],
+    ]
     assert out["sseSame"], "the SSE parser depends on where the chunks end"
     assert out["files"] == [
         ["src/app.py", "src/app.py", 1, 1, False],
