@@ -50,7 +50,7 @@ test-fast: venv
 -include snapshots/image.mk
 -include snapshots/firecracker.mk
 
-dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py')
+dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py') $(wildcard marathon/web/*)
 	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller marathon.spec
 	@ls -la dist/marathon
 

@@ -12,7 +12,7 @@ import trio
 from marathon.bus import Bus
 from marathon.bus.memory import MemoryBus
 from marathon.config import Config, state_value
-from marathon.errors import ConfigError, StoreError
+from marathon.errors import ConfigError, StoreError, Unavailable
 from marathon.bus.ratelimit import MemoryRateLimiter
 from marathon.orchestrator.api import ApiContext, create_app
 from marathon.orchestrator.auth import Accounts
@@ -157,7 +157,7 @@ async def serve_orchestrator(
 
         async def gateway_listening() -> None:
             if not gateway_addrs:
-                raise ConfigError("the node gateway is not listening yet")
+                raise Unavailable("the node gateway is not listening yet")
 
         app = create_app(
             ApiContext(

@@ -26,7 +26,9 @@ function row(t) {
 
 export function tasksView(main, { params, signal, navigate }) {
   const state = params.get("state") || "";
-  const cursors = (params.get("after") || "").split("~").filter(Boolean); // the stack of page cursors
+  // the stack of page cursors (opaque strings), each URI-encoded so that "," separates them
+  const cursors = (params.get("after") || "").split(",").filter(Boolean).map(decodeURIComponent);
+  const stack = (list) => list.map(encodeURIComponent).join(",");
   const cursor = cursors[cursors.length - 1] || "";
 
   const filter = h(
@@ -48,10 +50,10 @@ export function tasksView(main, { params, signal, navigate }) {
   const newer = h("button", { type: "button", disabled: !cursors.length }, "← Newer");
   const pageNo = h("span", { class: "muted" }, `page ${cursors.length + 1}`);
   let nextCursor = null;
-  older.addEventListener("click", () => navigate("tasks", { ...(state ? { state } : {}), after: [...cursors, nextCursor].join("~") }));
+  older.addEventListener("click", () => navigate("tasks", { ...(state ? { state } : {}), after: stack([...cursors, nextCursor]) }));
   newer.addEventListener("click", () => {
     const prev = cursors.slice(0, -1);
-    navigate("tasks", { ...(state ? { state } : {}), ...(prev.length ? { after: prev.join("~") } : {}) });
+    navigate("tasks", { ...(state ? { state } : {}), ...(prev.length ? { after: stack(prev) } : {}) });
   });
 
   main.replaceChildren(
