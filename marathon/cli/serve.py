@@ -10,7 +10,7 @@ import msgspec
 import trio
 
 from marathon.config import Config, load_config
-from marathon.logs import json_enabled, redact_also
+from marathon.logs import _Redact, json_enabled, redact_also  # noqa: F401  (_Redact lives in marathon.logs now)
 from marathon.notify import serve_notify
 
 log = logging.getLogger("marathon")
