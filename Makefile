@@ -7,12 +7,12 @@ CACHE := .cache
 CLAUDE_CODE_VERSION := 2.1.332
 CLAUDE_DIR := $(CACHE)/claude-code
 CLAUDE_BIN := $(CLAUDE_DIR)/node_modules/@anthropic-ai/claude-code/bin/claude.exe
-DEBIAN_PACKAGES := bubblewrap git util-linux procps binutils iproute2 iptables redis-server etcd-server
+DEBIAN_PACKAGES := bubblewrap git util-linux procps binutils iproute2 iptables redis-server etcd-server systemd chromium chromium-driver e2fsprogs mount
 PG_BIN := /usr/lib/postgresql/15/bin
 TASK ?= add a CONTRIBUTING.md
 REPO ?=
 
-.PHONY: all venv claude-code system-deps test test-fast build run clean bench
+.PHONY: all venv claude-code system-deps test test-fast build run clean bench install uninstall
 
 all: venv
 
@@ -52,8 +52,46 @@ test-fast: venv
 -include snapshots/image.mk
 -include snapshots/firecracker.mk
 
-dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py')
+dist/marathon: $(VENV)/.installed marathon.spec $(shell find marathon packaging -name '*.py') $(wildcard marathon/web/*)
 	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller marathon.spec
 	@ls -la dist/marathon
 
 build: dist/marathon
+
+# ---------------------------------------------------------------- install
+# make install [DESTDIR=/staging] [PREFIX=/usr/local]: the executable, the systemd units and
+# commented example settings (<role>.env.example, and <role>.env when there is none yet).
+# make uninstall removes them again; an env file you edited, and the state in
+# /var/lib/marathon-*, stay.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+EXECUTABLE ?= dist/marathon
+UNITS := marathon-orchestrator.service marathon-node.service marathon.target
+ROLES := orchestrator node
+
+install: $(EXECUTABLE)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR)
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/marathon
+	install -m 0755 $(EXECUTABLE) $(DESTDIR)$(BINDIR)/marathon
+	for u in $(UNITS); do \
+	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' packaging/systemd/$$u >$(DESTDIR)$(UNITDIR)/$$u.tmp && \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	for r in $(ROLES); do \
+	  install -m 0644 packaging/env/$$r.env $(DESTDIR)$(SYSCONFDIR)/marathon/$$r.env.example || exit 1; \
+	  [ -e $(DESTDIR)$(SYSCONFDIR)/marathon/$$r.env ] || install -m 0600 packaging/env/$$r.env $(DESTDIR)$(SYSCONFDIR)/marathon/$$r.env || exit 1; \
+	done
+	@echo "installed $(BINDIR)/marathon and the units in $(UNITDIR)."
+	@echo "next: edit $(SYSCONFDIR)/marathon/<role>.env, then: systemctl daemon-reload && systemctl enable --now marathon-<role>.service marathon.target"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/marathon
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	for r in $(ROLES); do \
+	  f=$(DESTDIR)$(SYSCONFDIR)/marathon/$$r.env; \
+	  if cmp -s $$f packaging/env/$$r.env; then rm -f $$f; elif [ -e $$f ]; then echo "kept $$f (edited)"; fi; \
+	  rm -f $$f.example; \
+	done
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/marathon 2>/dev/null

@@ -62,6 +62,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # shared
     data_dir: str = msgspec.field(default_factory=_default_data_dir)
     log_level: str = "info"
+    log_format: str = "auto"  # auto (JSON lines unless stderr is a terminal) | json | text
     # orchestrator
     http_listen: str = "tcp:127.0.0.1:8600"
     gateway_listen: str = "tcp:127.0.0.1:8601"
@@ -141,6 +142,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"sandbox must be process, qemu or firecracker, not {self.sandbox!r}")
         if self.qemu_accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"qemu_accel must be auto, kvm or tcg, not {self.qemu_accel!r}")
+        if self.log_format not in ("auto", "json", "text"):
+            raise ValueError(f"log_format must be auto, json or text, not {self.log_format!r}")
         if self.bwrap not in ("auto", "required", "off"):
             raise ValueError(f"bwrap must be auto, required or off, not {self.bwrap!r}")
         if self.limits not in ("auto", "required", "off"):

@@ -83,6 +83,14 @@ async def test_executable_runs_a_task_end_to_end(exe):
                 task_id = text.split()[1]
                 diff = await trio.run_process([exe, "diff", task_id], env=env, capture_stdout=True)
                 assert "+++ b/HELLO.txt" in diff.stdout.decode()
+                # the dashboard's files are in the executable, served at /
+                import httpx
+
+                async with httpx.AsyncClient(base_url=env["MARATHON_URL"], trust_env=False) as web:
+                    for path, name in (("/", "index.html"), ("/ui/app.js", "app.js"), ("/ui/task.js", "task.js")):
+                        r = await web.get(path)
+                        assert r.status_code == 200, path
+                        assert r.content == (REPO_ROOT / "marathon" / "web" / name).read_bytes(), path
             finally:
                 server.terminate()
                 with trio.move_on_after(10):

@@ -14,6 +14,7 @@ import trio
 from marathon import __version__
 from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
+from marathon.logs import log_context
 from marathon.errors import ConnectionClosed, ProtocolError, single_errors
 from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, send_file
@@ -64,7 +65,8 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
         if not isinstance(start, m.Start):
             raise ProtocolError(f"expected start, got {type(start).__name__}")
         reinject_identity(start)
-        await run_task(config, fs, start)
+        with log_context(task_id=start.task.task_id):
+            await run_task(config, fs, start)
         return True
     except ProtocolError as exc:
         await fs.send_error(exc.code, str(exc))

@@ -10,37 +10,21 @@ import msgspec
 import trio
 
 from marathon.config import Config, load_config
+from marathon.logs import _Redact, json_enabled, redact_also  # noqa: F401  (_Redact lives in marathon.logs now)
+from marathon.notify import serve_notify
 
 log = logging.getLogger("marathon")
 
 
-class _Redact(logging.Filter):
-    """Last line of defence: no configured secret is ever written to a log."""
-
-    def __init__(self, secrets: list[str]):
-        super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 8]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            if any(s in msg for s in self.secrets):
-                for s in self.secrets:
-                    msg = msg.replace(s, "***")
-                record.msg, record.args = msg, ()
-        return True
-
-
 def setup_logging(config: Config, role: str) -> None:
-    level = getattr(logging, config.log_level.upper(), logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_Redact([config.anthropic_api_key, config.node_secret, config.token]))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "hypercorn.access", "quart.serving"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    from marathon.logs import setup_logging as _setup
+
+    _setup(
+        role=role,
+        level=config.log_level,
+        log_format=config.log_format,
+        secrets=[config.anthropic_api_key, config.node_secret, config.token],
+    )
 
 
 def make_backend(config: Config, cgroups=None):
@@ -126,6 +110,7 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
             from marathon.orchestrator.service import serve_orchestrator
 
             info = await nursery.start(serve_orchestrator, config)
+            redact_also(info.node_secret)
         node = None
         if role in ("node", "all"):
             from marathon.node.service import serve_node
@@ -152,11 +137,16 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 log.warning("%s", w)
             if not config.anthropic_api_key:
                 log.warning("no Anthropic API key: set MARATHON_ANTHROPIC_API_KEY (environment, .env or marathon.toml)")
+            redact_also(secret)
             node = await nursery.start(serve_node, node_config, backend, secret)
         if info is not None:
             if role == "all":
                 await bootstrap_local_admin(info, config)
-            print(f"marathon {role}: API on {info.url}", file=sys.stderr, flush=True)
+            if json_enabled():  # stderr is JSON lines: say it in a record
+                log.info("marathon %s: API on %s", role, info.url)
+            else:
+                print(f"marathon {role}: API on {info.url}", file=sys.stderr, flush=True)
+        nursery.start_soon(serve_notify, f"marathon {role}: API on {info.url}" if info else f"marathon {role}")
         task_status.started((info, node))
 
 

@@ -25,6 +25,7 @@ import trio
 from marathon import __version__
 from marathon.config import Config, state_value
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.logs import log_context
 from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
 from marathon.node.git import set_home as set_git_home
@@ -288,59 +289,60 @@ class NodeService:
         return out
 
     async def _run_task(self, handle: TaskHandle) -> None:
-        task_id, attempt = handle.spec.task_id, handle.spec.attempt
+        with log_context(task_id=handle.spec.task_id, node_id=self.node_id):
+            task_id, attempt = handle.spec.task_id, handle.spec.attempt
 
-        def emit_event(ev: m.Event) -> None:
-            self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
+            def emit_event(ev: m.Event) -> None:
+                self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
-        async def upload(name: str, path: str) -> None:
-            with open(path, "rb") as f:
-                offset = 0
-                while True:
-                    data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
-                    last = len(data) < m.BLOB_CHUNK
-                    self.emit(
-                        m.TaskBlob(
-                            task_id=task_id,
-                            node_seq=self.next_seq(),
-                            name=name,
-                            offset=offset,
-                            data=data,
-                            last=last,
-                            attempt=attempt,
+            async def upload(name: str, path: str) -> None:
+                with open(path, "rb") as f:
+                    offset = 0
+                    while True:
+                        data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
+                        last = len(data) < m.BLOB_CHUNK
+                        self.emit(
+                            m.TaskBlob(
+                                task_id=task_id,
+                                node_seq=self.next_seq(),
+                                name=name,
+                                offset=offset,
+                                data=data,
+                                last=last,
+                                attempt=attempt,
+                            )
                         )
-                    )
-                    offset += len(data)
-                    if last:
-                        return
+                        offset += len(data)
+                        if last:
+                            return
 
-        slot = None
-        try:
-            if handle.after is not None:
-                await handle.after.finished.wait()
-            while not self._free_slots:  # only when an attempt being superseded still holds one
-                self._slot_freed = trio.Event()
-                await self._slot_freed.wait()
-            slot = min(self._free_slots)
-            self._free_slots.discard(slot)
-            handle.slot = slot
-            outcome = await supervise(
-                handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool
-            )
-        finally:
-            if slot is not None:
-                self._free_slots.add(slot)
-                self._slot_freed.set()
-            handle.finished.set()
-            if self.tasks.get(task_id) is handle:
-                del self.tasks[task_id]
-            if self.pool is not None:
-                self.pool.poke()
-            if handle.resume_bundle:
-                with contextlib.suppress(OSError):
-                    os.unlink(handle.resume_bundle)
-        self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome, attempt=attempt))
-        log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
+            slot = None
+            try:
+                if handle.after is not None:
+                    await handle.after.finished.wait()
+                while not self._free_slots:  # only when an attempt being superseded still holds one
+                    self._slot_freed = trio.Event()
+                    await self._slot_freed.wait()
+                slot = min(self._free_slots)
+                self._free_slots.discard(slot)
+                handle.slot = slot
+                outcome = await supervise(
+                    handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool
+                )
+            finally:
+                if slot is not None:
+                    self._free_slots.add(slot)
+                    self._slot_freed.set()
+                handle.finished.set()
+                if self.tasks.get(task_id) is handle:
+                    del self.tasks[task_id]
+                if self.pool is not None:
+                    self.pool.poke()
+                if handle.resume_bundle:
+                    with contextlib.suppress(OSError):
+                        os.unlink(handle.resume_bundle)
+            self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome, attempt=attempt))
+            log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
 
 
 async def reap(config: Config, backend: SandboxBackend) -> None:

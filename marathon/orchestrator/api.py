@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Awaitable, Callable
 
@@ -26,11 +26,13 @@ from marathon.errors import (
     StoreError,
 )
 from marathon.bus.ratelimit import RateLimiter
+from marathon.logs import bind_log_context
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.lifecycle import State, is_terminal
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.api_accounts import register_account_routes
 from marathon.orchestrator.openapi import openapi_document
+from marathon.orchestrator.web import web_blueprint
 from marathon.orchestrator.tasks import TaskService, task_topic
 from marathon.store import TaskRecord, TaskRequest
 
@@ -60,6 +62,9 @@ class ApiContext:
     submit_rate: float = 60.0  # per minute
     submit_burst: int = 20
     keepalive: float = 15.0
+    # /readyz: name -> check that raises when that part is not ready (the store is always checked)
+    ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    ready_timeout: float = 5.0
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,7 +127,9 @@ def create_app(ctx: ApiContext) -> QuartTrio:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
     async def principal() -> Principal:
-        return await ctx.accounts.authenticate(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+        p = await ctx.accounts.authenticate(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+        bind_log_context(user=p.user, task_id=(request.view_args or {}).get("task_id"))
+        return p
 
     def owner_filter(p: Principal) -> str | None:
         return None if p.admin else p.user
@@ -130,6 +137,29 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     @app.get("/healthz")
     async def healthz():
         return json_response({"ok": True, "version": __version__, "nodes": len(ctx.nodes.connected())})
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready to serve: the store answers and the node gateway listens (200), or 503 with
+        what is not ready.  The details of a failure go to the log, not to the caller."""
+
+        async def store_reachable() -> None:
+            await ctx.tasks.store.get_task("readyz")
+
+        results = {}
+        for name, check in {"store": store_reachable, **ctx.ready_checks}.items():
+            try:
+                with trio.fail_after(ctx.ready_timeout):
+                    await check()
+                results[name] = "ok"
+            except trio.TooSlowError:
+                log.warning("readyz: %s did not answer within %.0fs", name, ctx.ready_timeout)
+                results[name] = "timeout"
+            except Exception as exc:
+                log.warning("readyz: %s is not ready: %s", name, exc)
+                results[name] = "failed"
+        ready = all(v == "ok" for v in results.values())
+        return json_response({"ready": ready, "checks": results}, 200 if ready else 503)
 
     @app.get("/v1/openapi.json")
     async def openapi():
@@ -231,6 +261,7 @@ def create_app(ctx: ApiContext) -> QuartTrio:
         return json_response({"nodes": [s.public() for s in ctx.nodes.sessions.values()]})
 
     register_account_routes(app, ctx, principal, body_as)
+    app.register_blueprint(web_blueprint())
     return app
 
 

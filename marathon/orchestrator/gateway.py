@@ -12,6 +12,7 @@ import trio
 from marathon import __version__
 from marathon.config import Config
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.logs import log_context
 from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.tasks import TaskService
@@ -55,7 +56,7 @@ class Gateway:
         session: NodeSession | None = None
         try:
             session = await self._handshake(fs, peer)
-            with single_errors():
+            with log_context(node_id=session.node_id), single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.write_queued)
                     await self._loop(fs, session)

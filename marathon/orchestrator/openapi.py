@@ -19,6 +19,17 @@ _TASK = {
     "description": "a task",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRecord"}}},
 }
+_READY = {
+    "type": "object",
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {
+            "type": "object",
+            "description": "each check (store, gateway, …): ok, failed or timeout",
+            "additionalProperties": {"type": "string", "enum": ["ok", "failed", "timeout"]},
+        },
+    },
+}
 _ID = [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
@@ -43,6 +54,16 @@ def openapi_document() -> dict:
         "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": _op("Liveness", {"200": {"description": "ok"}}, security=[])},
+            "/readyz": {
+                "get": _op(
+                    "Readiness: the store answers and the node gateway listens",
+                    {
+                        "200": {"description": "ready", "content": {"application/json": {"schema": _READY}}},
+                        "503": {"description": "not ready", "content": {"application/json": {"schema": _READY}}},
+                    },
+                    security=[],
+                )
+            },
             "/v1/tasks": {
                 "post": _op(
                     "Submit a task",

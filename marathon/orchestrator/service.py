@@ -12,7 +12,7 @@ import trio
 from marathon.bus import Bus
 from marathon.bus.memory import MemoryBus
 from marathon.config import Config, state_value
-from marathon.errors import ConfigError, StoreError
+from marathon.errors import ConfigError, StoreError, Unavailable
 from marathon.bus.ratelimit import MemoryRateLimiter
 from marathon.orchestrator.api import ApiContext, create_app
 from marathon.orchestrator.auth import Accounts
@@ -153,6 +153,12 @@ async def serve_orchestrator(
         gateway = Gateway(config, tasks, nodes, secret)
         scheduler = Scheduler(config, tasks, nodes, gateway)
         accounts = Accounts(store, session_ttl=config.session_ttl, allow_registration=config.allow_registration)
+        gateway_addrs: list[str] = []
+
+        async def gateway_listening() -> None:
+            if not gateway_addrs:
+                raise Unavailable("the node gateway is not listening yet")
+
         app = create_app(
             ApiContext(
                 tasks,
@@ -163,6 +169,7 @@ async def serve_orchestrator(
                 MemoryRateLimiter(),
                 submit_rate=config.submit_rate,
                 submit_burst=config.submit_burst,
+                ready_checks={"gateway": gateway_listening},
             )
         )
 
@@ -180,10 +187,11 @@ async def serve_orchestrator(
 
         async with trio.open_nursery() as nursery:
             gw_addrs = await nursery.start(gateway.serve)
+            gateway_addrs[:] = gw_addrs
             binds = await nursery.start(lambda task_status: hyper_serve(app, hc, task_status=task_status))
             await nursery.start(scheduler.run)
             url = binds[0] if binds else ""
-            log.info("orchestrator API on %s", url)
+            log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
             task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts))
     finally:
         if own_store:

@@ -174,7 +174,7 @@ class TaskService:
                     raise Forbidden(str(exc)) from None
         rec = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=req)
         rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
-        log.info("task %s queued by %s", rec.id, owner)
+        log.info("task %s queued by %s", rec.id, owner, extra={"task_id": rec.id})
         await self.bus.notify(SCHED_TOPIC)
         return rec
 
@@ -219,7 +219,14 @@ class TaskService:
             res = await self.store.update_task(task_id, expect_state=rec.state, changes=cols, event=ev)
             if res is not None:
                 new, _ = res
-                log.info("task %s: %s -> %s%s", task_id, rec.state, target, f" ({reason})" if reason else "")
+                log.info(
+                    "task %s: %s -> %s%s",
+                    task_id,
+                    rec.state,
+                    target,
+                    f" ({reason})" if reason else "",
+                    extra={"task_id": task_id},
+                )
                 await self.bus.notify(task_topic(task_id))
                 if target in (State.QUEUED,) or target in TERMINAL:
                     await self.bus.notify(SCHED_TOPIC)
