@@ -5,6 +5,10 @@
 prompt=$(cat)
 echo '{"type":"system","subtype":"init","model":"fake","session_id":"bench"}'
 case "$prompt" in
+  hog*) python3 -c 'import sys
+sys.argv[0] = "marathon-bench-hog"
+b = []
+while True: b.append(bytearray(16 * 1024 * 1024))' marathon-bench-hog ;;
   lines:*) n=${prompt#lines:}
     awk -v n="$n" 'BEGIN { for (i = 1; i <= n; i++) printf "{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"line %d\"}]}}\n", i }' ;;
 esac

@@ -74,31 +74,25 @@ def github_token(*, clear: bool = False, url: Url = None) -> int:
 
 
 @app.command
-def doctor(*, data_dir: str | None = None) -> int:
-    """Which sandbox backends can run on this host, and why not."""
+def doctor(*, data_dir: str | None = None, node: bool = True, client: bool = True, verify: bool = False,
+           url: Url = None) -> int:  # fmt: skip
+    """What this host can run and enforce, and whether this client reaches its orchestrator.
+
+    Parameters
+    ----------
+    node
+        Check this host as a node (virtualisation, VMMs, guest image, bubblewrap, seccomp, limits, disk, Claude Code).
+    client
+        Check the orchestrator at --url and who you are signed in as.
+    verify
+        Also hash the guest image against its manifest (slow).
+    """
+    from marathon.cli.doctor import client_checks, node_checks, render
     from marathon.config import load_config
-    from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
-    from marathon.node.sandbox.firecracker import detect as fc_detect
-    from marathon.node.sandbox.process import probe_bwrap
 
-    cfg = load_config({"data_dir": data_dir})
-    image = cfg.image_dir or default_image_dir(cfg.data_dir)
-    rows = []
-    problem = probe_bwrap()
-    rows.append(("process", True, "bubblewrap namespaces" if problem is None else f"runs WITHOUT isolation: {problem}"))
-    kvm_ok, kvm = hardware_kvm()
-    import shutil as _sh
-
-    reasons = []
-    if not _sh.which("qemu-system-x86_64"):
-        reasons.append("qemu-system-x86_64 not installed (Debian qemu-system-x86)")
-    img = image_problem(image, ("vmlinux", "initramfs.cpio.gz", "rootfs.ext4", "manifest.json"))
-    if img:
-        reasons.append(img)
-    accel = "KVM" if kvm_ok else f"TCG emulation ({kvm})"
-    rows.append(("qemu", not reasons, "; ".join(reasons) if reasons else f"{accel}, image {image}"))
-    ok, why = fc_detect(cfg.firecracker_bin or None, image)
-    rows.append(("firecracker", ok, why))
-    for name, ok, why in rows:
-        print(f"{name:<12} {'yes' if ok else 'no ':<4} {why}")
-    return 0
+    cfg = load_config({"data_dir": data_dir, "url": url})
+    checks = (node_checks(cfg, verify=verify) if node else []) + (client_checks(cfg) if client else [])
+    if not checks:
+        return 0
+    print(render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0

@@ -70,7 +70,7 @@ class TaskDisk:
         try:
             await _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "5", "-E",
                        "lazy_itable_init=1,root_owner=0:0", "-L", "marathon-task", self.image)  # fmt: skip
-            await _run("mount", "-o", "loop,nosuid,nodev,noatime", self.image, self.mountpoint)
+            await _run("mount", "-o", "loop,nosuid,nodev,noatime,noinit_itable", self.image, self.mountpoint)
             self.mounted = True
             os.chmod(self.mountpoint, 0o755)
             with contextlib.suppress(FileNotFoundError):

@@ -130,56 +130,70 @@ async def supervise(
         for d in (os.path.dirname(root), root):  # traversable by the sandbox user (plain fallback), not listable
             os.makedirs(d, mode=0o711, exist_ok=True)
             os.chmod(d, 0o711)
-        emit(m.LogEvent(message=f"preparing the repository{f' {spec.repo}' if spec.repo else ''}"))
-        try:
-            prep = None
-            t_repo = time.monotonic()
-            with trio.move_on_at(deadline) as scope, _stop_scope(handle):
-                prep = await prepare(
-                    spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle
-                )
-            if scope.cancelled_caught:
-                return _ended(
-                    handle, t0, state="timed_out", reason="timeout", message="timed out preparing the repository"
-                )
-            if prep is None or handle.stop.is_set():
-                return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
-        except RepoError as exc:
-            return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
-        if prep.ref is not None:
-            how = "cache hit, fetched" if prep.cached else "cloned into the node's mirror cache"
-            emit(
-                m.LogEvent(
-                    message=f"repository {prep.branch}@{prep.base[:10]} ({how}; {time.monotonic() - t_repo:.2f}s, "
-                    f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"
-                )
-            )
         res = resolve_resources(config, spec)
         for note in res.notes:
             emit(m.LogEvent(message=note, level="warning"))
         uid = config.sandbox_uid + handle.slot
         options = SandboxOptions(uid=uid, gid=uid, limits=res.limits, disk=res.disk, keep_workspace=spec.keep_workspace)
+        started: dict = {}
 
-        fs = None
-        warm = pool.claim() if pool is not None else None
-        if warm is not None:
-            sandbox, fs = warm.sandbox, warm.channel
-            emit(
-                m.LogEvent(
-                    message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
-                    f"{time.monotonic() - warm.ready_at:.1f}s ago"
-                )
-            )
-        else:
+        async def start_sandbox() -> None:
+            """The sandbox comes up while the repository is prepared: neither waits for the other."""
+            warm = pool.claim() if pool is not None else None
+            if warm is not None:
+                started["sandbox"], started["fs"] = warm.sandbox, warm.channel
+                emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
+                                        f"{time.monotonic() - warm.ready_at:.1f}s ago"))  # fmt: skip
+                return
             if pool is not None:
                 why = pool.disabled or (
                     "the pool is empty" if not pool.failures else "restoring from the snapshot failed"
                 )
                 emit(m.LogEvent(message=f"warm pool: {why}; booting a sandbox cold"))
-            sandbox = await backend.create(spec.task_id, run_dir, options)
-            emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
             with _stop_scope(handle):
-                fs = await connect_agent(sandbox, config.connect_timeout)
+                started["sandbox"] = await backend.create(spec.task_id, run_dir, options)
+                emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
+                started["fs"] = await connect_agent(started["sandbox"], config.connect_timeout)
+
+        async def prepare_repo() -> Prepared | m.TaskOutcome:
+            emit(m.LogEvent(message=f"preparing the repository{f' {spec.repo}' if spec.repo else ''}"))
+            try:
+                prep = None
+                t_repo = time.monotonic()
+                with trio.move_on_at(deadline) as scope, _stop_scope(handle):
+                    prep = await prepare(
+                        spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle
+                    )
+                if scope.cancelled_caught:
+                    return _ended(handle, t0, state="timed_out", reason="timeout",
+                                  message="timed out preparing the repository")  # fmt: skip
+                if prep is None or handle.stop.is_set():
+                    return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
+            except RepoError as exc:
+                return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
+            if prep.ref is not None:
+                how = "cache hit, fetched" if prep.cached else "cloned into the node's mirror cache"
+                emit(m.LogEvent(
+                    message=f"repository {prep.branch}@{prep.base[:10]} ({how}; {time.monotonic() - t_repo:.2f}s, "
+                            f"bundle {os.path.getsize(prep.bundle) / 1e6:.1f} MB)"))  # fmt: skip
+            return prep
+
+        try:
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(start_sandbox)
+                    prepared = await prepare_repo()
+                    if isinstance(prepared, m.TaskOutcome):
+                        nursery.cancel_scope.cancel()
+        finally:
+            sandbox = started.get("sandbox")
+        if isinstance(prepared, m.TaskOutcome):
+            if started.get("fs") is not None:
+                await started["fs"].aclose()
+            return prepared
+        prep = prepared
+        fs = started.get("fs")
+        assert sandbox is not None
         if sandbox.group is not None:
             disk = f"; disk {format_size(res.disk)}" if res.disk and getattr(sandbox, "disk", None) else ""
             emit(m.LogEvent(message=f"limits: {sandbox.group.limits.describe()}{disk}"))

@@ -100,6 +100,19 @@ def claude_binds(claude: str) -> tuple[str, list[str]]:
     return IN_CLAUDE, []
 
 
+def host_dirs(run_dir: str, uid: int, gid: int, *, as_root: bool) -> str:
+    """Without a task disk: the sandbox's writable directories on the node's own disk."""
+    base = os.path.join(run_dir, "files")
+    for name, mode in (("workspace", 0o755), ("home", 0o700), ("tmp", 0o700), ("agent", 0o711)):
+        path = os.path.join(base, name)
+        os.makedirs(path, mode=mode, exist_ok=True)
+        os.chmod(path, mode)
+        if as_root and name != "agent":
+            os.chown(path, uid, gid)
+    os.chmod(base, 0o711)
+    return base
+
+
 def minimal_env(home: str) -> dict[str, str]:
     return {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home}
 
@@ -235,6 +248,10 @@ class ProcessBackend:
                 if disk is not None:
                     profile.workspace, profile.home = disk.path("workspace"), disk.path("home")
                     profile.tmp, profile.agent_dir = disk.path("tmp"), disk.path("agent")
+                elif self.as_root:  # no disk cap: the sandbox's directories on the node's disk
+                    base = host_dirs(run_dir, uid, gid, as_root=True)
+                    profile.workspace, profile.home = os.path.join(base, "workspace"), os.path.join(base, "home")
+                    profile.tmp, profile.agent_dir = os.path.join(base, "tmp"), os.path.join(base, "agent")
                 elif self.disk_mode == "tmpfs" and options.disk:
                     profile.tmpfs_size = options.disk
                     profile.tmpfs_small = max(options.disk // 8, 16 * 1024 * 1024)
@@ -246,19 +263,12 @@ class ProcessBackend:
                 cmd = argv(profile) + agent_command()
                 env = minimal_env(IN_HOME)
                 workspace, host_workspace = IN_WORKSPACE, disk.path("workspace") if disk else None
-                private = IN_AGENT if (self.as_root and disk is not None) else "/tmp/.marathon-agent"
+                private = IN_AGENT if self.as_root else "/tmp/.marathon-agent"
                 start = {"run_uid": uid, "run_gid": gid, "claude_bin": claude, "home": IN_HOME, "private_dir": private}
-                if self.as_root and disk is None:
-                    start["private_dir"] = ""  # the agent's default: a root-only directory in its /tmp
+                if not host_workspace and self.as_root:
+                    host_workspace = profile.workspace
             else:
-                base = disk.mountpoint if disk is not None else os.path.join(run_dir, "files")
-                if disk is None:
-                    for name, mode in (("workspace", 0o755), ("home", 0o700), ("tmp", 0o700), ("agent", 0o700)):
-                        os.makedirs(os.path.join(base, name), mode=mode, exist_ok=True)
-                        os.chmod(os.path.join(base, name), mode)
-                        if self.as_root and name != "agent":
-                            os.chown(os.path.join(base, name), uid, gid)
-                    os.chmod(base, 0o711)
+                base = disk.mountpoint if disk is not None else host_dirs(run_dir, uid, gid, as_root=self.as_root)
                 cmd = agent_command()
                 env = {**minimal_env(os.path.join(base, "home")), "TMPDIR": os.path.join(base, "tmp")}
                 workspace = host_workspace = os.path.join(base, "workspace")
