@@ -58,12 +58,15 @@ async def test_task_runs_in_a_qemu_microvm_with_the_real_claude_code():
     script = [
         fa.tool_use("Write", {"file_path": "VM.txt", "content": "written in the guest\n"}),
         fa.tool_use("Bash", {"command": "uname -r; id -u; cat /proc/1/comm; date +%s"}),
+        fa.tool_use(
+            "Bash", {"command": "df -k --output=size /workspace | tail -1; df -k --output=size $HOME | tail -1"}
+        ),
         fa.text("done"),
     ]
     async with fa.open_fake_anthropic(script) as fake:
         config = vm_config(tmp, fake, warm_pool_target=0)
         async with run_marathon(config) as mt:
-            task = await mt.submit("write VM.txt", repo=repo)
+            task = await mt.submit("write VM.txt", repo=repo, disk_limit="256MiB")
             final = await mt.finish(task["id"], timeout=600)
             assert final["state"] == "succeeded", final
             events = await mt.events(task["id"], follow=False)
@@ -72,6 +75,9 @@ async def test_task_runs_in_a_qemu_microvm_with_the_real_claude_code():
             assert kernel.endswith("cloud-amd64") and kernel != os.uname().release  # the guest's own kernel
             assert uid == "4242" and init == "marathon-init"
             assert abs(int(clock) - time.time()) < 60
+            # the workspace and HOME are on a task disk of the size asked for, not the guest's root disk
+            sizes = [int(x) for x in [e["data"]["summary"] for e in events if e["event"] == "tool_result"][2].split()]
+            assert all(200_000 < k <= 262_144 for k in sizes), sizes
             assert "+written in the guest" in (await mt.client.get(f"/v1/tasks/{task['id']}/diff")).text
             assert final["usage"] == fake.usage_sent  # metered through the tunnel from inside the VM
             assert qemus() == set()
@@ -83,7 +89,8 @@ async def test_warm_pool_restores_from_a_snapshot_with_fresh_identity():
     repo = make_git_repo(os.path.join(tmp, "repo"))
 
     def script(body, i):
-        return [fa.tool_use("Bash", {"command": "echo $ANTHROPIC_API_KEY; date +%s"}), fa.text("ok")][i]
+        cmd = "echo $ANTHROPIC_API_KEY; date +%s; df -k --output=size /workspace | tail -1"
+        return [fa.tool_use("Bash", {"command": cmd}), fa.text("ok")][i]
 
     async with fa.open_fake_anthropic(script) as fake:
         config = vm_config(tmp, fake, slots=2, warm_pool_target=2)
@@ -103,7 +110,8 @@ async def test_warm_pool_restores_from_a_snapshot_with_fresh_identity():
                 events = await mt.events(t["id"], follow=False)
                 logs = [e["data"]["message"] for e in events if e["event"] == "log"]
                 assert any("warm, restored from a snapshot" in x for x in logs), logs
-                token, clock = [e["data"]["summary"] for e in events if e["event"] == "tool_result"][0].split()
+                token, clock, size = [e["data"]["summary"] for e in events if e["event"] == "tool_result"][0].split()
+                assert int(size) > 9_000_000  # a warm VM's task disk has the node's default size (10 GiB)
                 tokens.append(token)
                 clocks.append(int(clock))
             assert all(t.startswith("mt_") for t in tokens) and tokens[0] != tokens[1]  # identity re-injected per task

@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 
+import msgspec
 import trio
 
 from marathon import __version__
@@ -65,6 +66,7 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
         if not isinstance(start, m.Start):
             raise ProtocolError(f"expected start, got {type(start).__name__}")
         reinject_identity(start)
+        start = guest_task_disk(start)
         with log_context(task_id=start.task.task_id):
             await run_task(config, fs, start)
         return True
@@ -85,6 +87,50 @@ def private_dir(given: str) -> str:
         given = tempfile.mkdtemp(prefix="marathon-agent-", dir="/tmp")
     os.chmod(given, 0o711)
     return given
+
+
+GUEST_TASK_DISK = "/dev/vdb"
+GUEST_TASK_ROOT = "/task"
+
+
+def guest_task_disk(start: m.Start) -> m.Start:
+    """In a VM guest with a task disk (the node attaches one of the task's disk size as the second
+    virtio disk): mount it, put /workspace, HOME, TMPDIR and our own files on it, so the task's
+    disk use is capped at its size.  Elsewhere, or without one, the Start is unchanged."""
+    if not os.environ.get("MARATHON_GUEST") or os.geteuid() != 0 or not os.path.exists(GUEST_TASK_DISK):
+        return start
+    import subprocess
+
+    def run(*argv: str) -> None:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise OSError(f"{' '.join(argv)}: {res.stderr.strip()[-200:]}")
+
+    try:
+        if not os.path.ismount(GUEST_TASK_ROOT):
+            os.makedirs(GUEST_TASK_ROOT, mode=0o755, exist_ok=True)
+            run("mount", "-o", "nosuid,nodev,noatime", GUEST_TASK_DISK, GUEST_TASK_ROOT)
+        uid = start.run_uid or 4242
+        for name, mode, owner in (
+            ("workspace", 0o755, uid),
+            ("home", 0o700, uid),
+            ("tmp", 0o1777, 0),
+            ("agent", 0o711, 0),
+        ):
+            path = os.path.join(GUEST_TASK_ROOT, name)
+            os.makedirs(path, exist_ok=True)
+            os.chown(path, owner, owner)
+            os.chmod(path, mode)
+        os.makedirs(start.workspace, mode=0o755, exist_ok=True)
+        if not os.path.ismount(start.workspace):
+            run("mount", "--bind", os.path.join(GUEST_TASK_ROOT, "workspace"), start.workspace)
+    except OSError as exc:
+        log.warning("agent: the task disk could not be used (%s); working on the guest's root disk", exc)
+        return start
+    return msgspec.structs.replace(
+        start, home=start.home or f"{GUEST_TASK_ROOT}/home", tmp_dir=start.tmp_dir or f"{GUEST_TASK_ROOT}/tmp",
+        private_dir=start.private_dir or f"{GUEST_TASK_ROOT}/agent",
+    )  # fmt: skip
 
 
 def reinject_identity(start: m.Start) -> None:

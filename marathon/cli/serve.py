@@ -45,6 +45,7 @@ def make_backend(config: Config, cgroups=None):
                 mem_mib=config.vm_mem_mib,
                 accel=config.qemu_accel,
                 cgroups=cgroups,
+                default_disk=config.default_disk if config.disk_limit != "off" else 0,
             )
         from marathon.node.sandbox.detect import default_image_dir
         from marathon.node.sandbox.firecracker import FirecrackerBackend

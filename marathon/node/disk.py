@@ -48,6 +48,17 @@ async def _run(*argv: str, timeout: float = 60.0) -> None:
         raise SandboxError(f"{argv[0]} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")
 
 
+async def make_image(path: str, size: int) -> None:
+    """A sparse file of ``size`` bytes holding an empty ext4 file system (no root needed: it is
+    not mounted here; a VM guest mounts it as its task disk)."""
+    if size < MIN_DISK:
+        raise SandboxError(f"disk limit {size} bytes is below the minimum of {MIN_DISK}")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    await _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "5", "-E",
+               "lazy_itable_init=1,root_owner=0:0", "-L", "marathon-task", path)  # fmt: skip
+
+
 class TaskDisk:
     """The task's disk at ``<root>/disk`` (mounted) with ``workspace``, ``home``, ``tmp`` and
     ``agent`` (root-only) directories."""
@@ -62,14 +73,9 @@ class TaskDisk:
         return os.path.join(self.mountpoint, name)
 
     async def create(self) -> None:
-        if self.size < MIN_DISK:
-            raise SandboxError(f"disk limit {self.size} bytes is below the minimum of {MIN_DISK}")
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
-        with open(self.image, "wb") as f:
-            f.truncate(self.size)
+        await make_image(self.image, self.size)
         try:
-            await _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "5", "-E",
-                       "lazy_itable_init=1,root_owner=0:0", "-L", "marathon-task", self.image)  # fmt: skip
             await _run("mount", "-o", "loop,nosuid,nodev,noatime,noinit_itable", self.image, self.mountpoint)
             self.mounted = True
             os.chmod(self.mountpoint, 0o755)

@@ -21,6 +21,7 @@ import trio
 
 from marathon.errors import SandboxError
 from marathon.node.cgroups import Cgroups, Group, Limits
+from marathon.node.disk import make_image
 from marathon.node.procs import kill_tree
 from marathon.node.sandbox import SandboxInfo, SandboxOptions
 from marathon.node.spawn import Child, spawn
@@ -93,6 +94,7 @@ class QemuSnapshot:
     state: str
     disk: str
     directory: str
+    task_disk_size: int = 0  # the blank task disk the base VM had (each clone gets a new one of this size)
 
 
 class QemuSandbox:
@@ -104,6 +106,7 @@ class QemuSandbox:
         self.agent_address = f"tcp:127.0.0.1:{port}"
         self.workspace = GUEST_WORKSPACE
         self.host_workspace: str | None = None
+        self.task_disk_size = 0
         self.group = group
         self.start_fields: dict = {}
         self._destroyed = False
@@ -158,8 +161,10 @@ class QemuBackend:
         qemu_bin: str = "qemu-system-x86_64",
         boot_timeout: float = 300.0,
         cgroups: Cgroups | None = None,
+        default_disk: int = 10 * 1024**3,
     ):
         self.cgroups = cgroups or Cgroups(0)
+        self.default_disk = default_disk
         self.image_dir = image_dir or default_image_dir(data_dir)
         self.qemu = shutil.which(qemu_bin) or ""
         if not self.qemu:
@@ -203,7 +208,8 @@ class QemuBackend:
             parts.append(f"tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 1000 // hz} tsc=reliable")
         return " ".join(parts)
 
-    def argv(self, run_dir: str, disk: str, port: int, *, incoming: str | None = None) -> list[str]:
+    def argv(self, run_dir: str, disk: str, port: int, *, incoming: str | None = None,
+             task_disk: str | None = None) -> list[str]:  # fmt: skip
         accel = "tcg,thread=multi,tb-size=256" if self.accel == "tcg" else "kvm"
         argv = [
             self.qemu,
@@ -236,6 +242,16 @@ class QemuBackend:
             f"id=root,file={disk},format=qcow2,if=none,discard=unmap",
             "-device",
             "virtio-blk-device,drive=root",
+            *(
+                [
+                    "-drive",
+                    f"id=task,file={task_disk},format=raw,if=none,discard=unmap",
+                    "-device",
+                    "virtio-blk-device,drive=task",
+                ]
+                if task_disk
+                else []
+            ),  # fmt: skip
             "-netdev",
             f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-{GUEST_IP}:{AGENT_PORT}",
             "-device",
@@ -266,8 +282,12 @@ class QemuBackend:
         return Limits(memory=max(limits.memory or 0, floor), pids=limits.pids or 1024, cpus=limits.cpus)
 
     async def _start(self, task_id: str, run_dir: str, disk: str, *, incoming: str | None = None,
-                     limits: Limits | None = None) -> QemuSandbox:  # fmt: skip
+                     limits: Limits | None = None, task_disk_size: int = 0) -> QemuSandbox:  # fmt: skip
         port = free_port()
+        task_disk = None
+        if task_disk_size:  # the guest's /workspace, HOME and TMPDIR: a disk of the task's size
+            task_disk = os.path.join(run_dir, "task.img")
+            await make_image(task_disk, task_disk_size)
         try:
             group = self.cgroups.create(f"vm-{os.path.basename(run_dir)}-{task_id}", self.vmm_limits(limits))
         except OSError as exc:
@@ -275,7 +295,7 @@ class QemuBackend:
         with open(os.path.join(run_dir, "qemu.log"), "ab") as logf:
             try:
                 # forked on the trio thread with a parent-death signal: the VM dies with its node
-                proc = spawn(self.argv(run_dir, disk, port, incoming=incoming), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                proc = spawn(self.argv(run_dir, disk, port, incoming=incoming, task_disk=task_disk), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                              stdout=logf.fileno(), stderr=logf.fileno(), enter=group.procs_files if group else (),
                              pdeathsig=True)  # fmt: skip
             except OSError as exc:
@@ -284,14 +304,17 @@ class QemuBackend:
                 raise SandboxError(f"could not start QEMU: {exc}") from None
         with open(os.path.join(run_dir, "vm.json"), "w") as f:  # for the reaper after a crash
             json.dump({"pid": proc.pid, "task": task_id, "started": time.time()}, f)
-        return QemuSandbox(task_id, proc, run_dir, port, group)
+        sb = QemuSandbox(task_id, proc, run_dir, port, group)
+        sb.task_disk_size = task_disk_size
+        return sb
 
     async def create(self, task_id: str, run_dir: str, options: SandboxOptions = SandboxOptions()) -> QemuSandbox:
         """Cold boot."""
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         disk = os.path.join(run_dir, "disk.qcow2")
         await self._overlay(disk, os.path.join(self.image_dir, "rootfs.ext4"), "raw")
-        return await self._start(task_id, run_dir, disk, limits=options.limits if options.limits.memory else None)
+        return await self._start(task_id, run_dir, disk, limits=options.limits if options.limits.memory else None,
+                                 task_disk_size=options.disk or self.default_disk)  # fmt: skip
 
     async def snapshot(self, sandbox: QemuSandbox, directory: str) -> QemuSnapshot:
         """Pause ``sandbox`` and save it; the VM is gone afterwards, its disk frozen into the snapshot."""
@@ -320,14 +343,15 @@ class QemuBackend:
         disk = os.path.join(directory, "disk.qcow2")
         os.replace(os.path.join(sandbox.run_dir, "disk.qcow2"), disk)
         await sandbox.destroy()
-        return QemuSnapshot(state, disk, directory)
+        return QemuSnapshot(state, disk, directory, sandbox.task_disk_size)
 
     async def restore(self, task_id: str, run_dir: str, snap: QemuSnapshot) -> QemuSandbox:
         """A new VM from ``snap``: its own overlay on the frozen disk, memory from the state file."""
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         disk = os.path.join(run_dir, "disk.qcow2")
         await self._overlay(disk, snap.disk, "qcow2")
-        sb = await self._start(task_id, run_dir, disk, incoming=f"exec:cat {snap.state}")
+        sb = await self._start(task_id, run_dir, disk, incoming=f"exec:cat {snap.state}",
+                               task_disk_size=snap.task_disk_size)  # fmt: skip
         try:
             qmp = await sb.qmp()
             try:
