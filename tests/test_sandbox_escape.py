@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -190,18 +191,55 @@ def _executable_for(uid: int, tmp: str) -> tuple[str, str]:
     return exe, claude
 
 
-async def test_nonroot_node_in_its_own_process_denies_every_probe():
-    tmp = scratch_dir()
+@asynccontextmanager
+async def nonroot_node(mt, fake, tmp: str, **settings):
+    """``marathon serve --role node`` as uid NONROOT_UID, in its own process; yields its log path."""
+    exe, claude = _executable_for(NONROOT_UID, tmp)
+    node_data = os.path.join(tmp, "node-data")
+    os.makedirs(node_data, exist_ok=True)
+    os.chown(node_data, NONROOT_UID, NONROOT_UID)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": node_data, "LANG": "C.UTF-8",
+        "MARATHON_ORCHESTRATOR": mt.gateway, "MARATHON_NODE_SECRET": mt.node_secret,
+        "MARATHON_DATA_DIR": node_data, "MARATHON_CLAUDE_BIN": claude,
+        "MARATHON_ANTHROPIC_API_KEY": TEST_KEY, "MARATHON_ANTHROPIC_BASE_URL": fake.url,
+        "MARATHON_LOG_LEVEL": "debug", "GITHUB_TOKEN": GH_TOKEN, "MARATHON_PROBE_SETTING": SETTING,
+        **{f"MARATHON_{k.upper()}": v for k, v in settings.items()},
+    }  # fmt: skip
+    log_path = os.path.join(tmp, "node.log")
+    with open(log_path, "wb") as logf:
+        node = await trio.lowlevel.open_process(
+            ["setpriv", f"--reuid={NONROOT_UID}", f"--regid={NONROOT_UID}", "--clear-groups", "--",
+             exe, "serve", "--role", "node"],
+            env=env, stdout=logf, stderr=logf, cwd=node_data,
+        )  # fmt: skip
+    try:
+        with trio.fail_after(60):
+            while not mt.info.nodes.connected():
+                await trio.sleep(0.05)
+        yield log_path, node_data, exe
+    finally:
+        node.send_signal(signal.SIGINT)
+        with trio.move_on_after(20):
+            await node.wait()
+        if node.returncode is None:
+            node.kill()
+            await node.wait()
+
+
+def readable_repo(tmp: str) -> str:
     repo = make_git_repo(os.path.join(tmp, "repo"))
     os.chmod(tmp, 0o755)
     for dirpath, dirnames, filenames in os.walk(repo):
         for n in dirnames + filenames:
             os.chmod(os.path.join(dirpath, n), 0o755 if os.path.isdir(os.path.join(dirpath, n)) else 0o644)
+    return repo
+
+
+async def test_nonroot_node_in_its_own_process_denies_every_probe():
+    tmp = scratch_dir()
+    repo = readable_repo(tmp)
     opt_dir, opt_secret = plant_opt_secret()
-    exe, claude = _executable_for(NONROOT_UID, tmp)
-    node_data = os.path.join(tmp, "node-data")
-    os.makedirs(node_data)
-    os.chown(node_data, NONROOT_UID, NONROOT_UID)
     cfg_holder: dict = {}
 
     def script(body, i):
@@ -212,25 +250,7 @@ async def test_nonroot_node_in_its_own_process_denies_every_probe():
             config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
             async with run_marathon(config, role="orchestrator") as mt:
                 await mt.client.put("/v1/auth/github-token", json={"token": GH_TOKEN})
-                env = {
-                    "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": node_data, "LANG": "C.UTF-8",
-                    "MARATHON_ORCHESTRATOR": mt.gateway, "MARATHON_NODE_SECRET": mt.node_secret,
-                    "MARATHON_DATA_DIR": node_data, "MARATHON_CLAUDE_BIN": claude,
-                    "MARATHON_ANTHROPIC_API_KEY": TEST_KEY, "MARATHON_ANTHROPIC_BASE_URL": fake.url,
-                    "MARATHON_BWRAP": "required", "MARATHON_LOG_LEVEL": "debug",
-                    "GITHUB_TOKEN": GH_TOKEN, "MARATHON_PROBE_SETTING": SETTING,
-                }  # fmt: skip
-                log_path = os.path.join(tmp, "node.log")
-                with open(log_path, "wb") as logf:
-                    node = await trio.lowlevel.open_process(
-                        ["setpriv", f"--reuid={NONROOT_UID}", f"--regid={NONROOT_UID}", "--clear-groups", "--",
-                         exe, "serve", "--role", "node"],
-                        env=env, stdout=logf, stderr=logf, cwd=node_data,
-                    )  # fmt: skip
-                try:
-                    with trio.fail_after(60):
-                        while not mt.info.nodes.connected():
-                            await trio.sleep(0.05)
+                async with nonroot_node(mt, fake, tmp, bwrap="required") as (log_path, node_data, exe):
                     gw_port = int(mt.gateway.rsplit(":", 1)[1])
                     api_port = int(mt.url.rsplit(":", 1)[1])
                     fake_port = int(fake.url.rsplit(":", 1)[1])
@@ -243,18 +263,28 @@ async def test_nonroot_node_in_its_own_process_denies_every_probe():
                     }
                     task = await mt.submit("probe", repo=repo)
                     final = await mt.finish(task["id"], timeout=240)
-                    assert final["state"] == "succeeded", (final["message"], open(log_path).read()[-3000:])
-                    result = probe_result(fake)
-                    assert_all_denied(result)
-                finally:
-                    node.send_signal(signal.SIGINT)
-                    with trio.move_on_after(20):
-                        await node.wait()
-                    if node.returncode is None:
-                        node.kill()
-                        await node.wait()
+                    with open(log_path) as f:
+                        assert final["state"] == "succeeded", (final["message"], f.read()[-3000:])
+                    assert_all_denied(probe_result(fake))
     finally:
         shutil.rmtree(opt_dir, ignore_errors=True)
+
+
+async def test_nonroot_node_without_bubblewrap_runs_a_task():
+    """The plain fallback on a node that is not root: no isolation (it says so), but it works."""
+    tmp = scratch_dir()
+    repo = readable_repo(tmp)
+    script = [fa.tool_use("Write", {"file_path": "out.txt", "content": "plain and unprivileged\n"}), fa.text("ok")]
+    async with fa.open_fake_anthropic(script) as fake:
+        config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
+        async with run_marathon(config, role="orchestrator") as mt:
+            async with nonroot_node(mt, fake, tmp, bwrap="off") as (log_path, _, _):
+                final = await mt.finish((await mt.submit("plain", repo=repo))["id"], timeout=240)
+                with open(log_path) as f:
+                    log_text = f.read()
+                assert final["state"] == "succeeded", (final["message"], log_text[-3000:])
+                assert "NO isolation" in log_text
+                assert "+plain and unprivileged" in (await mt.client.get(f"/v1/tasks/{final['id']}/diff")).text
 
 
 def test_the_probe_sees_leaks_where_there_is_no_sandbox(tmp_path):
