@@ -112,8 +112,8 @@ async def main(n: int = 50) -> dict:
     tmp = scratch_dir("marathon-bench-")
     repo = make_git_repo(os.path.join(tmp, "repo"))
     stub = prepare_claude_stub()
-    hardened = marathon_config(os.path.join(tmp, "hardened"), claude_bin=stub, log_level="warning")
-    bare = marathon_config(os.path.join(tmp, "bare"), claude_bin=stub, log_level="warning", limits="off",
+    hardened = marathon_config(os.path.join(tmp, "hardened"), claude_bin=stub, log_level="warning", submit_rate=1e6)
+    bare = marathon_config(os.path.join(tmp, "bare"), claude_bin=stub, log_level="warning", limits="off", submit_rate=1e6,
                            disk_limit="off")  # fmt: skip
     h, b = await side_by_side(hardened, bare, repo, n)
     k = await kill_to_event(marathon_config(os.path.join(tmp, "hog"), claude_bin=stub, log_level="warning"),
