@@ -82,9 +82,9 @@ async def kill_to_event(config, n: int) -> list[float]:
         for _ in range(n):
             task = await mt.submit("hog", memory_limit="256MiB")
             died = trio.Event()
-            gone_at = []
+            gone_at: list[float] = []
 
-            async def watch():
+            async def watch(died=died, gone_at=gone_at):
                 seen: set[int] = set()
                 while True:
                     now = _hog_pids()

@@ -64,10 +64,8 @@ def public_address(addr: str) -> bool:
 def host_allowed(host: str, allow: list[str] | tuple[str, ...]) -> bool:
     """``allow`` entries are host names, or ``.domain`` for every host under that domain."""
     host = host.lower().rstrip(".")
-    for a in (a.lower().rstrip(".") for a in allow):
-        if host == a or (a.startswith(".") and host.endswith(a)):
-            return True
-    return False
+    entries = [a.lower().rstrip(".") for a in allow]
+    return any(host == a or (a.startswith(".") and host.endswith(a)) for a in entries)
 
 
 class RemoteRefused(Exception):

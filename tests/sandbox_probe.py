@@ -82,7 +82,9 @@ for root in cfg.get("walk", WALK):
 record("no_secret_in_files", not found, found)
 etc = set(os.listdir("/etc"))
 bad_etc = sorted(etc & {"shadow", "gshadow", "environment", "gitconfig", "machine-id", "sudoers", "npmrc", "pip.conf"})
-record("etc_is_the_sandboxes", not bad_etc and open("/etc/hostname").read().strip() == "marathon-sandbox", bad_etc)
+with open("/etc/hostname") as f:
+    hostname = f.read().strip()
+record("etc_is_the_sandboxes", not bad_etc and hostname == "marathon-sandbox", bad_etc)
 with open("/etc/passwd") as f:
     users = [line.split(":")[0] for line in f if line.strip()]
 record("passwd_is_the_sandboxes", set(users) <= {"root", "marathon", "nobody"}, users)

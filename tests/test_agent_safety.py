@@ -48,7 +48,10 @@ def memory_script(target: str):
 
 def fingerprint(path: str) -> tuple:
     st = os.stat(path)
-    data = open(path, "rb").read() if stat.S_ISREG(st.st_mode) else b""
+    data = b""
+    if stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            data = f.read()
     return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_rdev, data
 
 

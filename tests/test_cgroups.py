@@ -108,7 +108,10 @@ def test_a_task_gets_its_limits_within_the_node_maxima(tmp_path):
 def test_the_seccomp_filter_denies_what_it_lists_and_allows_the_rest():
     for abi in seccomp.ABIS.values():
         prog = seccomp.program(abi)
-        run = lambda nr, arg0=0, arch=abi.audit_arch: seccomp.run(prog, arch=arch, nr=nr, arg0=arg0)  # noqa: E731
+
+        def run(nr, arg0=0, arch=abi.audit_arch, prog=prog):
+            return seccomp.run(prog, arch=arch, nr=nr, arg0=arg0)
+
         eperm = seccomp.RET_ERRNO | 1
         for name in seccomp.DENIED:
             if name in abi.syscalls:

@@ -114,7 +114,8 @@ async def test_long_task_on_a_separate_node_and_a_killed_node_leaves_nothing():
 
                 task = await mt.submit("take a while", repo=repo)
                 final = await mt.finish(task["id"], timeout=180)
-                assert final["state"] == "succeeded", (final, open(node_log).read()[-2000:])
+                with open(node_log) as f:
+                    assert final["state"] == "succeeded", (final, f.read()[-2000:])
                 results = [e["data"]["summary"] for e in await mt.events(task["id"], follow=False)
                            if e["event"] == "tool_result"]  # fmt: skip
                 assert any(r.startswith("slept-35-seconds") for r in results), results
