@@ -20,6 +20,7 @@ import trio
 
 from marathon.errors import ProtocolError, SandboxError
 from marathon.node.procs import alive
+from marathon.node.sandbox import SandboxOptions
 from marathon.node.sandbox.fc_net import _cgroup_mounts, find_stale_vmms, list_netns, veth_name
 from marathon.node.sandbox.firecracker import (
     FirecrackerBackend,
@@ -415,9 +416,14 @@ async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     )
     assert backend.name == "firecracker" and "network namespace" in backend.info.isolation
     run_dir = str(tmp_path / "task" / "run")
-    sandbox = await backend.create("task-1", run_dir)
+    sandbox = await backend.create("task-1", run_dir, SandboxOptions(disk=64 * 1024 * 1024))
     try:
         assert sandbox.agent_address == f"fcvsock:{run_dir}/vm/vsock.sock:1024"
+        drives = {d["drive_id"]: d for d in (await sandbox.vm.api.get("/vm/config"))["drives"]}
+        assert (
+            drives["task"]["is_read_only"] is False
+            and os.path.getsize(drives["task"]["path_on_host"]) == 64 * 1024 * 1024
+        )
         await until(lambda: "tick" in sandbox.diagnostics(), what="guest output in diagnostics")
         assert sandbox.exited() is None
         # Firecracker accepts the hybrid-vsock connection; without a guest driver nobody answers

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from marathon.errors import SandboxError
 from marathon.node.cgroups import Cgroups, Limits
+from marathon.node.disk import make_image
 from marathon.node.sandbox import SandboxInfo, SandboxOptions
 from marathon.node.sandbox.detect import default_image_dir, hardware_kvm, image_problem
 from marathon.node.sandbox.fc_api import (
@@ -190,6 +191,11 @@ class FirecrackerBackend:
         vm = self._new_vm(task_id, run_dir, options.limits if options.limits.memory else None)
         try:
             await vm.spawn()
+            drives: tuple[tuple[str, str, bool], ...] = ()
+            if options.disk:  # the guest's /workspace, HOME and TMPDIR: a second disk of the task's size
+                task_disk = os.path.join(run_dir, "task.img")
+                await make_image(task_disk, options.disk)
+                drives = (("task", task_disk, False),)
             await vm.configure(
                 kernel=self.image.kernel,
                 initrd=self.image.initrd,
@@ -198,6 +204,7 @@ class FirecrackerBackend:
                 vcpus=self.vcpus,
                 mem_mib=self.mem_mib,
                 vsock_cid=self.guest_cid,
+                extra_drives=drives,
             )
             await vm.start()
         except BaseException:
