@@ -127,6 +127,7 @@ def test_detect_is_honest_about_this_host(tmp_path):
     assert not ok and "run make firecracker" in reason and "run make image" in reason
 
 
+@pytest.mark.firecracker
 def test_backend_refuses_with_the_detect_reason(fc_bin):
     ok, reason = detect(fc_bin)
     if ok:
@@ -139,6 +140,7 @@ def test_backend_refuses_with_the_detect_reason(fc_bin):
 # --------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.firecracker
 async def test_boot_pause_snapshot_kill_restore_resume(fc_bin, guest, disk, tmp_path):
     root = str(tmp_path)
     vm = FirecrackerVM(f"{root}/a", firecracker_bin=fc_bin, prefix=PREFIX, network="tap")
@@ -176,6 +178,7 @@ async def test_boot_pause_snapshot_kill_restore_resume(fc_bin, guest, disk, tmp_
     assert sorted(os.listdir(root)) == ["disk.img", "snap"]
 
 
+@pytest.mark.firecracker
 async def test_two_clones_of_one_snapshot_run_side_by_side(fc_bin, guest, tmp_path):
     root = str(tmp_path)
     async with open_vm(f"{root}/base", firecracker_bin=fc_bin, prefix=PREFIX) as vm:
@@ -197,6 +200,7 @@ async def test_two_clones_of_one_snapshot_run_side_by_side(fc_bin, guest, tmp_pa
     assert leftovers(root) == []
 
 
+@pytest.mark.firecracker
 async def test_stale_vsock_socket_is_removed_before_load(fc_bin, guest, tmp_path):
     """The snapshot names the vsock socket path; a killed VMM leaves that file behind, and
     Firecracker refuses to bind it again."""
@@ -227,6 +231,7 @@ async def test_stale_vsock_socket_is_removed_before_load(fc_bin, guest, tmp_path
     assert leftovers(root) == []
 
 
+@pytest.mark.firecracker
 async def test_api_errors_carry_firecrackers_fault_message(fc_bin, guest, tmp_path):
     async with open_vm(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX) as vm:
         with pytest.raises(
@@ -247,6 +252,7 @@ async def test_api_errors_carry_firecrackers_fault_message(fc_bin, guest, tmp_pa
     assert leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.firecracker
 async def test_destroy_is_shielded_bounded_and_idempotent(fc_bin, guest, tmp_path):
     vm = FirecrackerVM(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX, network="tap")
     await vm.spawn()
@@ -272,6 +278,7 @@ def _memory_cgroup() -> tuple[str, str]:
     return "memory.limit_in_bytes=268435456", "memory.limit_in_bytes"
 
 
+@pytest.mark.firecracker
 async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, guest, disk, tmp_path, short_dir):
     setting, knob = _memory_cgroup()
     jail = Jailer(binary=jailer_bin, uid=4243, gid=4243, chroot_base=short_dir, cgroups=(setting,))
@@ -301,6 +308,7 @@ async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, gue
 # --------------------------------------------------------------------------- network
 
 
+@pytest.mark.firecracker
 async def test_tap_in_its_own_network_namespace(fc_bin, guest, tmp_path):
     async with open_vm(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX, network="tap") as vm:
         await boot(vm, guest)
@@ -317,6 +325,7 @@ async def test_tap_in_its_own_network_namespace(fc_bin, guest, tmp_path):
     assert leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.firecracker
 async def test_egress_veth_and_nat_are_torn_down(fc_bin, guest, tmp_path):
     if shutil.which("iptables") is None:
         pytest.skip("iptables is not installed")
@@ -356,6 +365,7 @@ trio.run(main)
 """
 
 
+@pytest.mark.firecracker
 async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path, short_dir):
     """A node process dies (SIGKILL) with VMs up: their VMMs keep running (orphans), and their
     directories, jails, cgroups and namespaces stay.  The next node's reaper removes them."""
@@ -399,6 +409,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
 # --------------------------------------------------------------------------- backend
 
 
+@pytest.mark.firecracker
 async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     """The node-facing shape, on the tiny guest: a sandbox with an fcvsock address."""
     image = tmp_path / "image"
@@ -440,6 +451,7 @@ def linux_capable() -> None:
 
 
 @pytest.mark.vm
+@pytest.mark.firecracker
 async def test_linux_guest_agent_over_vsock(linux_capable, tmp_path):
     """The real guest image under Firecracker: the agent answers over the hybrid vsock.
     Runs only where detect() says Firecracker can boot Linux (hardware KVM)."""
