@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import msgspec
 import trio
 
 from marathon.config import Config, load_config
+from marathon.errors import ConfigError
 
 log = logging.getLogger("marathon")
 
@@ -44,10 +46,8 @@ def setup_logging(config: Config, role: str) -> None:
 
 
 def make_backend(config: Config):
-    from marathon.node.sandbox.process import ProcessBackend
-    from marathon.errors import ConfigError
-
     from marathon.errors import SandboxError
+    from marathon.node.sandbox.process import ProcessBackend
 
     try:
         if config.sandbox == "process":
@@ -97,15 +97,56 @@ def run_serve(role: str, flags: dict, listen: str | None) -> int:
         os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
         os.chmod(config.data_dir, 0o711)
     try:
-        trio.run(serve_role, role, config, listen)
-    except KeyboardInterrupt:
+        try:
+            trio.run(serve_until_signalled, role, config, listen)
+        except* ConfigError as group:  # a bad setting found while starting: one line, exit status 2
+            raise group.exceptions[0] from None
+    except KeyboardInterrupt:  # before the signal receiver was up, or after it was gone
         log.info("interrupted; shut down")
     return 0
 
 
-async def serve_role(role: str, config: Config, listen: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED):
-    from marathon.errors import ConfigError
+async def serve_until_signalled(role: str, config: Config, listen: str | None = None) -> None:
+    """Serve ``role`` until SIGTERM or SIGINT, then stop: gracefully first (a node drains its
+    tasks, the API ends its event streams and open requests), then by cancelling everything;
+    every cleanup on the way is shielded and bounded.  A second signal cuts the graceful part short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as root:
+            started: list = []
 
+            async def start() -> None:
+                started.append(await root.start(serve_role, role, config, listen))
+
+            root.start_soon(start)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+            if started and role != "agent":
+                with trio.CancelScope() as graceful:
+
+                    async def cut_short() -> None:
+                        async for signum in signals:
+                            log.warning("%s again: stopping now", signal.Signals(signum).name)
+                            graceful.cancel()
+                            return
+
+                    root.start_soon(cut_short)
+                    info, node = started[0]
+                    await stop_gracefully(config, info, node)
+            root.cancel_scope.cancel()
+    log.info("shut down")
+
+
+async def stop_gracefully(config: Config, info, node) -> None:
+    """The graceful part of a shutdown: the node first (in ``all`` its results still reach the
+    orchestrator in this process), then the API."""
+    if node is not None:
+        await node.shutdown(config.drain_timeout)
+    if info is not None:
+        await info.stop_http()
+
+
+async def serve_role(role: str, config: Config, listen: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED):
     if role == "agent":
         from marathon.agent.service import serve_agent
 

@@ -17,6 +17,7 @@ from marathon.errors import ConnectionClosed, FrameTooLarge, ProtocolError, Vers
 from marathon.protocol.messages import PROTOCOL_VERSION, Error, Hello
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+CLOSE_TIMEOUT = 5.0
 _HEADER = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 
@@ -131,7 +132,9 @@ class FramedStream(Generic[T]):
             raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
+        """Close, also when cancelled; bounded, so a TLS close_notify to a peer that reads
+        nothing cannot hold us (a cancelled ``aclose`` still closes the stream, forcefully)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await self.stream.aclose()
 
     async def send_error(self, code: str, message: str) -> None:

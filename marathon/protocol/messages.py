@@ -71,7 +71,6 @@ class TaskSpec(msgspec.Struct, frozen=True):
     max_turns: int = 30
     timeout_s: float = 3600.0
     attempt: int = 1
-    env: dict[str, str] = {}
     max_tokens: int | None = None
     max_cost: float | None = None
     prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
@@ -108,6 +107,7 @@ class Capacity(msgspec.Struct, frozen=True):
     pool_misses: int = 0
     claim_ms_p50: float | None = None
     pool_note: str | None = None  # why the warm pool is off, when it is
+    draining: bool = False  # the node takes no new tasks (told to drain, or shutting down)
 
 
 class TaskOutcome(msgspec.Struct, frozen=True):
@@ -198,6 +198,9 @@ class ApiRequestEvent(_Ev, tag="api_request"):
 Event = Union[IterationEvent, TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
 
 
+# the reason a node gives for the tasks it stops because it shuts down: the orchestrator queues
+# them again at once, without counting the attempt
+NODE_SHUTDOWN = "node_shutdown"
 # how a task that was told to stop ends, by the reason it was stopped
 STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed", "node_lost": "failed"}
 BLOB_CHUNK = 1024 * 1024
@@ -293,7 +296,11 @@ class Cancel(_Msg, tag="cancel"):
 
 
 class Drain(_Msg, tag="drain"):
-    pass
+    """Orchestrator -> node: take no new tasks; what runs goes on to its end."""
+
+
+class Undrain(_Msg, tag="undrain"):
+    """Orchestrator -> node: take tasks again."""
 
 
 class TaskEvent(_Msg, tag="task_event"):
@@ -339,10 +346,14 @@ GatewayMessage = Union[
     Rejected,
     Cancel,
     Drain,
+    Undrain,
     TaskEvent,
     TaskBlob,
     TaskResult,
 ]
+# each direction decodes only what it may receive: anything else is a protocol error
+FromNode = Union[Hello, Error, Authenticate, Heartbeat, Accepted, Rejected, TaskEvent, TaskBlob, TaskResult]
+ToNode = Union[Hello, Error, Challenge, Welcome, HeartbeatAck, Assign, AssignBlob, Cancel, Drain, Undrain]
 
 
 # --------------------------------------------------------------------------- agent
@@ -350,7 +361,6 @@ GatewayMessage = Union[
 
 class Ready(_Msg, tag="ready"):
     agent_version: str
-    claude_version: str = ""
     sandbox: str = ""
 
 

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     request TEXT NOT NULL,
     reason TEXT, message TEXT, node_id TEXT,
     attempt INTEGER NOT NULL DEFAULT 0,
+    free_attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     started_at REAL, finished_at REAL,
     last_seq INTEGER NOT NULL DEFAULT 0,
@@ -135,7 +136,15 @@ class SqliteStore(AccountsMixin):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        self._migrate(self._writer)
         self._reader = self._connect()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps old tables as they are)."""
+        have = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+        if "free_attempts" not in have:
+            conn.execute("ALTER TABLE tasks ADD COLUMN free_attempts INTEGER NOT NULL DEFAULT 0")
 
     async def close(self) -> None:
         for conn, limit in ((self._writer, self._wlimit), (self._reader, self._rlimit)):
