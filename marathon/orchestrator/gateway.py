@@ -200,11 +200,12 @@ class Gateway:
         nid = session.node_id
         match msg:
             case m.Heartbeat():
-                was_draining = session.draining
+                before = session.view()
                 session.capacity = msg.capacity
                 await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
-                if session.draining != was_draining:
-                    log.info("node %s %s", session.name, "drains" if session.draining else "takes tasks again")
+                if session.view() != before:  # a slot freed, a sandbox warmed, a drain began or ended
+                    if session.draining != before.draining:
+                        log.info("node %s %s", session.name, "drains" if session.draining else "takes tasks again")
                     await self.tasks.bus.notify(SCHED_TOPIC)
             case m.TaskEvent():
                 await self._record(session, [msg])

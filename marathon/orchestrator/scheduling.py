@@ -1,6 +1,6 @@
 """The scheduler's shell: assigns queued tasks (``scheduler.plan``) and carries out the deadline
-decisions (``reconcile.reconcile``).  It wakes on the scheduler topic, at the next deadline, or
-at least every second."""
+decisions (``reconcile.reconcile``).  It wakes on the scheduler topic (a task queued or ended, a
+node's capacity changed, a node came or went), at the next deadline, or every PERIOD."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from marathon.protocol import messages as m
 from marathon.store import TaskRecord
 
 log = logging.getLogger("marathon.orchestrator")
-PERIOD = 1.0  # look again at least this often (capacity changes arrive in heartbeats, unannounced)
+PERIOD = 5.0  # look again at least this often, whatever was (or was not) announced
 
 
 class Scheduler:
