@@ -82,7 +82,7 @@ async def one_run(root: str, guest: str, args, jailer: Jailer | None) -> dict[st
     return out
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Firecracker tiny-guest benchmark")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--mem", type=int, default=128, help="guest memory, MiB (sets the snapshot size)")
@@ -95,7 +95,7 @@ async def main() -> None:
         help="guest timer period: bounds 'restore -> guest runs' (the guest waits in hlt)",
     )
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not find_binary("firecracker"):
         raise SystemExit("firecracker binary missing: run make firecracker")
     with tempfile.TemporaryDirectory(prefix="fcb", dir="/tmp") as tmp:
