@@ -302,6 +302,16 @@ class FakeAnthropic:
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # script exhausted / script raised
         self.url = ""
+        self._changed = trio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, pred: Callable[[FakeAnthropic], bool]) -> None:
+        """Until ``pred(fake)`` holds; it is checked whenever a request arrives or is answered."""
+        while not pred(self):
+            await self._changed.wait()
 
     main_requests = property(lambda self: [r for r in self.requests if r.kind == "main"])
     side_requests = property(lambda self: [r for r in self.requests if r.kind in ("side", "count_tokens")])
@@ -357,10 +367,17 @@ class FakeAnthropic:
                 return None
 
     async def _respond(self, conn, stream, req: h11.Request, raw: bytes) -> bool:
+        try:
+            return await self._answer(conn, stream, req, raw)
+        finally:
+            self._touch()
+
+    async def _answer(self, conn, stream, req: h11.Request, raw: bytes) -> bool:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
         path = req.target.decode("latin-1")
         rec = RecordedRequest(req.method.decode(), path, headers, _parse_body(raw, headers), time.time())
         self.requests.append(rec)
+        self._touch()
         route = path.split("?", 1)[0].rstrip("/")
 
         async def send(status, hdrs=(), data=b"", end=True):
@@ -505,9 +522,10 @@ def main(argv: list[str] | None = None) -> None:
             load_script(args.script), host=args.host, port=args.port, api_key=args.api_key
         ) as fake:
             print(f"listening on {fake.url}", flush=True)
+            if not args.log:
+                await trio.sleep_forever()
             for seen in itertools.count():
-                while not args.log or len(fake.requests) <= seen:
-                    await trio.sleep(0.1)
+                await fake.wait_until(lambda f, seen=seen: len(f.requests) > seen)
                 r = fake.requests[seen]
                 body = r.body if isinstance(r.body, dict) else {}
                 print(

@@ -66,6 +66,13 @@ class WarmPool:
     def poke(self) -> None:
         self._changed.set()
 
+    async def wait_ready(self, n: int) -> None:
+        """Until ``n`` sandboxes are ready (or the pool is disabled: MarathonError)."""
+        while len(self.ready) < n:
+            if self.disabled:
+                raise MarathonError(f"the warm pool is disabled: {self.disabled}")
+            await self._changed.wait()
+
     def stats(self) -> dict:
         return {
             "warm": len(self.ready),
@@ -85,6 +92,7 @@ class WarmPool:
         except (MarathonError, OSError, trio.TooSlowError) as exc:
             self.disabled = f"could not take the base snapshot: {exc}"
             log.warning("warm pool disabled: %s", self.disabled)
+            self.poke()
             return
         backoff = 0.5
         async with trio.open_nursery() as nursery:
