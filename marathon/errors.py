@@ -77,12 +77,6 @@ class StoreError(MarathonError):
     code = "store_error"
 
 
-class Unavailable(MarathonError):
-    """A dependency (orchestrator, store, upstream) cannot be reached right now."""
-
-    code = "unavailable"
-
-
 def collapse(group: BaseExceptionGroup) -> BaseException:
     """The single real exception inside a nursery's ExceptionGroup, or the group itself."""
     leaves: list[BaseException] = []
