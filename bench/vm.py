@@ -73,6 +73,7 @@ async def main(runs: int) -> None:
             t0 = time.perf_counter()
             warm = pool.claim()
             claim.append(time.perf_counter() - t0)
+            assert warm is not None
             await warm.channel.aclose()
             await warm.sandbox.destroy()
         n.cancel_scope.cancel()

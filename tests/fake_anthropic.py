@@ -59,8 +59,8 @@ import h11
 import trio
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0)))
-SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0)))  # answers to side requests
+DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0), strict=True))
+SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0), strict=True))  # answers to side requests
 IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may sit idle
 
 
@@ -227,8 +227,9 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
     """The event sequence of a streamed answer, as the real API sends it (without pings)."""
     start = {**t.usage, **t.start_usage, "output_tokens": t.start_usage.get("output_tokens", 1)}
     msg = {**message_json(t, model, msg_id), "content": [], "stop_reason": None, "usage": start}
-    events = [("message_start", {"type": "message_start", "message": msg})]
+    events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": msg})]
     for i, b in enumerate(t.blocks):
+        empty: dict[str, Any]
         if b["type"] == "text":
             empty, deltas = (
                 {"type": "text", "text": ""},
@@ -450,6 +451,7 @@ class FakeAnthropic:
             if name == "message_start":
                 rec.usage = {k: data["message"]["usage"][k] for k in USAGE_FIELDS}
             elif name == "message_delta":
+                assert rec.usage is not None  # message_start came first
                 rec.usage.update(data["usage"])
         if t.kind == "hang_after_start":
             return await _wait_for_client_to_leave(stream)

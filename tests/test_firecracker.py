@@ -82,6 +82,11 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def ticks(vm: FirecrackerVM) -> list[int]:
     return [int(x, 16) for x in TICK.findall(vm.serial())]
 
@@ -89,7 +94,7 @@ def ticks(vm: FirecrackerVM) -> list[int]:
 async def until(pred, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll ``pred`` until true; fail after ``timeout``."""
     with trio.move_on_after(timeout):
-        while not pred():
+        while not pred():  # noqa: ASYNC110  (the guest's serial output is a file: nothing signals it)
             await trio.sleep(0.005)
         return
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
@@ -118,7 +123,8 @@ async def boot(vm: FirecrackerVM, kernel: str, **kw) -> None:
 
 def test_detect_is_honest_about_this_host(tmp_path):
     ok, reason = detect()
-    flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split()}
+    with open("/proc/cpuinfo") as f:
+        flags = {w for line in f if line.startswith("flags") for w in line.split()}
     if os.path.isdir("/sys/module/kvm_pvm") and not flags & {"vmx", "svm"}:
         assert not ok and "kvm_pvm" in reason and "no vmx/svm" in reason
     if not os.path.exists("/dev/kvm"):
@@ -287,10 +293,11 @@ async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, gue
         await boot(vm, guest, rootfs=disk, vsock_cid=3)
         assert vm.jail_dir.startswith(short_dir) and os.path.isdir(vm.root)
         assert os.stat(vm.root).st_uid == 4243
-        status = open(f"/proc/{vm.proc.pid}/status").read()
+        with open(f"/proc/{vm.proc.pid}/status") as f:
+            status = f.read()
         assert re.search(r"^Uid:\s+4243\s", status, re.M), "firecracker does not run as the jail uid"
         limits = [os.path.join(m, "firecracker", vm.id, knob) for _, m in _cgroup_mounts()]
-        assert any(os.path.exists(p) and open(p).read().strip() == "268435456" for p in limits)
+        assert any(os.path.exists(p) and read_text(p).strip() == "268435456" for p in limits)
         assert vm.vsock_uds == os.path.join(vm.root, "vsock.sock") and os.path.exists(vm.vsock_uds)
         snap = await vm.snapshot(f"{root}/snap")
         at_snap = max(ticks(vm))
@@ -381,6 +388,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
     try:
         line = b""
         with trio.fail_after(20):
+            assert node.stdout is not None
             while not line.endswith(b"\n"):
                 chunk = await node.stdout.receive_some(4096)
                 assert chunk, "the crashing node died early"
@@ -399,7 +407,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
     assert sum(r.startswith("process ") for r in removed) == 2
     assert sum(r.startswith("dir ") for r in removed) == 2
     assert f"netns {PREFIX}stray" in removed
-    for vm_dir, jail_dir, _ in vms:
+    for vm_dir, _, _ in vms:
         assert not os.path.exists(vm_dir)
     assert not os.path.exists(vms[1][1])
     assert leftovers(root) == [] and list_netns(PREFIX) == []

@@ -4,6 +4,7 @@ reconnects and late answers."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import trio
@@ -21,10 +22,15 @@ class ScriptedNode:
     def __init__(self, gateway: str, secret: str, node_id: str = "n-scripted"):
         self.gateway, self.secret, self.node_id = gateway, secret, node_id
         self.seq = 0
-        self.fs: FramedStream | None = None
+        self._fs: FramedStream[Any] | None = None
+
+    @property
+    def fs(self) -> FramedStream[Any]:
+        assert self._fs is not None, "not connected"
+        return self._fs
 
     async def connect(self, running: dict[str, int] | None = None, slots: int = 1, warm: int = 0) -> m.Welcome:
-        self.fs = FramedStream(await open_stream(self.gateway), m.GatewayMessage)
+        self._fs = FramedStream(await open_stream(self.gateway), m.GatewayMessage)
         await self.fs.handshake("node", "test", initiator=True, timeout=5)
         challenge = await self.fs.receive()
         nonce = os.urandom(32)
@@ -143,7 +149,7 @@ async def test_a_node_refuses_an_orchestrator_that_cannot_prove_the_secret():
     port = listeners[0].socket.getsockname()[1]
 
     async def impostor(stream):
-        fs = FramedStream(stream, m.GatewayMessage)
+        fs: FramedStream[Any] = FramedStream(stream, m.GatewayMessage)
         await fs.handshake("orchestrator", "x", initiator=False, timeout=5)
         await fs.send(m.Challenge(nonce=b"n" * 32))
         auth = await fs.receive()
@@ -194,7 +200,6 @@ async def slow_orchestrator():
 
 
 async def keep_alive(node: ScriptedNode, interval: float) -> None:
-    assert node.fs is not None
     while True:
         await node.fs.send(m.Heartbeat(capacity=m.Capacity(slots=1)))
         await trio.sleep(interval)

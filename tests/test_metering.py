@@ -43,7 +43,7 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
             assert final["state"] == "succeeded", final
             rows = await mt.info.tasks.store.ledger_rows(task["id"])
             assert len(rows) == len(fake.main_requests) == 3
-            for row, req in zip(rows, fake.main_requests):
+            for row, req in zip(rows, fake.main_requests, strict=True):
                 assert (
                     row.input_tokens,
                     row.output_tokens,
@@ -132,7 +132,8 @@ async def test_real_key_is_absent_from_everything_the_sandbox_can_read():
                 await waiting.wait()
             # usage is live: the first request is metered and priced while the task still runs
             with trio.fail_after(10):  # the ledger row travels node -> orchestrator on its own
-                while not (live := await mt.task(task["id"]))["usage"]["input_tokens"]:
+                # noqa: ASYNC110 below: the usage lands after its event, in another transaction, unannounced
+                while not (live := await mt.task(task["id"]))["usage"]["input_tokens"]:  # noqa: ASYNC110
                     await trio.sleep(0.02)
             assert live["state"] == "running"
             assert live["usage"]["input_tokens"] == fake.requests[0].usage["input_tokens"] > 0 and live["cost_usd"] > 0
@@ -168,7 +169,8 @@ async def test_real_key_is_absent_from_everything_the_sandbox_can_read():
                         scanned_files += 1
                         assert key not in data, f"key found in {path}"
             assert scanned_files >= 4  # env.txt, cfg.txt, home.txt, Claude Code's own files
-            env_txt = open(os.path.join(root, "workspace", "env.txt")).read()
+            with open(os.path.join(root, "workspace", "env.txt")) as env_file:
+                env_txt = env_file.read()
             assert "ANTHROPIC_API_KEY=mt_" in env_txt  # what Claude Code holds is the per-task token
             assert fake.requests[0].headers["x-api-key"] == TEST_KEY  # and the upstream still got the key
             await mt.client.post(f"/v1/tasks/{task['id']}/cancel")

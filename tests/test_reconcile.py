@@ -134,16 +134,17 @@ def test_wake_at_is_the_earliest_pending_deadline():
 
 
 def test_reconcile_node_keeps_adopts_cancels_and_requeues():
-    records = {
-        "sched": task("sched", State.SCHEDULED, attempt=2),
-        "run": task("run", State.RUNNING),
+    sched, run, old = task("sched", State.SCHEDULED, attempt=2), task("run"), task("old", attempt=2)
+    records: dict[str, ActiveTask | None] = {
+        "sched": sched,
+        "run": run,
         "moved": task("moved", State.RUNNING, node="other"),
-        "old": task("old", State.RUNNING, attempt=2),
+        "old": old,
         "done": task("done", State.SUCCEEDED),
         "unknown": None,
     }
     running = {"sched": 2, "run": 1, "moved": 1, "old": 1, "done": 1, "unknown": 1}
-    on_node = [records["sched"], records["run"], records["old"], task("missing", State.STARTING)]
+    on_node = [sched, run, old, task("missing", State.STARTING)]
     actions = reconcile_node("n1", "n1", running, records, on_node, 3)
     assert actions == [
         Adopt("sched"),

@@ -116,6 +116,7 @@ async def test_survives_reopen(tmp_path):
     await s.create_task(rec(1), ev("t001"))
     await s.close()
     s = await SqliteStore.open(path)
-    assert (await s.get_task("t001")).id == "t001"
+    reopened = await s.get_task("t001")
+    assert reopened is not None and reopened.id == "t001"
     assert len(await s.events_after("t001", 0)) == 1
     await s.close()

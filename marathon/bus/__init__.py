@@ -7,7 +7,8 @@ read and the wait is not lost, so followers never miss events and never see one 
 
 from __future__ import annotations
 
-from typing import AsyncContextManager, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 
 class Watch(Protocol):
@@ -19,6 +20,6 @@ class Watch(Protocol):
 class Bus(Protocol):
     async def notify(self, topic: str) -> None: ...
 
-    def watch(self, topic: str) -> AsyncContextManager[Watch]: ...
+    def watch(self, topic: str) -> AbstractAsyncContextManager[Watch]: ...
 
     async def close(self) -> None: ...

@@ -100,7 +100,8 @@ class Client:
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    ev_id, kind, data = None, "message", []
+    ev_id: str | None = None
+    kind, data = "message", list[str]()
     for line in lines:
         if line == "":
             if data and ev_id is not None:

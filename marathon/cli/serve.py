@@ -175,7 +175,7 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 secret = info.node_secret
             elif config.node_secret:
                 secret = config.node_secret
-            elif os.path.exists(os.path.join(config.data_dir, "node_secret")):
+            elif await trio.Path(config.data_dir, "node_secret").exists():
                 secret = load_node_secret(config)
             else:
                 raise ConfigError("a node needs the orchestrator's node secret: set MARATHON_NODE_SECRET")

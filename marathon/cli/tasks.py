@@ -179,9 +179,7 @@ def _looks_local(repo: str) -> bool:
 
     if "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo):
         return False
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo):
-        return False
-    return True
+    return not (re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not os.path.exists(repo))
 
 
 @app.command

@@ -50,6 +50,9 @@ HANDOVER_TIMEOUT = 10.0  # and how long their results get to reach the orchestra
 CLOSE_TIMEOUT = 30.0  # closing the proxy and the backend at the end
 
 
+Outgoing = m.TaskEvent | m.TaskBlob | m.TaskResult  # what goes through the outbox
+
+
 def next_backoff(backoff: float) -> float:
     """The reconnect delay after another failed dial: doubling, up to BACKOFF_MAX."""
     return min(max(backoff, BACKOFF_MIN) * 2, BACKOFF_MAX)
@@ -75,7 +78,7 @@ class NodeService:
         self._report = trio.Event()  # set: send a heartbeat now (draining changed, results to hand over)
         self._acked_changed = trio.Event()
         self._seq = itertools.count(1)
-        self._outbox: collections.deque[tuple[int, object]] = collections.deque()
+        self._outbox: collections.deque[tuple[int, Outgoing]] = collections.deque()
         self._outbox_changed = trio.Event()
         self._acked = 0
         self._link: FramedStream | None = None
@@ -101,7 +104,7 @@ class NodeService:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def emit(self, msg) -> None:
+    def emit(self, msg: Outgoing) -> None:
         """Queue a TaskEvent/TaskResult for the orchestrator (never blocks, never drops results)."""
         self._outbox.append((msg.node_seq, msg))
         if len(self._outbox) > OUTBOX_LIMIT:
@@ -312,15 +315,15 @@ class NodeService:
             self._incoming[key] = BlobWriter(os.path.join(d, f"{msg.task_id}.{msg.name}"))
         self._incoming[key].add(msg.offset, msg.data, msg.last)
 
-    async def _assign(self, fs: FramedStream, assign: m.Assign) -> None:
+    async def _assign(self, fs: FramedStream[m.ToNode], assign: m.Assign) -> None:
         spec = assign.task
         if not TASK_ID.fullmatch(spec.task_id):  # it becomes a path on this node
             await fs.send(m.Rejected(task_id=spec.task_id[:64], reason="bad task id"))
             return
-        ids = dict(task_id=spec.task_id, attempt=spec.attempt)
+        task_id, attempt = spec.task_id, spec.attempt
         previous = self.tasks.get(spec.task_id)
         if previous is not None and previous.spec.attempt == spec.attempt:
-            await fs.send(m.Accepted(**ids))  # a repeated assignment
+            await fs.send(m.Accepted(task_id=task_id, attempt=attempt))  # a repeated assignment
             return
         blob = self._incoming.pop((spec.task_id, "bundle"), None)
         reason = None
@@ -334,16 +337,16 @@ class NodeService:
             if blob is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(blob.path)
-            await fs.send(m.Rejected(reason=reason, **ids))
+            await fs.send(m.Rejected(task_id=task_id, reason=reason, attempt=attempt))
             return
         handle = TaskHandle(spec)
         handle.github_token = assign.github_token or None
-        handle.resume_bundle = blob.path if spec.resume else None
+        handle.resume_bundle = blob.path if spec.resume and blob is not None else None
         if previous is not None:  # an older attempt still stopping here: the new one waits for it
             previous.cancel("superseded")
             handle.after = previous
         self.tasks[spec.task_id] = handle
-        await fs.send(m.Accepted(**ids))
+        await fs.send(m.Accepted(task_id=task_id, attempt=attempt))
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, handle)
 
@@ -362,10 +365,10 @@ class NodeService:
             self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
         async def upload(name: str, path: str) -> None:
-            with open(path, "rb") as f:
+            async with await trio.open_file(path, "rb") as f:
                 offset = 0
                 while True:
-                    data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
+                    data = await f.read(m.BLOB_CHUNK)
                     last = len(data) < m.BLOB_CHUNK
                     self.emit(
                         m.TaskBlob(
@@ -405,26 +408,29 @@ class NodeService:
         log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
 
 
+def _entries(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
 async def reap(config: Config, backend: SandboxBackend) -> None:
     """At node start, before any task: nothing of a previous run (a crash) may survive —
     VMMs, their sockets, disks, jails, network namespaces, and sandbox directories."""
     roots = [os.path.join(config.data_dir, d) for d in ("sandboxes", "pool", "incoming")]
     removed: list[str] = []
     if backend.name == "qemu":
-        from marathon.node.sandbox.qemu import reap_leftovers
+        from marathon.node.sandbox import qemu
 
         for root in roots[:2]:
-            removed += await reap_leftovers(root)
+            removed += await qemu.reap_leftovers(root)
     elif backend.name == "firecracker":
-        from marathon.node.sandbox.firecracker import reap_leftovers
+        from marathon.node.sandbox import firecracker
 
         for root in roots[:2]:
-            removed += await reap_leftovers(root)
+            removed += await firecracker.reap_leftovers(root)
     for root in roots:
-        if os.path.isdir(root):
-            for name in os.listdir(root):
-                removed.append(os.path.join(root, name))
-                await trio.to_thread.run_sync(shutil.rmtree, os.path.join(root, name), True)
+        for name in await trio.to_thread.run_sync(_entries, root):
+            removed.append(os.path.join(root, name))
+            await trio.to_thread.run_sync(shutil.rmtree, os.path.join(root, name), True)
     if removed:
         log.warning("removed %d leftovers of a previous run: %s", len(removed), ", ".join(removed[:5]))
 

@@ -36,7 +36,7 @@ def task_topic(task_id: str) -> str:
 
 
 def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_id: str | None = None) -> EventIn:
-    return EventIn(task_id, type(event).__struct_config__.tag, _json.encode(event), node_seq, node_id)
+    return EventIn(task_id, str(type(event).__struct_config__.tag), _json.encode(event), node_seq, node_id)
 
 
 def is_local_repo(repo: str) -> bool:

@@ -8,7 +8,7 @@ tasks can share one connection; receives are done by one reader task.
 from __future__ import annotations
 
 import struct
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
 
 import msgspec
 import trio
@@ -21,7 +21,14 @@ CLOSE_TIMEOUT = 5.0
 _HEADER = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # a stream whose message type is not spelled out is a FramedStream[Any]
+    from typing_extensions import TypeVar
+
+    T = TypeVar("T", default=Any)
+else:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 
 def encode_frame(msg: Any, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:

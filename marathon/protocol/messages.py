@@ -10,8 +10,6 @@ needs a PROTOCOL_VERSION bump.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 PROTOCOL_VERSION = 1
@@ -195,7 +193,7 @@ class ApiRequestEvent(_Ev, tag="api_request"):
     cost_usd: float | None = None
 
 
-Event = Union[IterationEvent, TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
+Event = IterationEvent | TextEvent | ToolCallEvent | ToolResultEvent | StateEvent | LogEvent | ApiRequestEvent
 
 
 # the reason a node gives for the tasks it stops because it shuts down: the orchestrator queues
@@ -332,28 +330,28 @@ class TaskResult(_Msg, tag="task_result"):
     attempt: int = 0
 
 
-GatewayMessage = Union[
-    Hello,
-    Error,
-    Challenge,
-    Authenticate,
-    Welcome,
-    Heartbeat,
-    HeartbeatAck,
-    Assign,
-    AssignBlob,
-    Accepted,
-    Rejected,
-    Cancel,
-    Drain,
-    Undrain,
-    TaskEvent,
-    TaskBlob,
-    TaskResult,
-]
+GatewayMessage = (
+    Hello
+    | Error
+    | Challenge
+    | Authenticate
+    | Welcome
+    | Heartbeat
+    | HeartbeatAck
+    | Assign
+    | AssignBlob
+    | Accepted
+    | Rejected
+    | Cancel
+    | Drain
+    | Undrain
+    | TaskEvent
+    | TaskBlob
+    | TaskResult
+)
 # each direction decodes only what it may receive: anything else is a protocol error
-FromNode = Union[Hello, Error, Authenticate, Heartbeat, Accepted, Rejected, TaskEvent, TaskBlob, TaskResult]
-ToNode = Union[Hello, Error, Challenge, Welcome, HeartbeatAck, Assign, AssignBlob, Cancel, Drain, Undrain]
+FromNode = Hello | Error | Authenticate | Heartbeat | Accepted | Rejected | TaskEvent | TaskBlob | TaskResult
+ToNode = Hello | Error | Challenge | Welcome | HeartbeatAck | Assign | AssignBlob | Cancel | Drain | Undrain
 
 
 # --------------------------------------------------------------------------- agent
@@ -418,19 +416,19 @@ class TunnelClose(_Msg, tag="t_close"):
     error: str | None = None
 
 
-AgentMessage = Union[
-    Hello,
-    Error,
-    Ready,
-    Start,
-    AgentEvent,
-    AgentResult,
-    Blob,
-    CancelRun,
-    TunnelOpen,
-    TunnelData,
-    TunnelAck,
-    TunnelClose,
-]
+AgentMessage = (
+    Hello
+    | Error
+    | Ready
+    | Start
+    | AgentEvent
+    | AgentResult
+    | Blob
+    | CancelRun
+    | TunnelOpen
+    | TunnelData
+    | TunnelAck
+    | TunnelClose
+)
 
 TERMINAL_OUTCOMES = ("succeeded", "failed", "cancelled", "timed_out", "needs_input")

@@ -81,7 +81,7 @@ _json = msgspec.json.Encoder()
 
 
 def _row_to_task(row: tuple) -> TaskRecord:
-    d = dict(zip(_FIELDS, row))
+    d = dict(zip(_FIELDS, row, strict=True))
     for f in _JSON_FIELDS:
         if d[f] is not None:
             d[f] = msgspec.json.decode(d[f])
