@@ -79,7 +79,7 @@ async def serve_orchestrator(
             bus,
             gateway.send_cancel,
             accounts,
-            MemoryRateLimiter(),
+            MemoryRateLimiter(clock=trio.current_time),
             set_drain=gateway.set_drain,
             submit_rate=config.submit_rate,
             submit_burst=config.submit_burst,

@@ -17,6 +17,7 @@ from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
 
 T = TypeVar("T")
+CLOSE_TIMEOUT = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -149,8 +150,9 @@ class SqliteStore(AccountsMixin):
     async def close(self) -> None:
         for conn, limit in ((self._writer, self._wlimit), (self._reader, self._rlimit)):
             if conn is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(conn.close, limiter=limit)
+                # bounded: a close waits for the query in flight; past the bound the thread is left to end it
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await trio.to_thread.run_sync(conn.close, limiter=limit, abandon_on_cancel=True)
         self._writer = self._reader = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
