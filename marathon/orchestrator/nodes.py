@@ -60,6 +60,9 @@ class NodeSession:
             self.connected = False
             self._send_ch.close()
             return False
+        except trio.BrokenResourceError:  # its writer is gone: the connection is ending
+            self.connected = False
+            return False
         except trio.ClosedResourceError:
             return False
         return True
