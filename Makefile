@@ -12,7 +12,7 @@ PG_BIN := /usr/lib/postgresql/15/bin
 TASK ?= add a CONTRIBUTING.md
 REPO ?=
 
-.PHONY: all venv claude-code system-deps test test-fast build run clean bench install uninstall
+.PHONY: all venv claude-code system-deps test test-fast lint fmt build run clean bench install uninstall
 
 all: venv
 
@@ -46,8 +46,30 @@ test: system-deps venv claude-code build firecracker image image-prune
 run: system-deps venv claude-code
 	packaging/run-demo.sh "$(TASK)" "$(REPO)"
 
+# no Claude Code, no KVM, no guest image needed: the unit and protocol tests, the gateway against scripted nodes
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not vm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not vm and not firecracker" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# the benchmarks that need no guest image (bench/vm.py: make image first; Firecracker: make firecracker-bench)
+bench: system-deps venv build
+	$(PY) -m bench.control_plane
+	$(PY) -m bench.events
+	$(PY) -m bench.proxy
+	$(PY) -m bench.repo
+	$(PY) -m bench.executable
+
+clean:
+	rm -rf build dist marathon.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -path ./.venv -prune -o -path ./.cache -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
 
 -include snapshots/image.mk
 -include snapshots/firecracker.mk

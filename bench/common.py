@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 FAKE_CLAUDE = str(Path(__file__).resolve().parent / "fake_claude.sh")
 
 
-def pct(values: list[float], p: float) -> float:
+def pct(values: Sequence[float], p: float) -> float:
     s = sorted(values)
     if not s:
         return float("nan")
@@ -18,7 +19,7 @@ def pct(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def describe(name: str, values: list[float], unit: str = "ms", scale: float = 1000.0) -> str:
+def describe(name: str, values: Sequence[float], unit: str = "ms", scale: float = 1000.0) -> str:
     v = [x * scale for x in values]
     return (
         f"{name:<38} n={len(v):<3} p50 {pct(v, 50):8.1f} {unit}  p99 {pct(v, 99):8.1f} {unit}  "

@@ -2,7 +2,8 @@
 
 Marathon path: POST /v1/tasks -> scheduler -> gateway -> node -> clone -> bubblewrap sandbox
 -> agent -> `running` event persisted.  Baseline, side by side: the same node-side steps
-called directly (clone, start the same sandbox, dial the agent, send Start, first event).
+called directly (prepare the repository bundle, start the same sandbox, dial the agent, send
+Start and the bundle, the agent's first state event).
 Claude Code itself is replaced by a stub (bench/fake_claude.sh): this measures Marathon.
 
     .venv/bin/python -m bench.control_plane [N]
@@ -19,9 +20,12 @@ import trio
 
 from bench.common import describe, pct, prepare_claude_stub
 from marathon.cli.serve import make_backend
-from marathon.node.git import prepare_workspace
+from marathon.config import Config
+from marathon.node.git import MirrorCache
+from marathon.node.repo import prepare
 from marathon.node.supervisor import connect_agent
 from marathon.protocol import messages as m
+from marathon.protocol.blobs import send_file
 from tests.harness import make_git_repo, marathon_config, run_marathon, scratch_dir
 
 
@@ -42,19 +46,25 @@ async def marathon_path(config, repo: str, n: int) -> list[float]:
     return out
 
 
-async def direct_path(config, repo: str, n: int) -> list[float]:
+async def direct_path(config: Config, repo: str, n: int) -> list[float]:
     backend = make_backend(config)
+    cache = MirrorCache(os.path.join(config.data_dir, "direct-mirrors"))
     out = []
     for i in range(n):
-        root = os.path.join(config.data_dir, "direct", f"{time.monotonic_ns()}")
+        spec = m.TaskSpec(task_id=f"{time.monotonic_ns() % 16**12:012x}", prompt="noop", repo=repo)
+        root = os.path.join(config.data_dir, "direct", spec.task_id)
         os.makedirs(root, mode=0o711)
         t0 = time.time()
+        prep = await prepare(spec, config, cache, root, token=None, resume_bundle=None)
         ws = os.path.join(root, "workspace")
-        await prepare_workspace(repo, None, ws, owner_uid=config.sandbox_uid if os.geteuid() == 0 else None)
+        os.makedirs(ws, mode=0o755)
+        if os.geteuid() == 0:
+            os.chown(ws, config.sandbox_uid, config.sandbox_uid)
         sb = await backend.create(f"d{i}", ws, os.path.join(root, "run"))
         try:
             fs = await connect_agent(sb, 20)
-            await fs.send(m.Start(task=m.TaskSpec(task_id=f"d{i}", prompt="noop"), workspace=sb.workspace, api_key="x"))
+            await fs.send(m.Start(task=spec, workspace=sb.workspace, base_branch=prep.branch, api_key="x"))
+            await send_file(fs, "repo", prep.bundle)
             while True:
                 msg = await fs.receive()
                 if isinstance(msg, m.AgentEvent) and isinstance(msg.event, m.StateEvent):
@@ -69,12 +79,12 @@ async def direct_path(config, repo: str, n: int) -> list[float]:
     return out
 
 
-async def main(n: int) -> None:
+async def main(n: int, warmup: int = 3) -> None:
     tmp = scratch_dir("marathon-bench-")
     repo = make_git_repo(os.path.join(tmp, "repo"))
     config = marathon_config(os.path.join(tmp, "data"), claude_bin=prepare_claude_stub(), log_level="warning")
     os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
-    await direct_path(config, repo, 3)  # warm caches
+    await direct_path(config, repo, warmup)  # warm caches
     base = await direct_path(config, repo, n)
     mar = await marathon_path(config, repo, n)
     print(f"control plane: submit -> agent running ({n} tasks each, sequential, bubblewrap sandbox)")

@@ -41,7 +41,7 @@ async def main(n: int) -> None:
         t_end = time.monotonic()
         final = await mt.task(task["id"])
         assert final["state"] == "succeeded", final
-        assert count == n, (count, n)
+        assert count == n and first is not None, (count, n)
         live = n / (t_end - first)
         t1 = time.monotonic()
         replay = await mt.events(task["id"], follow=False)

@@ -39,13 +39,15 @@ TICK = re.compile(r"tick ([0-9a-f]{8})")
 
 async def until(pred, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
-        while not pred():
+        while not pred():  # noqa: ASYNC110  (the guest's serial output is a file: nothing signals it)
             await trio.sleep(0.0005)
 
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+        found = re.search(r"VmRSS:\s+(\d+)", f.read())
+    assert found, f"no VmRSS for process {pid}"
+    return int(found.group(1))
 
 
 async def one_run(root: str, guest: str, args, jailer: Jailer | None) -> dict[str, float]:
@@ -64,6 +66,7 @@ async def one_run(root: str, guest: str, args, jailer: Jailer | None) -> dict[st
         await until(lambda: BANNER in vm.serial())
         out["start -> guest output"] = time.perf_counter() - t1
         await until(lambda: TICK.search(vm.serial()) is not None)
+        assert vm.proc is not None
         out["idle VMM RSS (MiB)"] = rss_kib(vm.proc.pid) / 1024
         t0 = time.perf_counter()
         snap = await vm.snapshot(os.path.join(root, "snap"))
@@ -82,7 +85,7 @@ async def one_run(root: str, guest: str, args, jailer: Jailer | None) -> dict[st
     return out
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Firecracker tiny-guest benchmark")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--mem", type=int, default=128, help="guest memory, MiB (sets the snapshot size)")
@@ -95,7 +98,7 @@ async def main() -> None:
         help="guest timer period: bounds 'restore -> guest runs' (the guest waits in hlt)",
     )
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not find_binary("firecracker"):
         raise SystemExit("firecracker binary missing: run make firecracker")
     with tempfile.TemporaryDirectory(prefix="fcb", dir="/tmp") as tmp:
@@ -118,11 +121,11 @@ async def main() -> None:
         f"Firecracker v1.12.1 ({setup}); /dev/kvm: "
         f"{'kvm_pvm (software)' if os.path.isdir('/sys/module/kvm_pvm') else 'kvm'}"
     )
-    for k, v in results.items():
-        if "MiB" in k:
-            print(describe(k, v, unit="MiB", scale=1.0))
+    for name, values in results.items():
+        if "MiB" in name:
+            print(describe(name, values, unit="MiB", scale=1.0))
         else:
-            print(describe(k, v))
+            print(describe(name, values))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ async def ttfb(client: httpx.AsyncClient, url: str, key: str) -> tuple[float, fl
             if first is None:
                 first = time.perf_counter() - t0
             n += len(chunk)
+    assert first is not None, "no response body"
     return first, time.perf_counter() - t0, n
 
 

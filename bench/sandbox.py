@@ -31,11 +31,11 @@ from tests.harness import make_git_repo, marathon_config, run_marathon, scratch_
 @contextmanager
 def no_seccomp():
     saved = seccomp.native_abi
-    seccomp.native_abi = lambda: None  # type: ignore[assignment]
+    seccomp.native_abi = lambda: None
     try:
         yield
     finally:
-        seccomp.native_abi = saved  # type: ignore[assignment]
+        seccomp.native_abi = saved
 
 
 async def one_task(mt, repo: str) -> float:

@@ -69,11 +69,11 @@ async def main(runs: int) -> None:
     async with trio.open_nursery() as n:
         await n.start(pool.run)
         for _ in range(min(runs, 5)):
-            while not pool.ready:
-                await trio.sleep(0.05)
+            await pool.wait_ready(1)
             t0 = time.perf_counter()
             warm = pool.claim()
             claim.append(time.perf_counter() - t0)
+            assert warm is not None
             await warm.channel.aclose()
             await warm.sandbox.destroy()
         n.cancel_scope.cancel()

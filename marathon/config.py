@@ -119,6 +119,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     firecracker_bin: str = ""
     warm_pool_target: int = -1  # VMs kept restored and ready; -1: one per slot (VM backends), 0: off
     connect_timeout: float = 30.0
+    drain_timeout: float = 60.0  # on SIGTERM a node lets running tasks go on this long, then stops them
     anthropic_api_key: str = ""
     anthropic_base_url: str = "https://api.anthropic.com"
     github_url: str = "https://github.com"  # where owner/name repositories live (GitHub Enterprise: your host)

@@ -87,7 +87,7 @@ async def check_remote(url: str, allow: list[str] | tuple[str, ...] = ()) -> lis
         infos = await trio.socket.getaddrinfo(host, port or 443, type=trio.socket.SOCK_STREAM)
     except OSError as exc:
         raise RemoteRefused(f"cannot resolve {host}: {exc}") from None
-    addrs = sorted({info[4][0] for info in infos})
+    addrs = sorted({str(info[4][0]) for info in infos})
     bad = [a for a in addrs if not public_address(a)]
     if bad or not addrs:
         raise RemoteRefused(

@@ -16,6 +16,7 @@ The guest TSC runs at the host TSC rate under TCG, so the kernel is told the rat
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import re
 import shutil
@@ -26,8 +27,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+print = builtins.print  # with --json, main() sends progress to stderr instead
 READY_LINE = "marathon-agent-placeholder ready"
 GUEST_IP = "10.0.2.15"
 AGENT_PORT = 7000
@@ -98,8 +101,8 @@ class Qmp:
             raise ConnectionError("QMP closed")
         return json.loads(line)
 
-    def execute(self, command: str, **arguments) -> object:
-        msg = {"execute": command}
+    def execute(self, command: str, **arguments) -> Any:
+        msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
         self.file.write(json.dumps(msg).encode() + b"\n")
@@ -198,7 +201,8 @@ class Vm:
         if incoming:
             self.argv += ["-incoming", incoming]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdout=open(work / f"{name}.qemu.log", "wb"), stderr=subprocess.STDOUT)
+        log = open(work / f"{name}.qemu.log", "wb")  # noqa: SIM115  (the VM writes it for its whole life)
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         self.qmp: Qmp | None = None
 
     def control(self) -> Qmp:
@@ -336,7 +340,7 @@ def main() -> int:
 
     if args.json:  # progress to stderr, the result alone on stdout
         global print
-        print = lambda *a, **k: __builtins__.print(*a, **{**k, "file": sys.stderr})  # noqa: E731
+        print = lambda *a, **k: builtins.print(*a, **{**k, "file": sys.stderr})  # noqa: E731
     image = Path(args.image).resolve()
     manifest = json.loads((image / "manifest.json").read_text())
     hz = manifest["kernel"]["hz"]

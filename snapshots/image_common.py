@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 import sys
 import time
 from pathlib import Path
@@ -49,12 +50,12 @@ def log(msg: str) -> None:
     print(f"[image {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def run(cmd: Sequence[str | os.PathLike[str]], **kw) -> subprocess.CompletedProcess:
     kw.setdefault("check", True)
     return subprocess.run([str(c) for c in cmd], **kw)
 
 
-def output(cmd: list[str], **kw) -> str:
+def output(cmd: Sequence[str | os.PathLike[str]], **kw) -> str:
     return run(cmd, stdout=subprocess.PIPE, text=True, **kw).stdout
 
 

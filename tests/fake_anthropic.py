@@ -59,8 +59,8 @@ import h11
 import trio
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0)))
-SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0)))  # answers to side requests
+DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0), strict=True))
+SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0), strict=True))  # answers to side requests
 IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may sit idle
 
 
@@ -227,8 +227,9 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
     """The event sequence of a streamed answer, as the real API sends it (without pings)."""
     start = {**t.usage, **t.start_usage, "output_tokens": t.start_usage.get("output_tokens", 1)}
     msg = {**message_json(t, model, msg_id), "content": [], "stop_reason": None, "usage": start}
-    events = [("message_start", {"type": "message_start", "message": msg})]
+    events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": msg})]
     for i, b in enumerate(t.blocks):
+        empty: dict[str, Any]
         if b["type"] == "text":
             empty, deltas = (
                 {"type": "text", "text": ""},
@@ -302,6 +303,16 @@ class FakeAnthropic:
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # script exhausted / script raised
         self.url = ""
+        self._changed = trio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, pred: Callable[[FakeAnthropic], bool]) -> None:
+        """Until ``pred(fake)`` holds; it is checked whenever a request arrives or is answered."""
+        while not pred(self):
+            await self._changed.wait()
 
     main_requests = property(lambda self: [r for r in self.requests if r.kind == "main"])
     side_requests = property(lambda self: [r for r in self.requests if r.kind in ("side", "count_tokens")])
@@ -357,10 +368,17 @@ class FakeAnthropic:
                 return None
 
     async def _respond(self, conn, stream, req: h11.Request, raw: bytes) -> bool:
+        try:
+            return await self._answer(conn, stream, req, raw)
+        finally:
+            self._touch()
+
+    async def _answer(self, conn, stream, req: h11.Request, raw: bytes) -> bool:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
         path = req.target.decode("latin-1")
         rec = RecordedRequest(req.method.decode(), path, headers, _parse_body(raw, headers), time.time())
         self.requests.append(rec)
+        self._touch()
         route = path.split("?", 1)[0].rstrip("/")
 
         async def send(status, hdrs=(), data=b"", end=True):
@@ -433,6 +451,7 @@ class FakeAnthropic:
             if name == "message_start":
                 rec.usage = {k: data["message"]["usage"][k] for k in USAGE_FIELDS}
             elif name == "message_delta":
+                assert rec.usage is not None  # message_start came first
                 rec.usage.update(data["usage"])
         if t.kind == "hang_after_start":
             return await _wait_for_client_to_leave(stream)
@@ -505,9 +524,10 @@ def main(argv: list[str] | None = None) -> None:
             load_script(args.script), host=args.host, port=args.port, api_key=args.api_key
         ) as fake:
             print(f"listening on {fake.url}", flush=True)
+            if not args.log:
+                await trio.sleep_forever()
             for seen in itertools.count():
-                while not args.log or len(fake.requests) <= seen:
-                    await trio.sleep(0.1)
+                await fake.wait_until(lambda f, seen=seen: len(f.requests) > seen)
                 r = fake.requests[seen]
                 body = r.body if isinstance(r.body, dict) else {}
                 print(

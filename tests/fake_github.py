@@ -101,6 +101,7 @@ class FakeGitHub:
                     break
                 else:
                     return
+            assert req is not None
             headers = {k.decode().lower(): v.decode() for k, v in req.headers}
             status, data = self.answer(req.method.decode(), req.target.decode(), headers, body)
             out = json.dumps(data).encode()

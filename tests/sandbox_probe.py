@@ -20,7 +20,7 @@ cfg = json.loads(sys.stdin.read())
 SECRETS = [base64.b64decode(s) for s in cfg["secrets"]]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-out = {}
+out: dict[str, dict] = {}
 
 
 def record(name, denied, detail=""):
@@ -38,8 +38,8 @@ leaks = []
 for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
     for what in ("environ", "cmdline"):
         try:
-            with open(f"/proc/{pid}/{what}", "rb") as f:
-                data = f.read()
+            with open(f"/proc/{pid}/{what}", "rb") as pf:
+                data = pf.read()
         except OSError:
             continue
         for s in SECRETS:
@@ -51,8 +51,8 @@ for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
                     leaks.append(f"/proc/{pid}/environ has {var.split(b'=')[0].decode()}")
 record("proc_environ_cmdline", not leaks, "; ".join(leaks))
 try:
-    with open("/proc/1/environ", "rb") as f:
-        names = sorted(v.split(b"=")[0].decode() for v in f.read().split(b"\0") if v)
+    with open("/proc/1/environ", "rb") as ef:
+        names = sorted(v.split(b"=")[0].decode() for v in ef.read().split(b"\0") if v)
     record("pid1_environ_minimal", set(names) <= {"PATH", "LANG", "HOME"}, names)
 except OSError as exc:
     record("pid1_environ_minimal", True, exc)
@@ -73,20 +73,20 @@ for root in cfg.get("walk", WALK):
         for fn in filenames:
             path = os.path.join(dirpath, fn)
             try:
-                with open(path, "rb") as f:
-                    data = f.read(4 * 1024 * 1024)
+                with open(path, "rb") as df:
+                    content = df.read(4 * 1024 * 1024)
             except OSError:
                 continue
-            if any(s in data for s in SECRETS):
+            if any(s in content for s in SECRETS):
                 found.append(path)
 record("no_secret_in_files", not found, found)
 etc = set(os.listdir("/etc"))
 bad_etc = sorted(etc & {"shadow", "gshadow", "environment", "gitconfig", "machine-id", "sudoers", "npmrc", "pip.conf"})
-with open("/etc/hostname") as f:
-    hostname = f.read().strip()
+with open("/etc/hostname") as hf:
+    hostname = hf.read().strip()
 record("etc_is_the_sandboxes", not bad_etc and hostname == "marathon-sandbox", bad_etc)
-with open("/etc/passwd") as f:
-    users = [line.split(":")[0] for line in f if line.strip()]
+with open("/etc/passwd") as pw:
+    users = [line.split(":")[0] for line in pw if line.strip()]
 record("passwd_is_the_sandboxes", set(users) <= {"root", "marathon", "nobody"}, users)
 ALLOWED = RUNTIME + ["/opt/claude/claude", "/home/marathon"]
 strays = []
@@ -97,8 +97,8 @@ for d in ("/opt", "/srv", "/home", "/root", "/mnt", "/media"):
             if not any(a == path or a.startswith(path + "/") for a in ALLOWED):
                 strays.append(path)
 record("no_host_opt_srv_home_root", not strays, strays)
-var = sorted(os.listdir("/var")) if os.path.isdir("/var") else []
-record("no_host_var", var in ([], ["tmp"]), var)
+var_entries = sorted(os.listdir("/var")) if os.path.isdir("/var") else []
+record("no_host_var", var_entries in ([], ["tmp"]), var_entries)
 visible = [p for p in cfg["host_paths"] if os.path.exists(p)]
 record("host_paths_hidden", not visible, visible)
 try:
@@ -135,15 +135,15 @@ syscall_denied("setns", 308, 0, 0)
 reached = []
 for host in ["127.0.0.1", *cfg["host_ips"]]:
     for port in cfg["ports"]:
-        s = socket.socket()
-        s.settimeout(2)
+        sock = socket.socket()
+        sock.settimeout(2)
         try:
-            s.connect((host, port))
+            sock.connect((host, port))
             reached.append(f"{host}:{port}")
         except OSError:
             pass
         finally:
-            s.close()
+            sock.close()
 record("no_network_to_node_or_orchestrator", not reached, reached)
 ifaces = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
 record("only_loopback", ifaces in ([], ["lo"]), ifaces)

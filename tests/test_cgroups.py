@@ -35,6 +35,7 @@ def test_v2_delegation_moves_the_node_to_a_leaf_and_enables_controllers(tmp_path
     parent = base / "marathon-n1"
     assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     group = cg.create("sandbox-t1", Limits(memory=4 * GiB, pids=1024, cpus=1.5))
+    assert group is not None
     d = parent / "sandbox-t1"
     assert group.procs_files == [str(d / "cgroup.procs")]
     assert (d / "memory.max").read_text() == str(4 * GiB)
@@ -63,6 +64,7 @@ def test_v1_one_hierarchy_per_controller(tmp_path):
     (tmp_path / "memory" / "box" / "marathon-n2" / "s").mkdir()
     (tmp_path / "memory" / "box" / "marathon-n2" / "s" / "memory.memsw.limit_in_bytes").write_text("")
     group = cg.create("s", Limits(memory=GiB, pids=64, cpus=0.5))
+    assert group is not None
     mem = tmp_path / "memory" / "box" / "marathon-n2" / "s"
     assert (mem / "memory.limit_in_bytes").read_text() == str(GiB)
     assert (mem / "memory.memsw.limit_in_bytes").read_text() == str(GiB)  # no swapping around the limit

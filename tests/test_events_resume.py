@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 
 import pytest
 import trio
@@ -29,7 +30,7 @@ async def test_last_event_id_resumes_without_gaps_or_duplicates():
             # read at most 250 events per connection, then drop it and resume
             part_ids: list[int] = []
 
-            def stop(e):
+            def stop(e, part_ids=part_ids):
                 part_ids.append(e["id"])
                 return len(part_ids) >= 250
 
@@ -113,12 +114,12 @@ async def test_ctrl_c_with_cancel_on_interrupt_cancels_the_task():
         async with run_marathon(config) as mt:
             async with trio.open_nursery() as n:
                 proc = await n.start(
-                    lambda task_status: trio.run_process(
+                    partial(
+                        trio.run_process,
                         [sys.executable, "-m", "marathon", "run", "hang", "--cancel-on-interrupt"],
                         env={**os.environ, "MARATHON_URL": mt.url},
                         check=False,
                         stdout=__import__("subprocess").PIPE,
-                        task_status=task_status,
                     )
                 )
                 with trio.fail_after(60):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from functools import partial
 
 import pytest
 import trio
@@ -53,13 +54,7 @@ async def test_executable_runs_a_task_end_to_end(exe):
         }
         async with trio.open_nursery() as n:
             server = await n.start(
-                lambda task_status: trio.run_process(
-                    [exe, "serve", "--role", "all"],
-                    env=env,
-                    check=False,
-                    stderr=subprocess.PIPE,
-                    task_status=task_status,
-                )
+                partial(trio.run_process, [exe, "serve", "--role", "all"], env=env, check=False, stderr=subprocess.PIPE)
             )
             try:
                 # wait for the API: the server says so on stderr

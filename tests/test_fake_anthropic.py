@@ -213,10 +213,12 @@ async def test_drop_after_counts_what_arrived():
     async with open_fake_anthropic([drop_after(2)]) as fake:
         raw = b""
         with pytest.raises(httpx.RemoteProtocolError):
-            async with httpx.AsyncClient(timeout=5) as client:
-                async with client.stream("POST", fake.url + "/v1/messages", json=body()) as r:
-                    async for chunk in r.aiter_bytes():
-                        raw += chunk
+            async with (
+                httpx.AsyncClient(timeout=5) as client,
+                client.stream("POST", fake.url + "/v1/messages", json=body()) as r,
+            ):
+                async for chunk in r.aiter_bytes():
+                    raw += chunk
     names = [n for n, _ in parse_sse(raw.decode())]
     assert names == ["message_start", "content_block_start"]
     assert fake.usage_sent == {
@@ -236,10 +238,12 @@ async def test_hang_and_hang_after_start():
     async with open_fake_anthropic([hang_after_start()]) as fake:
         raw = b""
         with trio.move_on_after(0.5) as cs:
-            async with httpx.AsyncClient(timeout=5) as client:
-                async with client.stream("POST", fake.url + "/v1/messages", json=body()) as r:
-                    async for chunk in r.aiter_bytes():
-                        raw += chunk
+            async with (
+                httpx.AsyncClient(timeout=5) as client,
+                client.stream("POST", fake.url + "/v1/messages", json=body()) as r,
+            ):
+                async for chunk in r.aiter_bytes():
+                    raw += chunk
         assert cs.cancelled_caught and [n for n, _ in parse_sse(raw.decode())] == ["message_start"]
         assert fake.usage_sent["output_tokens"] == 1 and not fake.requests[0].completed
 
@@ -308,6 +312,7 @@ async def test_standalone_server():
     try:
         with trio.fail_after(15):
             line = b""
+            assert proc.stdout is not None
             while not line.endswith(b"\n"):
                 line += await proc.stdout.receive_some(1)
         assert line.startswith(b"listening on http://127.0.0.1:")

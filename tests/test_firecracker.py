@@ -84,6 +84,11 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def ticks(vm: FirecrackerVM) -> list[int]:
     return [int(x, 16) for x in TICK.findall(vm.serial())]
 
@@ -91,7 +96,7 @@ def ticks(vm: FirecrackerVM) -> list[int]:
 async def until(pred, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll ``pred`` until true; fail after ``timeout``."""
     with trio.move_on_after(timeout):
-        while not pred():
+        while not pred():  # noqa: ASYNC110  (the guest's serial output is a file: nothing signals it)
             await trio.sleep(0.005)
         return
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
@@ -120,7 +125,8 @@ async def boot(vm: FirecrackerVM, kernel: str, **kw) -> None:
 
 def test_detect_is_honest_about_this_host(tmp_path):
     ok, reason = detect()
-    flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split()}
+    with open("/proc/cpuinfo") as f:
+        flags = {w for line in f if line.startswith("flags") for w in line.split()}
     if os.path.isdir("/sys/module/kvm_pvm") and not flags & {"vmx", "svm"}:
         assert not ok and "kvm_pvm" in reason and "no vmx/svm" in reason
     if not os.path.exists("/dev/kvm"):
@@ -129,6 +135,7 @@ def test_detect_is_honest_about_this_host(tmp_path):
     assert not ok and "run make firecracker" in reason and "run make image" in reason
 
 
+@pytest.mark.firecracker
 def test_backend_refuses_with_the_detect_reason(fc_bin):
     ok, reason = detect(fc_bin)
     if ok:
@@ -141,6 +148,7 @@ def test_backend_refuses_with_the_detect_reason(fc_bin):
 # --------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.firecracker
 async def test_boot_pause_snapshot_kill_restore_resume(fc_bin, guest, disk, tmp_path):
     root = str(tmp_path)
     vm = FirecrackerVM(f"{root}/a", firecracker_bin=fc_bin, prefix=PREFIX, network="tap")
@@ -178,6 +186,7 @@ async def test_boot_pause_snapshot_kill_restore_resume(fc_bin, guest, disk, tmp_
     assert sorted(os.listdir(root)) == ["disk.img", "snap"]
 
 
+@pytest.mark.firecracker
 async def test_two_clones_of_one_snapshot_run_side_by_side(fc_bin, guest, tmp_path):
     root = str(tmp_path)
     async with open_vm(f"{root}/base", firecracker_bin=fc_bin, prefix=PREFIX) as vm:
@@ -199,6 +208,7 @@ async def test_two_clones_of_one_snapshot_run_side_by_side(fc_bin, guest, tmp_pa
     assert leftovers(root) == []
 
 
+@pytest.mark.firecracker
 async def test_stale_vsock_socket_is_removed_before_load(fc_bin, guest, tmp_path):
     """The snapshot names the vsock socket path; a killed VMM leaves that file behind, and
     Firecracker refuses to bind it again."""
@@ -229,6 +239,7 @@ async def test_stale_vsock_socket_is_removed_before_load(fc_bin, guest, tmp_path
     assert leftovers(root) == []
 
 
+@pytest.mark.firecracker
 async def test_api_errors_carry_firecrackers_fault_message(fc_bin, guest, tmp_path):
     async with open_vm(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX) as vm:
         with pytest.raises(
@@ -249,6 +260,7 @@ async def test_api_errors_carry_firecrackers_fault_message(fc_bin, guest, tmp_pa
     assert leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.firecracker
 async def test_destroy_is_shielded_bounded_and_idempotent(fc_bin, guest, tmp_path):
     vm = FirecrackerVM(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX, network="tap")
     await vm.spawn()
@@ -274,6 +286,7 @@ def _memory_cgroup() -> tuple[str, str]:
     return "memory.limit_in_bytes=268435456", "memory.limit_in_bytes"
 
 
+@pytest.mark.firecracker
 async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, guest, disk, tmp_path, short_dir):
     setting, knob = _memory_cgroup()
     jail = Jailer(binary=jailer_bin, uid=4243, gid=4243, chroot_base=short_dir, cgroups=(setting,))
@@ -282,10 +295,11 @@ async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, gue
         await boot(vm, guest, rootfs=disk, vsock_cid=3)
         assert vm.jail_dir.startswith(short_dir) and os.path.isdir(vm.root)
         assert os.stat(vm.root).st_uid == 4243
-        status = open(f"/proc/{vm.proc.pid}/status").read()
+        with open(f"/proc/{vm.proc.pid}/status") as f:
+            status = f.read()
         assert re.search(r"^Uid:\s+4243\s", status, re.M), "firecracker does not run as the jail uid"
         limits = [os.path.join(m, "firecracker", vm.id, knob) for _, m in _cgroup_mounts()]
-        assert any(os.path.exists(p) and open(p).read().strip() == "268435456" for p in limits)
+        assert any(os.path.exists(p) and read_text(p).strip() == "268435456" for p in limits)
         assert vm.vsock_uds == os.path.join(vm.root, "vsock.sock") and os.path.exists(vm.vsock_uds)
         snap = await vm.snapshot(f"{root}/snap")
         at_snap = max(ticks(vm))
@@ -303,6 +317,7 @@ async def test_jailer_start_snapshot_restore_and_cleanup(fc_bin, jailer_bin, gue
 # --------------------------------------------------------------------------- network
 
 
+@pytest.mark.firecracker
 async def test_tap_in_its_own_network_namespace(fc_bin, guest, tmp_path):
     async with open_vm(str(tmp_path / "vm"), firecracker_bin=fc_bin, prefix=PREFIX, network="tap") as vm:
         await boot(vm, guest)
@@ -319,6 +334,7 @@ async def test_tap_in_its_own_network_namespace(fc_bin, guest, tmp_path):
     assert leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.firecracker
 async def test_egress_veth_and_nat_are_torn_down(fc_bin, guest, tmp_path):
     if shutil.which("iptables") is None:
         pytest.skip("iptables is not installed")
@@ -358,6 +374,7 @@ trio.run(main)
 """
 
 
+@pytest.mark.firecracker
 async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path, short_dir):
     """A node process dies (SIGKILL) with VMs up.  A VMM started without the jailer dies with its
     node (parent-death signal); a jailed one cannot (its change of uid clears the signal) and
@@ -375,6 +392,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
     try:
         line = b""
         with trio.fail_after(20):
+            assert node.stdout is not None
             while not line.endswith(b"\n"):
                 chunk = await node.stdout.receive_some(4096)
                 assert chunk, "the crashing node died early"
@@ -395,7 +413,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
     assert sum(r.startswith("process ") for r in removed) == 1
     assert sum(r.startswith("dir ") for r in removed) == 2
     assert f"netns {PREFIX}stray" in removed
-    for vm_dir, jail_dir, _ in vms:
+    for vm_dir, _, _ in vms:
         assert not os.path.exists(vm_dir)
     assert not os.path.exists(vms[1][1])
     assert leftovers(root) == [] and list_netns(PREFIX) == []
@@ -405,6 +423,7 @@ async def test_reap_leftovers_after_a_crash(fc_bin, jailer_bin, guest, tmp_path,
 # --------------------------------------------------------------------------- backend
 
 
+@pytest.mark.firecracker
 async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     """The node-facing shape, on the tiny guest: a sandbox with an fcvsock address."""
     image = tmp_path / "image"
@@ -419,6 +438,7 @@ async def test_backend_with_a_stand_in_image(fc_bin, guest, disk, tmp_path):
     sandbox = await backend.create("task-1", run_dir, SandboxOptions(disk=64 * 1024 * 1024))
     try:
         assert sandbox.agent_address == f"fcvsock:{run_dir}/vm/vsock.sock:1024"
+        assert sandbox.vm.api is not None
         drives = {d["drive_id"]: d for d in (await sandbox.vm.api.get("/vm/config"))["drives"]}
         assert (
             drives["task"]["is_read_only"] is False
@@ -451,6 +471,7 @@ def linux_capable() -> None:
 
 
 @pytest.mark.vm
+@pytest.mark.firecracker
 async def test_linux_guest_agent_over_vsock(linux_capable, tmp_path):
     """The real guest image under Firecracker: the agent answers over the hybrid vsock.
     Runs only where detect() says Firecracker can boot Linux (hardware KVM)."""

@@ -4,9 +4,11 @@ reconnects and late answers."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from marathon.errors import AuthError
 from marathon.protocol.framing import FramedStream
@@ -20,10 +22,15 @@ class ScriptedNode:
     def __init__(self, gateway: str, secret: str, node_id: str = "n-scripted"):
         self.gateway, self.secret, self.node_id = gateway, secret, node_id
         self.seq = 0
-        self.fs: FramedStream | None = None
+        self._fs: FramedStream[Any] | None = None
 
-    async def connect(self, running: dict[str, int] | None = None, slots: int = 1) -> m.Welcome:
-        self.fs = FramedStream(await open_stream(self.gateway), m.GatewayMessage)
+    @property
+    def fs(self) -> FramedStream[Any]:
+        assert self._fs is not None, "not connected"
+        return self._fs
+
+    async def connect(self, running: dict[str, int] | None = None, slots: int = 1, warm: int = 0) -> m.Welcome:
+        self._fs = FramedStream(await open_stream(self.gateway), m.GatewayMessage)
         await self.fs.handshake("node", "test", initiator=True, timeout=5)
         challenge = await self.fs.receive()
         nonce = os.urandom(32)
@@ -32,7 +39,7 @@ class ScriptedNode:
                 node_id=self.node_id,
                 name="scripted",
                 mac=node_mac(self.secret, challenge.nonce, self.node_id),
-                capacity=m.Capacity(slots=slots),
+                capacity=m.Capacity(slots=slots, warm=warm),
                 running=running or {},
                 nonce=nonce,
             )
@@ -142,7 +149,7 @@ async def test_a_node_refuses_an_orchestrator_that_cannot_prove_the_secret():
     port = listeners[0].socket.getsockname()[1]
 
     async def impostor(stream):
-        fs = FramedStream(stream, m.GatewayMessage)
+        fs: FramedStream[Any] = FramedStream(stream, m.GatewayMessage)
         await fs.handshake("orchestrator", "x", initiator=False, timeout=5)
         await fs.send(m.Challenge(nonce=b"n" * 32))
         auth = await fs.receive()
@@ -162,3 +169,188 @@ async def test_a_node_refuses_an_orchestrator_that_cannot_prove_the_secret():
         with pytest.raises(AuthError, match="did not prove the node secret"):
             await svc._session()
         n.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------------------- on trio's virtual clock
+
+# Real sockets and SQLite threads run under the clock, so it jumps only when everything has been
+# idle for a moment of real time (a thread at work is not "idle" for long).
+AUTOJUMP_AFTER = 0.02
+
+
+@pytest.fixture
+def virtual_clock():
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_AFTER)
+
+
+@pytest.fixture
+async def slow_orchestrator():
+    """Production-sized deadlines, passed in virtual time (the test asks for virtual_clock)."""
+    tmp = scratch_dir()
+    config = marathon_config(
+        os.path.join(tmp, "data"),
+        node_grace=30.0,
+        heartbeat_interval=20.0,
+        node_timeout=120.0,
+        assign_timeout=10.0,
+        max_attempts=5,
+    )
+    async with run_marathon(config, role="orchestrator") as mt:
+        yield mt, config
+
+
+async def keep_alive(node: ScriptedNode, interval: float) -> None:
+    while True:
+        await node.fs.send(m.Heartbeat(capacity=m.Capacity(slots=1)))
+        await trio.sleep(interval)
+
+
+async def running_task(mt, node: ScriptedNode, **kw) -> dict:
+    task = await mt.submit("x", **kw)
+    assign = await node.expect(m.Assign)
+    await node.fs.send(m.Accepted(task_id=task["id"], attempt=assign.task.attempt))
+    await node.event(task["id"], assign.task.attempt, m.StateEvent(state="running"))
+    await mt.wait_state(task["id"], {"running"})
+    return task
+
+
+def state_with(reason: str):
+    return lambda e: e["event"] == "state" and e["data"].get("reason") == reason
+
+
+async def test_node_grace_on_the_virtual_clock(virtual_clock, slow_orchestrator):
+    mt, config = slow_orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    task = await running_task(mt, node)
+    await node.close()
+    lost_at = trio.current_time()
+    await mt.events(task["id"], until=state_with("node_lost"))
+    assert trio.current_time() - lost_at >= config.node_grace
+    assert (await mt.task(task["id"]))["state"] == "queued"
+
+
+async def test_ack_deadline_on_the_virtual_clock(virtual_clock, slow_orchestrator):
+    mt, config = slow_orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    async with trio.open_nursery() as n:
+        n.start_soon(keep_alive, node, config.heartbeat_interval)
+        task = await mt.submit("x")
+        await node.expect(m.Assign)
+        assigned_at = trio.current_time()
+        await mt.events(task["id"], until=state_with("not_acknowledged"))
+        assert trio.current_time() - assigned_at >= config.assign_timeout
+        n.cancel_scope.cancel()
+
+
+async def test_cancel_deadline_on_the_virtual_clock(virtual_clock, slow_orchestrator):
+    mt, config = slow_orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    async with trio.open_nursery() as n:
+        n.start_soon(keep_alive, node, config.heartbeat_interval)
+        task = await running_task(mt, node)
+        r = await mt.client.post(f"/v1/tasks/{task['id']}/cancel")
+        assert r.status_code == 202 and r.json()["state"] == "running"  # sent to the node...
+        asked_at = trio.current_time()
+        cancel = await node.expect(m.Cancel)
+        assert cancel.task_id == task["id"]
+        final = await mt.finish(task["id"], timeout=3600)  # ...which never confirms
+        assert trio.current_time() - asked_at >= config.assign_timeout
+        assert final["state"] == "cancelled" and "did not confirm" in final["message"]
+        n.cancel_scope.cancel()
+
+
+async def test_task_timeout_on_the_virtual_clock(virtual_clock, slow_orchestrator):
+    mt, config = slow_orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    async with trio.open_nursery() as n:
+        n.start_soon(keep_alive, node, config.heartbeat_interval)
+        task = await running_task(mt, node, timeout=60)
+        started = trio.current_time()
+        cancel = await node.expect(m.Cancel, timeout=3600)  # the node never reports an end
+        assert cancel.task_id == task["id"] and cancel.reason == "timed out"
+        assert trio.current_time() - started >= 60 + config.node_timeout
+        final = await mt.finish(task["id"], timeout=60)
+        assert final["state"] == "timed_out" and final["reason"] == "timeout"
+        n.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------------------- drain, rejections
+
+
+async def test_drain_and_undrain_a_node(orchestrator):
+    mt = orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    r = await mt.client.post("/v1/nodes/scripted/drain")  # by name
+    assert r.status_code == 200 and r.json()["draining"] and r.json()["drain"] == "administrator"
+    await node.expect(m.Drain)
+    task = await mt.submit("x")
+    listed = (await mt.client.get("/v1/nodes")).json()["nodes"]
+    assert listed[0]["draining"] is True
+
+    from marathon.cli.nodes import node_line
+
+    assert "up, draining" in node_line(listed[0])
+    # a drained node is told again when it reconnects, and gets nothing meanwhile
+    await node.close()
+    await node.connect()
+    await node.expect(m.Drain)
+    assert (await mt.task(task["id"]))["state"] == "queued"
+
+    r = await mt.client.post(f"/v1/nodes/{node.node_id}/undrain")  # by id
+    assert r.status_code == 200 and not r.json()["draining"]
+    await node.expect(m.Undrain)
+    assign = await node.expect(m.Assign)
+    assert assign.task.task_id == task["id"]
+    assert (await mt.client.post("/v1/nodes/nope/drain")).status_code == 404
+
+
+async def test_only_administrators_drain(orchestrator):
+    mt = orchestrator
+    import httpx
+
+    accounts = mt.info.accounts
+    user = await accounts.register("user@example.com", "password123", by_admin=True)
+    from marathon.orchestrator.auth import Principal
+
+    key, _ = await accounts.create_key(Principal(user.id, user.email, False), "t")
+    async with httpx.AsyncClient(base_url=mt.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        r = await client.post("/v1/nodes/anything/drain")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+
+
+async def test_a_node_that_says_it_drains_gets_no_tasks(orchestrator):
+    mt = orchestrator
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    await node.fs.send(m.Heartbeat(capacity=m.Capacity(slots=1, draining=True)))
+    await node.expect(m.HeartbeatAck)  # its capacity is the session's now
+    assert (await mt.client.get("/v1/nodes")).json()["nodes"][0]["draining"]
+    task = await mt.submit("x")
+    await node.fs.send(m.Heartbeat(capacity=m.Capacity(slots=1)))
+    assign = await node.expect(m.Assign)  # once it stops draining, it gets the task
+    assert assign.task.task_id == task["id"]
+
+
+async def test_a_rejecting_node_does_not_fail_tasks_a_healthy_node_can_run(orchestrator):
+    mt = orchestrator
+    bad = ScriptedNode(mt.gateway, mt.node_secret, node_id="n-bad")
+    good = ScriptedNode(mt.gateway, mt.node_secret, node_id="n-good")
+    await bad.connect(warm=1)  # a warm sandbox: the scheduler prefers it
+    await good.connect()
+    for _ in range(3):  # more tasks than max_attempts: each would fail if the bad node got it every time
+        task = await mt.submit("x")
+        assign = await bad.expect(m.Assign)
+        assert assign.task.task_id == task["id"]
+        await bad.fs.send(m.Rejected(task_id=task["id"], attempt=assign.task.attempt, reason="broken"))
+        assign = await good.expect(m.Assign)
+        assert assign.task.task_id == task["id"] and assign.task.attempt == 2
+        await good.fs.send(m.Accepted(task_id=task["id"], attempt=2))
+        await good.event(task["id"], 2, m.StateEvent(state="running"))
+        await good.result(task["id"], 2, "succeeded")
+        final = await mt.finish(task["id"])
+        assert final["state"] == "succeeded" and final["node_id"] == "n-good"

@@ -58,9 +58,15 @@ def test_score_prefers_free_then_warm_and_refuses_full_or_draining():
     t = TaskView("t", 0)
     assert score(node("a", active=2), t) is None
     assert score(node("a", draining=True), t) is None
-    assert score(node("a", slots=4, active=1), t) > score(node("b", slots=4, active=3), t)
-    assert score(node("a", active=1, warm=1), t) > score(node("b", active=0), t)
-    assert score(node("a"), TaskView("t", 0, frozenset({"a"}))) < score(node("b", active=1), t)
+    assert scored(node("a", slots=4, active=1), t) > scored(node("b", slots=4, active=3), t)
+    assert scored(node("a", active=1, warm=1), t) > scored(node("b", active=0), t)
+    assert scored(node("a"), TaskView("t", 0, frozenset({"a"}))) < scored(node("b", active=1), t)
+
+
+def scored(n: NodeView, t: TaskView) -> float:
+    s = score(n, t)
+    assert s is not None, f"{n} must be able to take {t}"
+    return s
 
 
 def test_plan_is_oldest_first_and_never_oversubscribes():
@@ -69,7 +75,7 @@ def test_plan_is_oldest_first_and_never_oversubscribes():
     out = plan(tasks, nodes)
     assert len(out) == 3
     assert [t for t, _ in out] == ["t5", "t4", "t3"]  # oldest first
-    per = {}
+    per: dict[str, int] = {}
     for _, n in out:
         per[n] = per.get(n, 0) + 1
     assert per.get("a", 0) <= 2 and per.get("b", 0) <= 1 and "c" not in per

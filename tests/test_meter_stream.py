@@ -88,9 +88,13 @@ def test_stream_parser_turns_lines_into_events():
     ]
     events = [e for line in lines for e in p.line(json.dumps(line))]
     assert [type(e) for e in events] == [m.LogEvent, m.TextEvent, m.ToolCallEvent, m.ToolResultEvent]
-    assert events[2].summary == "Bash ls -la" and events[3].summary == "a b"
+    call, result = events[2], events[3]
+    assert isinstance(call, m.ToolCallEvent) and isinstance(result, m.ToolResultEvent)
+    assert call.summary == "Bash ls -la" and result.summary == "a b"
+    assert p.result is not None
     assert p.result.num_turns == 2 and p.result.usage == m.Usage(5, 6) and p.last_text == "Hi"
-    assert p.line("not json")[0].level == "warning" and p.bad_lines == 1
+    bad = p.line("not json")[0]
+    assert isinstance(bad, m.LogEvent) and bad.level == "warning" and p.bad_lines == 1
     assert p.line("") == []
 
 

@@ -92,6 +92,7 @@ async def test_task_fails_after_max_attempts_of_node_loss():
                     with trio.fail_after(60):
                         await requests.acquire()
                     n.cancel_scope.cancel()
+            assert task is not None
             final = await mt.finish(task["id"], timeout=30)
             assert final["state"] == "failed" and final["reason"] == "node_lost"
             assert "gave up after 2 attempts" in final["message"]

@@ -67,7 +67,7 @@ async def test_orchestrator_says_ready_pings_the_watchdog_and_says_stopping(form
         MARATHON_GATEWAY_LISTEN="tcp:127.0.0.1:0",
         PYTHONPATH=str(REPO_ROOT),
     )
-    log = open(os.path.join(tmp, "serve.log"), "wb")
+    log = open(os.path.join(tmp, "serve.log"), "wb")  # noqa: SIM115  (open for the daemon's lifetime)
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "marathon", "serve", "--role", "orchestrator"], env=env, stderr=log, cwd=tmp
     )

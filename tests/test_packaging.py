@@ -4,6 +4,7 @@ sufficient by running a real task under it (setpriv)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -214,13 +215,13 @@ async def test_a_node_with_the_units_capabilities_runs_a_real_task():
 
         async with trio.open_nursery() as n:
             server = await n.start(
-                lambda task_status: trio.run_process(
+                functools.partial(
+                    trio.run_process,
                     ["setpriv", "--no-new-privs", "--bounding-set", bounding_set(), "--", *serve],
                     env=env,
                     stderr=subprocess.PIPE,
                     check=False,
                     cwd=tmp,
-                    task_status=task_status,
                 )
             )
             try:

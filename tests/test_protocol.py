@@ -14,7 +14,9 @@ GW = msgspec.msgpack.Decoder(m.GatewayMessage)
 
 
 def sample_messages():
-    spec = m.TaskSpec(task_id="t1", prompt="do it", repo="/r", max_turns=3, env={"A": "b"})
+    spec = m.TaskSpec(
+        task_id="t1", prompt="do it", repo="/r", max_turns=3, prices={"claude-*": m.Price(input=3.0, output=15.0)}
+    )
     return [
         m.Hello(protocol=1, role="node", version="x"),
         m.Challenge(nonce=b"\x00" * 32),

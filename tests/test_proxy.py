@@ -15,8 +15,9 @@ TOKEN = "mt_task_token"
 
 
 class Harness:
-    def __init__(self, fake, grant, url):
+    def __init__(self, fake, grant, url, records: list, recorded: trio.Event):
         self.fake, self.grant, self.url = fake, grant, url
+        self.records, self.recorded = records, recorded  # what the proxy metered; set at the first record
         self.client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=10)
 
     async def post(self, body, *, token=TOKEN, path="/v1/messages?beta=true", **kw):
@@ -42,13 +43,17 @@ async def start(nursery, script, *, budget=lambda: None, expires_at=None, max_bo
         lambda task_status: fa.serve_fake_anthropic(script, api_key=REAL_KEY, task_status=task_status)
     )
     proxy = MeteringProxy(fake.url + prefix, REAL_KEY, max_body=max_body)
-    records = []
-    grant = ProxyGrant(task_id="t1", token=TOKEN, on_record=records.append, budget_check=budget, expires_at=expires_at)
+    records: list = []
+    recorded = trio.Event()
+
+    def on_record(rec) -> None:
+        records.append(rec)
+        recorded.set()
+
+    grant = ProxyGrant(task_id="t1", token=TOKEN, on_record=on_record, budget_check=budget, expires_at=expires_at)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(trio.serve_listeners, lambda s: proxy.handle(s, grant), listeners)
-    h = Harness(fake, grant, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
-    h.records = records
-    return h
+    return Harness(fake, grant, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", records, recorded)
 
 
 async def test_streams_through_with_the_real_key_and_meters_exactly():
@@ -116,8 +121,7 @@ async def test_dropped_upstream_stream_is_metered_for_what_arrived():
         with pytest.raises(httpx.HTTPError):
             await h.post(body())
         with trio.fail_after(5):
-            while not h.records:
-                await trio.sleep(0.01)
+            await h.recorded.wait()
         rec = h.records[0]
         assert not rec.complete and rec.error
         # message_start arrived (input 50, output 1 so far); message_delta never did
@@ -234,8 +238,7 @@ async def test_a_client_that_leaves_mid_stream_is_metered_to_the_end():
             async for _ in r.aiter_raw():
                 break  # read the first bytes, then hang up
         with trio.fail_after(10):
-            while not h.records:
-                await trio.sleep(0.01)
+            await h.recorded.wait()
         assert h.records[0].usage == Usage(10, 777)  # message_delta's output count, though nobody read it
         assert not h.records[0].complete
         n.cancel_scope.cancel()

@@ -100,7 +100,8 @@ async def test_repo_sources_mirror_cache_fetch_and_keep_workspace():
     tmp = scratch_dir()
     src = make_git_repo(os.path.join(tmp, "src"), {"README.md": "# r\n"})
     git("checkout", "-q", "-b", "dev", cwd=src)
-    open(os.path.join(src, "dev.txt"), "w").write("dev only\n")
+    with open(os.path.join(src, "dev.txt"), "w") as f:
+        f.write("dev only\n")
     git("add", "dev.txt", cwd=src)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "dev", cwd=src)
     git("checkout", "-q", "main", cwd=src)

@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from tests import fake_anthropic as fa
+from tests.polling import until
 from tests.harness import (
     REPO_ROOT,
     TEST_KEY,
@@ -40,10 +41,10 @@ NONROOT_UID = 43210
 
 
 def host_ips() -> list[str]:
-    ips = set()
+    ips: set[str] = set()
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            ips.add(info[4][0])
+            ips.add(str(info[4][0]))
     except OSError:
         pass
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
@@ -51,7 +52,7 @@ def host_ips() -> list[str]:
         parts = line.split()
         if "inet" in parts:
             ips.add(parts[parts.index("inet") + 1].split("/")[0])
-    return sorted(ip for ip in ips if not ip.startswith("127."))
+    return sorted(str(ip) for ip in ips if not str(ip).startswith("127."))
 
 
 def probe_turn(cfg: dict) -> fa.Turn:
@@ -214,9 +215,7 @@ async def nonroot_node(mt, fake, tmp: str, **settings):
             env=env, stdout=logf, stderr=logf, cwd=node_data,
         )  # fmt: skip
     try:
-        with trio.fail_after(60):
-            while not mt.info.nodes.connected():
-                await trio.sleep(0.05)
+        await until(lambda: bool(mt.info.nodes.connected()), timeout=60)
         yield log_path, node_data, exe
     finally:
         node.send_signal(signal.SIGINT)
@@ -277,14 +276,16 @@ async def test_nonroot_node_without_bubblewrap_runs_a_task():
     script = [fa.tool_use("Write", {"file_path": "out.txt", "content": "plain and unprivileged\n"}), fa.text("ok")]
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url)
-        async with run_marathon(config, role="orchestrator") as mt:
-            async with nonroot_node(mt, fake, tmp, bwrap="off") as (log_path, _, _):
-                final = await mt.finish((await mt.submit("plain", repo=repo))["id"], timeout=240)
-                with open(log_path) as f:
-                    log_text = f.read()
-                assert final["state"] == "succeeded", (final["message"], log_text[-3000:])
-                assert "NO isolation" in log_text
-                assert "+plain and unprivileged" in (await mt.client.get(f"/v1/tasks/{final['id']}/diff")).text
+        async with (
+            run_marathon(config, role="orchestrator") as mt,
+            nonroot_node(mt, fake, tmp, bwrap="off") as (log, _, _),
+        ):
+            final = await mt.finish((await mt.submit("plain", repo=repo))["id"], timeout=240)
+            with open(log) as f:
+                log_text = f.read()
+            assert final["state"] == "succeeded", (final["message"], log_text[-3000:])
+            assert "NO isolation" in log_text
+            assert "+plain and unprivileged" in (await mt.client.get(f"/v1/tasks/{final['id']}/diff")).text
 
 
 def test_the_probe_sees_leaks_where_there_is_no_sandbox(tmp_path):

@@ -62,13 +62,14 @@ def test_owner_name_is_github_even_where_that_path_exists(tmp_path, monkeypatch)
 
 
 async def test_the_node_refuses_a_non_administrators_private_remote():
-    spec = m.TaskSpec(task_id="a" * 12, prompt="x", repo="http://127.0.0.1:8600/x.git", trusted_repo=False)
+    url = "http://127.0.0.1:8600/x.git"
+    spec = m.TaskSpec(task_id="a" * 12, prompt="x", repo=url, trusted_repo=False)
     config = marathon_config(scratch_dir())
     with pytest.raises(RepoError, match="non-public address"):
-        await remote_config(resolve_repo(spec.repo, trusted=False), spec, config)
+        await remote_config(resolve_repo(url, trusted=False), spec, config)
     # an allow-listed host passes, unpinned, with redirects and local transports still off
     allowed = marathon_config(scratch_dir(), repo_hosts=["127.0.0.1"])
-    pairs = dict(await remote_config(resolve_repo(spec.repo, trusted=False), spec, allowed))
+    pairs = dict(await remote_config(resolve_repo(url, trusted=False), spec, allowed))
     assert pairs["http.followRedirects"] == "false" and pairs["protocol.allow"] == "never"
     assert "http.curloptResolve" not in pairs
 

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tests import fake_anthropic as fa
+from tests.polling import until
 from tests.harness import TEST_KEY, Marathon, alive, claude_bin, make_git_repo, scratch_dir
 
 pytestmark = pytest.mark.slow
@@ -108,9 +109,11 @@ async def test_long_task_on_a_separate_node_and_a_killed_node_leaves_nothing():
                 r = await client.post("/v1/auth/login", json=creds)
                 client.headers["Authorization"] = f"Bearer {r.json()['token']}"
                 mt = Marathon(api, gateway, secret, None, None, client)
-                with trio.fail_after(60):
-                    while not (await client.get("/v1/nodes")).json().get("nodes"):
-                        await trio.sleep(0.1)
+
+                async def node_up() -> bool:
+                    return bool((await client.get("/v1/nodes")).json().get("nodes"))
+
+                await until(node_up, timeout=60)
 
                 task = await mt.submit("take a while", repo=repo)
                 final = await mt.finish(task["id"], timeout=180)
@@ -123,17 +126,13 @@ async def test_long_task_on_a_separate_node_and_a_killed_node_leaves_nothing():
 
                 # a node killed hard takes its sandbox (bwrap, the agent, Claude Code, the sleep) with it
                 stuck = await mt.submit("hang here", repo=repo)
-                with trio.fail_after(60):
-                    while not _procs_mentioning("time.sleep(600)"):  # the task's tool is running
-                        await trio.sleep(0.05)
+                await until(lambda: bool(_procs_mentioning("time.sleep(600)")), timeout=60)  # its tool runs
                 sandbox_dir = os.path.join(node_data, "sandboxes", stuck["id"])
                 before = _procs_mentioning(sandbox_dir) | _procs_mentioning("time.sleep(600)")
                 assert before, "the sandbox's processes were not found"
                 node.kill()
                 await node.wait()
-                with trio.fail_after(15):
-                    while _procs_mentioning(sandbox_dir) or alive(before):
-                        await trio.sleep(0.05)
+                await until(lambda: not _procs_mentioning(sandbox_dir) and not alive(before), timeout=15)
         finally:
             if node is not None:
                 await _stop(node)

@@ -97,9 +97,7 @@ async def test_warm_pool_restores_from_a_snapshot_with_fresh_identity():
         async with run_marathon(config) as mt:
             pool = mt.node.pool
             with trio.fail_after(600):
-                while len(pool.ready) < 2:
-                    assert pool.disabled is None, pool.disabled
-                    await trio.sleep(0.2)
+                await pool.wait_ready(2)
             await trio.sleep(2)  # let the snapshot's clock fall behind a little
             tasks = [await mt.submit(f"task {i}", repo=repo) for i in range(2)]
             finals = [await mt.finish(t["id"], timeout=600) for t in tasks]

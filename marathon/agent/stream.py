@@ -133,7 +133,8 @@ class StreamParser:
                 self.last_text = block["text"]
                 out.append(m.TextEvent(text=block["text"]))
             elif block.get("type") == "tool_use":
-                args = block.get("input") if isinstance(block.get("input"), dict) else {}
+                raw = block.get("input")
+                args: dict = raw if isinstance(raw, dict) else {}
                 out.append(
                     m.ToolCallEvent(
                         tool_id=block.get("id", ""),

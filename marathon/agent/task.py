@@ -216,7 +216,7 @@ async def _loop(start: m.Start, user: RunUser, claude: str, api_url: str, emit: 
         facts = loop.RunFacts(
             cancelled=(cancel.reason or "cancelled") if cancel.event.is_set() else None,
             has_result=res is not None, subtype=res.subtype if res else "", is_error=res.is_error if res else False,
-            exit_code=run.exit_code, killed_by_signal=-run.exit_code if (run.exit_code or 0) < 0 else None,
+            exit_code=run.exit_code, killed_by_signal=-run.exit_code if run.exit_code is not None and run.exit_code < 0 else None,
             final_text=final, result_text=res.result if res else "", stderr_tail=run.stderr_tail,
             commit_error=commit_error, disk_full=disk_full,
         )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
 
-from marathon.cli import _client, _fail, app, Url
+from marathon.cli.app import Url, api_client, app, fail
 from marathon.cli import render
 
 
@@ -18,7 +18,7 @@ def _password(password_stdin: bool, confirm: bool = False) -> str:
         return sys.stdin.readline().rstrip("\n")
     pw = getpass.getpass("password: ")
     if confirm and getpass.getpass("again: ") != pw:
-        raise SystemExit(_fail("the passwords differ", 2))
+        raise SystemExit(fail("the passwords differ", 2))
     return pw
 
 
@@ -34,9 +34,9 @@ def register(email: str, *, password_stdin: bool = False, url: Url = None) -> in
     from marathon.cli.client import ApiError
 
     try:
-        user = _client(url).post("/v1/auth/register", {"email": email, "password": _password(password_stdin, True)})
+        user = api_client(url).post("/v1/auth/register", {"email": email, "password": _password(password_stdin, True)})
     except ApiError as exc:
-        return _fail(exc.message, 2 if exc.status in (400, 409) else 1)
+        return fail(exc.message, 2 if exc.status in (400, 409) else 1)
     print(f"registered {user['email']}{' (administrator)' if user['admin'] else ''}; now: marathon login {email}")
     return 0
 
@@ -46,7 +46,7 @@ def login(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
     """Log in and keep the token in your config directory (mode 0600)."""
     from marathon.cli import credentials
 
-    client = _client(url)
+    client = api_client(url)
     res = client.post("/v1/auth/login", {"email": email, "password": _password(password_stdin)})
     where = credentials.save(client.url, res["token"], email=res["user"]["email"])
     print(f"logged in as {res['user']['email']} (token saved in {where})")
@@ -59,12 +59,12 @@ def logout(*, url: Url = None) -> int:
     from marathon.cli import credentials
     from marathon.cli.client import ApiError
 
-    client = _client(url)
+    client = api_client(url)
     try:
         client.post("/v1/auth/logout")
     except ApiError as exc:
         if exc.status != 401:
-            return _fail(exc.message)
+            return fail(exc.message)
     credentials.forget(client.url)
     print("logged out")
     return 0
@@ -73,7 +73,7 @@ def logout(*, url: Url = None) -> int:
 @app.command
 def whoami(*, url: Url = None) -> int:
     """Who the CLI is authenticated as."""
-    me = _client(url).get("/v1/auth/whoami")
+    me = api_client(url).get("/v1/auth/whoami")
     print(f"{me['email']} ({me['id']}){' administrator' if me['admin'] else ''}")
     return 0
 
@@ -85,7 +85,7 @@ app.command(keys)
 @keys.command(name="create")
 def keys_create(name: str = "key", *, url: Url = None) -> int:
     """Create an API key; it is shown once."""
-    k = _client(url).post("/v1/keys", {"name": name})
+    k = api_client(url).post("/v1/keys", {"name": name})
     print(k["key"])
     print(f"(id {k['id']}; shown once — use it as MARATHON_TOKEN or 'Authorization: Bearer …')", file=sys.stderr)
     return 0
@@ -94,7 +94,7 @@ def keys_create(name: str = "key", *, url: Url = None) -> int:
 @keys.command(name="list")
 def keys_list(*, url: Url = None) -> int:
     """List your API keys (prefixes only)."""
-    data = _client(url).get("/v1/keys")
+    data = api_client(url).get("/v1/keys")
     for k in data["keys"]:
         state = "revoked" if k["revoked_at"] else "active"
         print(f"{k['id']}  {k['prefix']}…  {state:<8} {render.age(k['created_at']):>4}  {k['name']}")
@@ -106,7 +106,7 @@ def keys_list(*, url: Url = None) -> int:
 @keys.command(name="revoke")
 def keys_revoke(key_id: str, *, url: Url = None) -> int:
     """Revoke an API key."""
-    _client(url).request("DELETE", f"/v1/keys/{key_id}")
+    api_client(url).request("DELETE", f"/v1/keys/{key_id}")
     print(f"revoked {key_id}")
     return 0
 
@@ -132,7 +132,7 @@ def usage(
         Administrators: whose usage (email or id; * for everyone).
     """
     params = {"since": since, "by": by, **({"user": user} if user else {})}
-    data = _client(url).get("/v1/usage", params=params)
+    data = api_client(url).get("/v1/usage", params=params)
     if json_output:
         print(json.dumps(data, indent=2))
         return 0

@@ -18,6 +18,13 @@ class ApiError(MarathonError):
         self.status, self.code, self.message = status, code, message
 
 
+class Unreachable(ApiError):
+    """The orchestrator did not answer (it may be restarting)."""
+
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+
+
 @dataclass
 class SseEvent:
     id: int
@@ -49,7 +56,7 @@ class Client:
         try:
             return self._check(self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise ApiError(0, "unreachable", f"cannot reach the orchestrator at {self.url}: {exc}") from None
+            raise Unreachable(0, "unreachable", f"cannot reach the orchestrator at {self.url}: {exc}") from None
 
     def get(self, path: str, **kw) -> dict:
         return self.request("GET", path, **kw).json()
@@ -58,8 +65,11 @@ class Client:
         return self.request("POST", path, json=body or {}).json()
 
     def events(self, task_id: str, *, after: int = 0, follow: bool = True) -> Iterator[SseEvent]:
-        """Yield events in order; on a dropped connection resume after the last one seen."""
+        """Yield events in order; on a dropped connection resume after the last one seen.  A
+        followed stream that ends before the task did (the orchestrator shut down, or restarts)
+        is resumed the same way."""
         failures, retries = 0, self.retries
+        ended = False
         while True:
             headers = {"Last-Event-ID": str(after)} if after else {}
             try:
@@ -76,17 +86,22 @@ class Client:
                     for ev in parse_sse(resp.iter_lines()):
                         failures = 0
                         after = ev.id
+                        ended = ended or (ev.kind == "state" and ev.data.get("state") in TERMINAL)
                         yield ev
-                return
-            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
-                failures += 1
-                if failures > retries:
-                    raise ApiError(0, "unreachable", f"lost the event stream: {exc}") from None
-                time.sleep(min(0.05 * 2 ** min(failures, 7), 5.0))
+                if not follow or ended or self.get(f"/v1/tasks/{task_id}").get("terminal"):
+                    return
+                why = "the event stream ended before the task"
+            except (httpx.TransportError, httpx.RemoteProtocolError, Unreachable) as exc:
+                why = str(exc)
+            failures += 1
+            if failures > retries:
+                raise ApiError(0, "unreachable", f"lost the event stream: {why}") from None
+            time.sleep(min(0.05 * 2 ** min(failures, 7), 5.0))
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    ev_id, kind, data = None, "message", []
+    ev_id: str | None = None
+    kind, data = "message", list[str]()
     for line in lines:
         if line == "":
             if data and ev_id is not None:

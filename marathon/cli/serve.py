@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import msgspec
 import trio
 
 from marathon.config import Config, load_config
+from marathon.errors import ConfigError
 from marathon.logs import _Redact, json_enabled, redact_also  # noqa: F401  (_Redact lives in marathon.logs now)
 from marathon.notify import serve_notify
 
@@ -28,7 +30,7 @@ def setup_logging(config: Config, role: str) -> None:
 
 
 def make_backend(config: Config, cgroups=None):
-    from marathon.errors import ConfigError, SandboxError
+    from marathon.errors import SandboxError
     from marathon.node.sandbox.process import ProcessBackend
 
     try:
@@ -45,7 +47,7 @@ def make_backend(config: Config, cgroups=None):
                 mem_mib=config.vm_mem_mib,
                 accel=config.qemu_accel,
                 cgroups=cgroups,
-                default_disk=config.default_disk if config.disk_limit != "off" else 0,
+                default_disk=int(config.default_disk) if config.disk_limit != "off" else 0,
             )
         from marathon.node.sandbox.detect import default_image_dir
         from marathon.node.sandbox.firecracker import FirecrackerBackend
@@ -88,15 +90,56 @@ def run_serve(role: str, flags: dict, listen: str | None) -> int:
         os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
         os.chmod(config.data_dir, 0o711)
     try:
-        trio.run(serve_role, role, config, listen)
-    except KeyboardInterrupt:
+        try:
+            trio.run(serve_until_signalled, role, config, listen)
+        except* ConfigError as group:  # a bad setting found while starting: one line, exit status 2
+            raise group.exceptions[0] from None
+    except KeyboardInterrupt:  # before the signal receiver was up, or after it was gone
         log.info("interrupted; shut down")
     return 0
 
 
-async def serve_role(role: str, config: Config, listen: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED):
-    from marathon.errors import ConfigError
+async def serve_until_signalled(role: str, config: Config, listen: str | None = None) -> None:
+    """Serve ``role`` until SIGTERM or SIGINT, then stop: gracefully first (a node drains its
+    tasks, the API ends its event streams and open requests), then by cancelling everything;
+    every cleanup on the way is shielded and bounded.  A second signal cuts the graceful part short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as root:
+            started: list = []
 
+            async def start() -> None:
+                started.append(await root.start(serve_role, role, config, listen))
+
+            root.start_soon(start)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                break
+            if started and role != "agent":
+                with trio.CancelScope() as graceful:
+
+                    async def cut_short() -> None:
+                        async for signum in signals:
+                            log.warning("%s again: stopping now", signal.Signals(signum).name)
+                            graceful.cancel()
+                            return
+
+                    root.start_soon(cut_short)
+                    info, node = started[0]
+                    await stop_gracefully(config, info, node)
+            root.cancel_scope.cancel()
+    log.info("shut down")
+
+
+async def stop_gracefully(config: Config, info, node) -> None:
+    """The graceful part of a shutdown: the node first (in ``all`` its results still reach the
+    orchestrator in this process), then the API."""
+    if node is not None:
+        await node.shutdown(config.drain_timeout)
+    if info is not None:
+        await info.stop_http()
+
+
+async def serve_role(role: str, config: Config, listen: str | None = None, *, task_status=trio.TASK_STATUS_IGNORED):
     if role == "agent":
         from marathon.agent.service import serve_agent
 
@@ -126,7 +169,7 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 secret = info.node_secret
             elif config.node_secret:
                 secret = config.node_secret
-            elif os.path.exists(os.path.join(config.data_dir, "node_secret")):
+            elif await trio.Path(config.data_dir, "node_secret").exists():
                 secret = load_node_secret(config)
             else:
                 raise ConfigError("a node needs the orchestrator's node secret: set MARATHON_NODE_SECRET")

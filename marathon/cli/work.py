@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 
-from marathon.cli import _client, _fail, _follow, app, Url
+from marathon.cli.app import Url, api_client, app, fail, follow
 
 
 @app.command
@@ -15,16 +15,16 @@ def reply(task_id: str, answer: str, *, detach: bool = False, url: Url = None) -
     """Answer a task's question (state needs_input); it continues on the same work."""
     from marathon.cli.client import ApiError
 
-    client = _client(url)
+    client = api_client(url)
     try:
         client.post(f"/v1/tasks/{task_id}/reply", {"answer": answer})
     except ApiError as exc:
-        return _fail(exc.message, 2 if exc.status in (400, 404, 409) else 1)
+        return fail(exc.message, 2 if exc.status in (400, 404, 409) else 1)
     print(f"task {task_id} queued again", flush=True)
     if detach:
         return 0
     last = max((e.id for e in client.events(task_id, follow=False)), default=0)
-    return _follow(client, task_id, cancel_on_interrupt=False, summary=True, after=last - 1 if last else 0)
+    return follow(client, task_id, cancel_on_interrupt=False, summary=True, after=last - 1 if last else 0)
 
 
 @app.command
@@ -36,11 +36,11 @@ def fetch(task_id: str, *, into: str = ".", url: Url = None) -> int:
     into
         A clone of the task's repository (default: the current directory).
     """
-    client = _client(url)
+    client = api_client(url)
     task = client.get(f"/v1/tasks/{task_id}")
     data = client.request("GET", f"/v1/tasks/{task_id}/bundle").content
     if subprocess.run(["git", "-C", into, "rev-parse", "--git-dir"], capture_output=True).returncode != 0:
-        return _fail(f"{into} is not a git repository", 2)
+        return fail(f"{into} is not a git repository", 2)
     branch = f"marathon/{task_id}"
     with tempfile.NamedTemporaryFile(suffix=".bundle", delete=False) as f:
         f.write(data)
@@ -53,7 +53,7 @@ def fetch(task_id: str, *, into: str = ".", url: Url = None) -> int:
     finally:
         os.unlink(f.name)
     if res.returncode != 0:
-        return _fail(f"git fetch failed: {res.stderr.strip()}")
+        return fail(f"git fetch failed: {res.stderr.strip()}")
     print(f"fetched {task['commits']} commit(s) into {branch} ({task['head'][:10]})")
     return 0
 
@@ -67,8 +67,8 @@ def github_token(*, clear: bool = False, url: Url = None) -> int:
     """
     token = None if clear else (os.environ.get("GITHUB_TOKEN") or sys.stdin.readline().strip())
     if not clear and not token:
-        return _fail("no token: set GITHUB_TOKEN or pipe it on standard input", 2)
-    res = _client(url).request("PUT", "/v1/auth/github-token", json={"token": token}).json()
+        return fail("no token: set GITHUB_TOKEN or pipe it on standard input", 2)
+    res = api_client(url).request("PUT", "/v1/auth/github-token", json={"token": token}).json()
     print(f"GitHub token {res['github_token']}")
     return 0
 

@@ -110,7 +110,7 @@ class TaskDisk:
 
 async def reap_mounts(under: str) -> list[str]:
     """At node start: unmount task disks a crashed node left mounted below ``under``."""
-    found = []
+    found: list[str] = []
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.read().splitlines()

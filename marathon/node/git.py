@@ -153,7 +153,7 @@ class MirrorCache:
         return os.path.join(self.root, hashlib.sha256(url.encode()).hexdigest()[:20] + ".git")
 
     async def ensure(self, url: str, *, token: str | None = None,
-                     config: list[tuple[str, str]] = ()) -> tuple[str, bool]:  # fmt: skip
+                     config: list[tuple[str, str]] | tuple[()] = ()) -> tuple[str, bool]:  # fmt: skip
         """The mirror's path, and whether it was already cached."""
         path = self.path_for(url)
         lock = self._locks.setdefault(path, trio.Lock())
@@ -238,7 +238,7 @@ async def empty_repo_bundle(scratch: str, out: str) -> tuple[str, str]:
 
 
 async def push_result(mirror: str, url: str, result_bundle: str, work_branch: str, token: str | None,
-                      config: list[tuple[str, str]] = ()) -> None:  # fmt: skip
+                      config: list[tuple[str, str]] | tuple[()] = ()) -> None:  # fmt: skip
     """Push the work branch from the agent's result bundle to the repository's remote."""
     scratch = result_bundle + ".push.git"
     shutil.rmtree(scratch, ignore_errors=True)

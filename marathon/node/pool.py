@@ -20,9 +20,11 @@ from collections.abc import Callable
 import trio
 
 from marathon.errors import MarathonError
+from marathon.node.sandbox import Sandbox
 from marathon.protocol.framing import FramedStream
 
 log = logging.getLogger("marathon.pool")
+CLEANUP_TIMEOUT = 60.0  # destroying what the pool holds when it stops
 
 
 def refill_plan(*, target: int, slots: int, active: int, ready: int, filling: int) -> int:
@@ -33,7 +35,7 @@ def refill_plan(*, target: int, slots: int, active: int, ready: int, filling: in
 
 @dataclass
 class Warm:
-    sandbox: object
+    sandbox: Sandbox
     channel: FramedStream  # the agent's channel, already past Hello/Ready
     ready_at: float
 
@@ -64,6 +66,13 @@ class WarmPool:
     def poke(self) -> None:
         self._changed.set()
 
+    async def wait_ready(self, n: int) -> None:
+        """Until ``n`` sandboxes are ready (or the pool is disabled: MarathonError)."""
+        while len(self.ready) < n:
+            if self.disabled:
+                raise MarathonError(f"the warm pool is disabled: {self.disabled}")
+            await self._changed.wait()
+
     def stats(self) -> dict:
         return {
             "warm": len(self.ready),
@@ -83,6 +92,7 @@ class WarmPool:
         except (MarathonError, OSError, trio.TooSlowError) as exc:
             self.disabled = f"could not take the base snapshot: {exc}"
             log.warning("warm pool disabled: %s", self.disabled)
+            self.poke()
             return
         backoff = 0.5
         async with trio.open_nursery() as nursery:
@@ -106,10 +116,14 @@ class WarmPool:
                         backoff = 0.5
                     await self._changed.wait()
             finally:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT) as scope:
                     while self.ready:
                         await self.ready.popleft().sandbox.destroy()
                     await trio.to_thread.run_sync(lambda: shutil.rmtree(self.root, ignore_errors=True))
+                if scope.cancelled_caught:
+                    log.warning(
+                        "warm pool: cleanup took over %.0fs; the rest is left to the next start", CLEANUP_TIMEOUT
+                    )
 
     async def _make_snapshot(self, attempts: int = 3) -> None:
         """Boot the base VM and snapshot it once its agent answers.  An emulated boot now and

@@ -19,6 +19,10 @@ import re
 import secrets
 import shutil
 import uuid
+from collections.abc import Callable
+from typing import assert_never
+
+import msgspec
 
 import trio
 
@@ -43,6 +47,23 @@ log = logging.getLogger("marathon.node")
 OUTBOX_LIMIT = 200_000
 SEND_TIMEOUT = 60.0  # an orchestrator that reads nothing for this long is gone
 TASK_ID = re.compile(r"[0-9a-f]{12}")
+BACKOFF_MIN, BACKOFF_MAX, BACKOFF_REFUSED = 0.1, 5.0, 5.0  # reconnect delays (seconds, before jitter)
+STOP_BOUND = 60.0  # after a shutdown's drain, how long the stopped tasks get to end and clean up
+HANDOVER_TIMEOUT = 10.0  # and how long their results get to reach the orchestrator
+CLOSE_TIMEOUT = 30.0  # closing the proxy and the backend at the end
+
+
+Outgoing = m.TaskEvent | m.TaskBlob | m.TaskResult  # what goes through the outbox
+
+
+def next_backoff(backoff: float) -> float:
+    """The reconnect delay after another failed dial: doubling, up to BACKOFF_MAX."""
+    return min(max(backoff, BACKOFF_MIN) * 2, BACKOFF_MAX)
+
+
+def jittered(backoff: float, r: float) -> float:
+    """Spread reconnects (``r`` uniform in [0, 1)): between half and one and a half times ``backoff``."""
+    return backoff * (0.5 + r)
 
 
 def load_node_id(config: Config) -> str:
@@ -54,9 +75,13 @@ class NodeService:
         self.config, self.backend, self.proxy, self.secret = config, backend, proxy, secret
         self.node_id = load_node_id(config)
         self.tasks: dict[str, TaskHandle] = {}
-        self.draining = False
+        self.draining = False  # no new tasks: told to drain, or shutting down
+        self.shutting_down = False
+        self._random: Callable[[], float] = random.random  # reconnect jitter (tests fix it)
+        self._report = trio.Event()  # set: send a heartbeat now (draining changed, results to hand over)
+        self._acked_changed = trio.Event()
         self._seq = itertools.count(1)
-        self._outbox: collections.deque[tuple[int, object]] = collections.deque()
+        self._outbox: collections.deque[tuple[int, Outgoing]] = collections.deque()
         self._outbox_changed = trio.Event()
         self._acked = 0
         self._link: FramedStream | None = None
@@ -85,7 +110,7 @@ class NodeService:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def emit(self, msg) -> None:
+    def emit(self, msg: Outgoing) -> None:
         """Queue a TaskEvent/TaskResult for the orchestrator (never blocks, never drops results)."""
         self._outbox.append((msg.node_seq, msg))
         if len(self._outbox) > OUTBOX_LIMIT:
@@ -100,6 +125,11 @@ class NodeService:
         self._acked = max(self._acked, acked)
         while self._outbox and self._outbox[0][0] <= self._acked:
             self._outbox.popleft()
+        self._acked_changed.set()
+        self._acked_changed = trio.Event()
+
+    def report_now(self) -> None:
+        self._report.set()
 
     def capacity(self) -> m.Capacity:
         p = self.pool.stats() if self.pool is not None else {}
@@ -113,6 +143,7 @@ class NodeService:
             pool_misses=p.get("misses", 0),
             claim_ms_p50=p.get("claim_ms_p50"),
             pool_note=p.get("disabled"),
+            draining=self.draining,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,28 +157,61 @@ class NodeService:
             task_status.started(self)
 
     async def _connection_loop(self) -> None:
-        backoff = 0.1
+        backoff = BACKOFF_MIN
         while True:
             try:
                 await self._session()
-                backoff = 0.1
+                backoff = BACKOFF_MIN
             except AuthError as exc:
                 log.error("orchestrator refused this node: %s", exc)
-                backoff = 5.0
+                backoff = BACKOFF_REFUSED
             except (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as exc:
                 if self.connected.is_set() or backoff >= 2:
                     log.warning("orchestrator link at %s: %s", self.config.orchestrator, exc)
             finally:
                 self._link = None
                 self.connected = trio.Event()
-            await trio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            await trio.sleep(jittered(backoff, self._random()))
+            backoff = next_backoff(backoff)
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """A graceful stop (SIGTERM): take no new tasks and tell the orchestrator so; let what
+        runs go on for ``drain_timeout``; then stop it with reason ``node_shutdown`` (the
+        orchestrator queues those tasks again at once) and hand the results over.  Every step is
+        bounded; the caller then cancels the node, which cleans up what is left."""
+        self.shutting_down = self.draining = True
+        self.report_now()
+        if self.tasks:
+            log.info("shutting down: %d task(s) get %.0fs to finish", len(self.tasks), drain_timeout)
+        with trio.move_on_after(drain_timeout):
+            await self._all_tasks_finished()
+        if self.tasks:
+            log.warning("shutting down: stopping %d task(s) (%s)", len(self.tasks), m.NODE_SHUTDOWN)
+            for handle in list(self.tasks.values()):
+                handle.cancel(m.NODE_SHUTDOWN)
+            with trio.move_on_after(STOP_BOUND):
+                await self._all_tasks_finished()
+        with trio.move_on_after(HANDOVER_TIMEOUT) as scope:
+            await self._handed_over()
+        if scope.cancelled_caught:
+            log.warning("shutting down: %d result(s) not acknowledged by the orchestrator", len(self._outbox))
+
+    async def _all_tasks_finished(self) -> None:
+        while self.tasks:
+            await next(iter(self.tasks.values())).finished.wait()
+
+    async def _handed_over(self) -> None:
+        """Until the orchestrator has acknowledged everything in the outbox."""
+        while self._outbox:
+            if self._link is not None:
+                self.report_now()  # its reply carries the acknowledgement
+            await self._acked_changed.wait()
 
     async def _session(self) -> None:
         tls = client_tls(self.config.orchestrator_ca) if self.config.orchestrator.startswith("tls:") else None
         with trio.fail_after(self.config.connect_timeout):
             stream = await open_stream(self.config.orchestrator, tls=tls)
-        fs = FramedStream(stream, m.GatewayMessage, send_timeout=SEND_TIMEOUT)
+        fs: FramedStream[m.ToNode] = FramedStream(stream, m.ToNode, send_timeout=SEND_TIMEOUT)
         try:
             await fs.handshake("node", __version__, initiator=True, timeout=self.config.connect_timeout)
             with trio.fail_after(self.config.connect_timeout):
@@ -190,8 +254,10 @@ class NodeService:
 
     async def _heartbeat(self, fs: FramedStream, interval: float) -> None:
         while True:
+            self._report = trio.Event()
             await fs.send(m.Heartbeat(capacity=self.capacity(), running=self.running()))
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await self._report.wait()
 
     async def _sender(self, fs: FramedStream) -> None:
         sent = self._acked
@@ -212,28 +278,38 @@ class NodeService:
                 await fs.send_many(batch)
                 sent = pending[-1][0]
 
-    async def _receiver(self, fs: FramedStream) -> None:
+    async def _receiver(self, fs: FramedStream[m.ToNode]) -> None:
         timeout = max(self.config.node_timeout, 3 * self.config.heartbeat_interval)
         while True:
             with trio.fail_after(timeout):
                 msg = await fs.receive()
-            if isinstance(msg, m.HeartbeatAck):
-                self._ack(msg.acked)
-            elif isinstance(msg, m.AssignBlob):
-                self._receive_blob(msg)
-            elif isinstance(msg, m.Assign):
-                await self._assign(fs, msg)
-            elif isinstance(msg, m.Cancel):
-                handle = self.tasks.get(msg.task_id)
-                if handle is not None and msg.attempt in (0, handle.spec.attempt):
-                    handle.cancel(msg.reason if msg.reason == "timeout" else "cancelled")
-            elif isinstance(msg, m.Drain):
-                self.draining = True
-                log.info("draining: no new tasks")
-            elif isinstance(msg, m.Error):
-                raise ConnectionClosed(f"orchestrator says {msg.code}: {msg.message}")
-            else:
-                raise ProtocolError(f"unexpected {type(msg).__name__} from the orchestrator")
+            match msg:
+                case m.HeartbeatAck():
+                    self._ack(msg.acked)
+                case m.AssignBlob():
+                    self._receive_blob(msg)
+                case m.Assign():
+                    await self._assign(fs, msg)
+                case m.Cancel():
+                    handle = self.tasks.get(msg.task_id)
+                    if handle is not None and msg.attempt in (0, handle.spec.attempt):
+                        handle.cancel(msg.reason if msg.reason == "timeout" else "cancelled")
+                case m.Drain():
+                    if not self.draining:
+                        log.info("draining: no new tasks")
+                    self.draining = True
+                    self.report_now()
+                case m.Undrain():
+                    if self.draining and not self.shutting_down:
+                        log.info("undrained: taking tasks again")
+                        self.draining = False
+                        self.report_now()
+                case m.Error():
+                    raise ConnectionClosed(f"orchestrator says {msg.code}: {msg.message}")
+                case m.Hello() | m.Challenge() | m.Welcome():
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from the orchestrator")
+                case _:
+                    assert_never(msg)
 
     def _receive_blob(self, msg: m.AssignBlob) -> None:
         if not TASK_ID.fullmatch(msg.task_id) or msg.name != "bundle":
@@ -245,15 +321,15 @@ class NodeService:
             self._incoming[key] = BlobWriter(os.path.join(d, f"{msg.task_id}.{msg.name}"))
         self._incoming[key].add(msg.offset, msg.data, msg.last)
 
-    async def _assign(self, fs: FramedStream, assign: m.Assign) -> None:
+    async def _assign(self, fs: FramedStream[m.ToNode], assign: m.Assign) -> None:
         spec = assign.task
         if not TASK_ID.fullmatch(spec.task_id):  # it becomes a path on this node
             await fs.send(m.Rejected(task_id=spec.task_id[:64], reason="bad task id"))
             return
-        ids = dict(task_id=spec.task_id, attempt=spec.attempt)
+        task_id, attempt = spec.task_id, spec.attempt
         previous = self.tasks.get(spec.task_id)
         if previous is not None and previous.spec.attempt == spec.attempt:
-            await fs.send(m.Accepted(**ids))  # a repeated assignment
+            await fs.send(m.Accepted(task_id=task_id, attempt=attempt))  # a repeated assignment
             return
         blob = self._incoming.pop((spec.task_id, "bundle"), None)
         reason = None
@@ -267,16 +343,16 @@ class NodeService:
             if blob is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(blob.path)
-            await fs.send(m.Rejected(reason=reason, **ids))
+            await fs.send(m.Rejected(task_id=task_id, reason=reason, attempt=attempt))
             return
         handle = TaskHandle(spec)
         handle.github_token = assign.github_token or None
-        handle.resume_bundle = blob.path if spec.resume else None
+        handle.resume_bundle = blob.path if spec.resume and blob is not None else None
         if previous is not None:  # an older attempt still stopping here: the new one waits for it
             previous.cancel("superseded")
             handle.after = previous
         self.tasks[spec.task_id] = handle
-        await fs.send(m.Accepted(**ids))
+        await fs.send(m.Accepted(task_id=task_id, attempt=attempt))
         assert self._nursery is not None
         self._nursery.start_soon(self._run_task, handle)
 
@@ -296,10 +372,10 @@ class NodeService:
                 self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
             async def upload(name: str, path: str) -> None:
-                with open(path, "rb") as f:
+                async with await trio.open_file(path, "rb") as f:
                     offset = 0
                     while True:
-                        data = await trio.to_thread.run_sync(f.read, m.BLOB_CHUNK)
+                        data = await f.read(m.BLOB_CHUNK)
                         last = len(data) < m.BLOB_CHUNK
                         self.emit(
                             m.TaskBlob(
@@ -341,8 +417,16 @@ class NodeService:
                 if handle.resume_bundle:
                     with contextlib.suppress(OSError):
                         os.unlink(handle.resume_bundle)
+            if handle.stop_reason == m.NODE_SHUTDOWN and outcome.state == "cancelled":
+                # however far it got, the task stopped because this node shuts down: say so, so that
+                # the orchestrator queues it again at once
+                outcome = msgspec.structs.replace(outcome, reason=m.NODE_SHUTDOWN, message="the node shut down")
             self.emit(m.TaskResult(task_id=task_id, node_seq=self.next_seq(), outcome=outcome, attempt=attempt))
             log.info("task %s ended %s%s", task_id, outcome.state, f" ({outcome.reason})" if outcome.reason else "")
+
+
+def _entries(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 async def reap(config: Config, backend: SandboxBackend) -> None:
@@ -355,20 +439,19 @@ async def reap(config: Config, backend: SandboxBackend) -> None:
         removed += [f"cgroup {name}" for name in await cgroups.reap()]
     removed += [f"mount {point}" for point in await reap_mounts(roots[0])]  # task disks, before deleting below them
     if backend.name == "qemu":
-        from marathon.node.sandbox.qemu import reap_leftovers
+        from marathon.node.sandbox import qemu
 
         for root in roots[:2]:
-            removed += await reap_leftovers(root)
+            removed += await qemu.reap_leftovers(root)
     elif backend.name == "firecracker":
-        from marathon.node.sandbox.firecracker import reap_leftovers
+        from marathon.node.sandbox import firecracker
 
         for root in roots[:2]:
-            removed += await reap_leftovers(root)
+            removed += await firecracker.reap_leftovers(root)
     for root in roots:
-        if os.path.isdir(root):
-            for name in os.listdir(root):
-                removed.append(os.path.join(root, name))
-                await trio.to_thread.run_sync(shutil.rmtree, os.path.join(root, name), True)
+        for name in await trio.to_thread.run_sync(_entries, root):
+            removed.append(os.path.join(root, name))
+            await trio.to_thread.run_sync(shutil.rmtree, os.path.join(root, name), True)
     if removed:
         log.warning("removed %d leftovers of a previous run: %s", len(removed), ", ".join(removed[:5]))
 
@@ -384,6 +467,10 @@ async def serve_node(
             await nursery.start(service.run)
             task_status.started(service)
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
             await proxy.aclose()
             await backend.aclose()
+        if scope.cancelled_caught:
+            log.warning(
+                "node: closing the proxy and the sandbox backend took over %.0fs; left to the next start", CLOSE_TIMEOUT
+            )

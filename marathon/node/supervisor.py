@@ -483,4 +483,6 @@ async def _drive(
         if outcome is None:  # the agent never reported
             return _ended(handle, t0, state=m.stopped_state(reason), reason=reason, message=message)
         outcome = msgspec.structs.replace(outcome, state=m.stopped_state(reason), reason=reason, message=message)
+    if outcome is None:  # cannot happen: pump returns None only once the task was told to stop
+        return _ended(handle, t0, state="failed", reason="sandbox_failed", message="the agent ended without a result")
     return outcome

@@ -6,9 +6,10 @@ import re
 import time
 
 import msgspec
-from quart import request
+from quart import Blueprint, request
 
 from marathon.errors import Forbidden, InvalidRequest, NotFound
+from marathon.orchestrator.http import ApiContext, body_as, json_response, principal
 from marathon.store.models import UsageBucket
 
 
@@ -47,61 +48,60 @@ def _user_json(user) -> dict:
     return {"id": user.id, "email": user.email, "admin": user.admin, "created_at": user.created_at}
 
 
-def register_account_routes(app, ctx, principal, body_as) -> None:
-    from marathon.orchestrator.api import json_response
-
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("accounts", __name__)
     accounts = ctx.accounts
 
-    @app.post("/v1/auth/register")
+    @bp.post("/v1/auth/register")
     async def register():
         body = await body_as(Credentials)
         by_admin = False
         if request.headers.get("Authorization"):
-            by_admin = (await principal()).admin
+            by_admin = (await principal(ctx)).admin
         user = await accounts.register(body.email, body.password, by_admin=by_admin)
         return json_response(_user_json(user), 201)
 
-    @app.post("/v1/auth/login")
+    @bp.post("/v1/auth/login")
     async def login():
         body = await body_as(Credentials)
         token, session, user = await accounts.login(body.email, body.password)
         return json_response({"token": token, "expires_at": session.expires_at, "user": _user_json(user)})
 
-    @app.post("/v1/auth/logout")
+    @bp.post("/v1/auth/logout")
     async def logout():
-        await principal()
+        await principal(ctx)
         auth = request.headers.get("Authorization", "")
         await accounts.logout(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
         return json_response({"ok": True})
 
-    @app.get("/v1/auth/whoami")
+    @bp.get("/v1/auth/whoami")
     async def whoami():
-        p = await principal()
+        p = await principal(ctx)
         user = await ctx.tasks.store.get_user(p.user)
         return json_response(
             {"id": p.user, "email": p.email, "admin": p.admin, "github_token": bool(user and user.github_token)}
         )
 
-    @app.put("/v1/auth/github-token")
+    @bp.put("/v1/auth/github-token")
     async def github_token():
-        p = await principal()
+        p = await principal(ctx)
         body = await body_as(GitHubToken)
         token = (body.token or "").strip() or None
         await ctx.tasks.store.set_github_token(p.user, token)
         return json_response({"github_token": "set" if token else "cleared"})
 
-    @app.post("/v1/keys")
+    @bp.post("/v1/keys")
     async def create_key():
-        p = await principal()
+        p = await principal(ctx)
         body = await body_as(KeyRequest)
         key, rec = await accounts.create_key(p, body.name)
         return json_response(
             {"id": rec.id, "name": rec.name, "prefix": rec.prefix, "key": key, "created_at": rec.created_at}, 201
         )
 
-    @app.get("/v1/keys")
+    @bp.get("/v1/keys")
     async def list_keys():
-        p = await principal()
+        p = await principal(ctx)
         keys = await ctx.tasks.store.list_api_keys(p.user)
         return json_response(
             {
@@ -118,15 +118,15 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
             }
         )
 
-    @app.delete("/v1/keys/<key_id>")
+    @bp.delete("/v1/keys/<key_id>")
     async def revoke_key(key_id: str):
-        p = await principal()
+        p = await principal(ctx)
         await accounts.revoke_key(p, key_id)
         return json_response({"id": key_id, "revoked": True})
 
-    @app.get("/v1/usage")
+    @bp.get("/v1/usage")
     async def usage():
-        p = await principal()
+        p = await principal(ctx)
         by = request.args.get("by", "total")
         if by not in ("day", "task", "model", "total", "user"):
             raise InvalidRequest("by must be day, task, model, user or total")
@@ -161,3 +161,5 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
             ):
                 setattr(total, f, getattr(total, f) + getattr(r, f))
         return json_response({"since": since, "by": by, "user": user_id or "*", "rows": rows, "total": total})
+
+    return bp

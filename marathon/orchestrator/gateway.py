@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from typing import assert_never
 
 import trio
 
@@ -13,13 +14,16 @@ from marathon import __version__
 from marathon.config import Config
 from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
 from marathon.logs import log_context
-from marathon.orchestrator.lifecycle import TERMINAL, State
+from marathon.orchestrator.ingest import Ingest
+from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
-from marathon.orchestrator.tasks import TaskService
-from marathon.protocol.framing import FramedStream
+from marathon.orchestrator.reconcile import Adopt, Fail, Keep, NodeAction, Requeue, SendCancel, reconcile_node
+from marathon.orchestrator.tasks import SCHED_TOPIC, TaskService, active_task
 from marathon.protocol import messages as m
 from marathon.protocol.auth import orchestrator_mac, verify_node_mac
+from marathon.protocol.framing import FramedStream
 from marathon.protocol.transports import listener_address, open_listeners, server_tls
+from marathon.store import TaskRecord
 
 log = logging.getLogger("marathon.gateway")
 SEND_TIMEOUT = 60.0  # a node that reads nothing for this long is dropped (it reconnects)
@@ -37,7 +41,8 @@ def _peer(stream) -> str:
 class Gateway:
     def __init__(self, config: Config, tasks: TaskService, nodes: NodeRegistry, secret: str):
         self.config, self.tasks, self.nodes, self.secret = config, tasks, nodes, secret
-        self.cancel_deadlines: dict[str, float] = {}
+        self.ingest = Ingest(tasks)
+        self.cancel_deadlines: dict[str, float] = {}  # task id -> when a cancel is taken as done (trio clock)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         tls = None
@@ -52,7 +57,7 @@ class Gateway:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
-        fs = FramedStream(stream, m.GatewayMessage, send_timeout=SEND_TIMEOUT)
+        fs: FramedStream[m.FromNode] = FramedStream(stream, m.FromNode, send_timeout=SEND_TIMEOUT)
         session: NodeSession | None = None
         try:
             session = await self._handshake(fs, peer)
@@ -83,10 +88,10 @@ class Gateway:
                     session.node_id,
                     self.config.node_grace,
                 )
-                await self.tasks.bus.notify("scheduler")
+                await self.tasks.bus.notify(SCHED_TOPIC)
             await fs.aclose()
 
-    async def _handshake(self, fs: FramedStream, peer: str) -> NodeSession:
+    async def _handshake(self, fs: FramedStream[m.FromNode], peer: str) -> NodeSession:
         hello = await fs.handshake("orchestrator", __version__, initiator=False, timeout=self.config.connect_timeout)
         if hello.role != "node":
             raise ProtocolError(f"expected a node, got role {hello.role!r}")
@@ -112,41 +117,57 @@ class Gateway:
             )
         )
         log.info(
-            "node %s (%s) connected from %s: %d slots, backend %s",
+            "node %s (%s) connected from %s: %d slots, backend %s%s",
             auth.name,
             auth.node_id,
             peer,
             auth.capacity.slots,
             auth.capacity.backend,
+            "; draining" if session.draining else "",
         )
+        if session.drain_requested:  # an administrator drained it before it (re)connected
+            await session.send(m.Drain())
         await self._reconcile(session, auth.running)
-        await self.tasks.bus.notify("scheduler")
+        await self.tasks.bus.notify(SCHED_TOPIC)
         return session
 
     async def _reconcile(self, session: NodeSession, running: dict[str, int]) -> None:
         """After a (re)connect — of the node, or of us after a restart — make the store and the
-        node agree: what the node runs of its current assignments it keeps (an assignment whose
-        acknowledgement was lost counts as accepted); what it runs otherwise is cancelled; what
-        the store has on this node and the node does not run goes back to the queue."""
-        for task_id, attempt in running.items():
-            rec = await self.tasks.store.get_task(task_id)
-            ours = rec is not None and rec.node_id == session.node_id and rec.attempt == attempt
-            if ours and rec.state == State.SCHEDULED:
-                await self.tasks.move(task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=session.node_id)
-                session.assigned[task_id] = None
-            elif ours and rec.state in (State.STARTING, State.RUNNING):
-                session.assigned[task_id] = None
-            elif not ours or rec.state not in TERMINAL:
-                await session.send(m.Cancel(task_id=task_id, attempt=attempt, reason="no longer assigned to this node"))
+        node agree (``reconcile.reconcile_node`` decides)."""
+        records: dict[str, TaskRecord | None] = {}
+        for task_id in running:
+            records[task_id] = await self.tasks.store.get_task(task_id)
         active, _ = await self.tasks.store.list_tasks(
             states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=100_000, oldest_first=True
         )
-        for rec in active:
-            if rec.node_id == session.node_id and rec.id not in running:
-                session.assigned.pop(rec.id, None)
-                await self.tasks.requeue_or_fail(rec, "node_lost", f"node {session.name} came back without the task")
+        here = {r.id: r for r in active if r.node_id == session.node_id}
+        actions = reconcile_node(
+            session.node_id,
+            session.name,
+            running,
+            {tid: active_task(rec) if rec is not None else None for tid, rec in records.items()},
+            [active_task(r) for r in here.values()],
+            self.config.max_attempts,
+        )
+        for action in actions:
+            await self._execute(session, action, here)
 
-    async def _loop(self, fs: FramedStream, session: NodeSession) -> None:
+    async def _execute(self, session: NodeSession, action: NodeAction, here: dict[str, TaskRecord]) -> None:
+        match action:
+            case Adopt(task_id=task_id):
+                await self.tasks.move(task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=session.node_id)
+                session.assigned[task_id] = None
+            case Keep(task_id=task_id):
+                session.assigned[task_id] = None
+            case SendCancel(task_id=task_id, attempt=attempt, reason=reason):
+                await session.send(m.Cancel(task_id=task_id, attempt=attempt, reason=reason))
+            case Requeue() | Fail():
+                session.assigned.pop(action.task_id, None)
+                await self.tasks.give_back(here[action.task_id], action)
+            case _:
+                assert_never(action)
+
+    async def _loop(self, fs: FramedStream[m.FromNode], session: NodeSession) -> None:
         while True:
             with trio.fail_after(self.config.node_timeout):
                 msg = await fs.receive()
@@ -167,7 +188,7 @@ class Gateway:
                 await self._handle(session, msg)
 
     async def _record(self, session: NodeSession, batch: list[m.TaskEvent]) -> None:
-        await self.tasks.record_events(session.node_id, batch)
+        await self.ingest.record_events(session.node_id, batch)
         session.acked = max(session.acked, batch[-1].node_seq)
 
     def ack_point(self, session: NodeSession) -> int:
@@ -176,52 +197,80 @@ class Gateway:
         floor = min(session.open_blobs.values(), default=None)
         return session.acked if floor is None else min(session.acked, floor - 1)
 
-    async def _handle(self, session: NodeSession, msg) -> None:
+    async def _handle(self, session: NodeSession, msg: m.FromNode) -> None:
         nid = session.node_id
-        if isinstance(msg, m.Heartbeat):
-            session.capacity = msg.capacity
-            await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
-        elif isinstance(msg, m.Accepted):
-            moved = await self.tasks.move(
-                msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid, expect_attempt=msg.attempt
-            )
-            rec = moved or await self.tasks.store.get_task(msg.task_id)
-            if (
-                rec is not None
-                and rec.node_id == nid
-                and rec.attempt == msg.attempt
-                and rec.state in (State.STARTING, State.RUNNING)
-            ):
-                session.assigned[msg.task_id] = None
-            else:  # too late: the task went back to the queue (or elsewhere) meanwhile
-                await session.send(m.Cancel(task_id=msg.task_id, attempt=msg.attempt, reason="assignment expired"))
-        elif isinstance(msg, m.Rejected):
-            session.assigned.pop(msg.task_id, None)
-            rec = await self.tasks.store.get_task(msg.task_id)
-            if rec is not None and rec.node_id == nid and rec.attempt == msg.attempt and rec.state == State.SCHEDULED:
-                await self.tasks.requeue_or_fail(
-                    rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}"
+        match msg:
+            case m.Heartbeat():
+                before = session.view()
+                session.capacity = msg.capacity
+                await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
+                if session.view() != before:  # a slot freed, a sandbox warmed, a drain began or ended
+                    if session.draining != before.draining:
+                        log.info("node %s %s", session.name, "drains" if session.draining else "takes tasks again")
+                    await self.tasks.bus.notify(SCHED_TOPIC)
+            case m.TaskEvent():
+                await self._record(session, [msg])
+            case m.Accepted():
+                moved = await self.tasks.move(
+                    msg.task_id, State.STARTING, expect={State.SCHEDULED}, expect_node=nid, expect_attempt=msg.attempt
                 )
-        elif isinstance(msg, m.TaskBlob):
-            key = (msg.task_id, msg.name)
-            if msg.offset == 0:
-                session.open_blobs[key] = msg.node_seq
-            if await self.tasks.record_blob(nid, msg) or msg.last:
-                session.open_blobs.pop(key, None)
-            session.acked = max(session.acked, msg.node_seq)
-        elif isinstance(msg, m.TaskResult):
-            session.assigned.pop(msg.task_id, None)
-            self.cancel_deadlines.pop(msg.task_id, None)
-            await self.tasks.record_outcome(nid, msg)
-            session.acked = max(session.acked, msg.node_seq)
-        elif isinstance(msg, m.Error):
-            raise ConnectionClosed(f"node says {msg.code}: {msg.message}")
-        else:
-            raise ProtocolError(f"unexpected {type(msg).__name__} from a node")
+                rec = moved or await self.tasks.store.get_task(msg.task_id)
+                if (
+                    rec is not None
+                    and rec.node_id == nid
+                    and rec.attempt == msg.attempt
+                    and rec.state in (State.STARTING, State.RUNNING)
+                ):
+                    session.assigned[msg.task_id] = None
+                else:  # too late: the task went back to the queue (or elsewhere) meanwhile
+                    await session.send(m.Cancel(task_id=msg.task_id, attempt=msg.attempt, reason="assignment expired"))
+            case m.Rejected():
+                session.assigned.pop(msg.task_id, None)
+                rec = await self.tasks.store.get_task(msg.task_id)
+                if (
+                    rec is not None
+                    and rec.node_id == nid
+                    and rec.attempt == msg.attempt
+                    and rec.state == State.SCHEDULED
+                ):
+                    self.nodes.avoid(msg.task_id, nid)  # while another node can take it
+                    await self.tasks.requeue_or_fail(
+                        rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}"
+                    )
+            case m.TaskBlob():
+                key = (msg.task_id, msg.name)
+                if msg.offset == 0:
+                    session.open_blobs[key] = msg.node_seq
+                if await self.ingest.record_blob(nid, msg) or msg.last:
+                    session.open_blobs.pop(key, None)
+                session.acked = max(session.acked, msg.node_seq)
+            case m.TaskResult():
+                session.assigned.pop(msg.task_id, None)
+                self.cancel_deadlines.pop(msg.task_id, None)
+                self.nodes.task_ended(msg.task_id)
+                await self.ingest.record_outcome(nid, msg)
+                session.acked = max(session.acked, msg.node_seq)
+            case m.Error():
+                raise ConnectionClosed(f"node says {msg.code}: {msg.message}")
+            case m.Hello() | m.Authenticate():
+                raise ProtocolError(f"unexpected {type(msg).__name__} from a node")
+            case _:
+                assert_never(msg)
 
     async def send_cancel(self, node_id: str, task_id: str) -> bool:
         session = self.nodes.get(node_id)
         if session is None or not await session.send(m.Cancel(task_id=task_id, reason="cancelled by user")):
             return False
-        self.cancel_deadlines[task_id] = time.time() + self.config.assign_timeout
+        self.cancel_deadlines[task_id] = trio.current_time() + self.config.assign_timeout
+        await self.tasks.bus.notify(SCHED_TOPIC)  # the scheduler wakes at the new deadline
         return True
+
+    async def set_drain(self, node_id: str, draining: bool) -> None:
+        """An administrator drains a node (it takes no new tasks; what runs there goes on) or
+        undrains it.  Kept across the node's reconnects."""
+        self.nodes.set_drain(node_id, draining)
+        session = self.nodes.get(node_id)
+        if session is not None and session.connected:
+            await session.send(m.Drain() if draining else m.Undrain())
+        log.info("node %s %s by an administrator", node_id, "drained" if draining else "undrained")
+        await self.tasks.bus.notify(SCHED_TOPIC)

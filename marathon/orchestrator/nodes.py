@@ -8,45 +8,60 @@ from dataclasses import dataclass, field
 import trio
 
 from marathon.errors import ConnectionClosed
+from marathon.orchestrator.reconcile import SessionView
 from marathon.orchestrator.scheduler import NodeView
-from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
+from marathon.protocol.framing import FramedStream
+
+AVOID_LIMIT = 10_000  # tasks whose rejecting nodes are remembered (the oldest are forgotten first)
 
 
 @dataclass
 class NodeSession:
     node_id: str
     name: str
-    stream: FramedStream | None
+    stream: FramedStream[m.FromNode] | None
     capacity: m.Capacity
     peer: str = ""
     connected: bool = True
+    # wall-clock times, for people (marathon nodes)
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     disconnected_at: float | None = None
-    draining: bool = False
+    # deadlines run on trio's clock
+    lost_since: float | None = None
+    drain_requested: bool = False  # an administrator drains this node
     acked: int = 0  # highest node_seq processed on this connection
     open_blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # artifact -> node_seq of its first chunk
-    # task_id -> acknowledgement deadline (None once accepted)
+    # task_id -> acknowledgement deadline on trio's clock (None once accepted)
     assigned: dict[str, float | None] = field(default_factory=dict)
     # what we send goes through a queue and one writer per connection: a node that stops
     # reading never blocks the scheduler or another node's session
     queue_size: int = 10_000
-    _out: tuple | None = None
+    _send_ch: trio.MemorySendChannel[m.ToNode] = field(init=False, repr=False)
+    _recv_ch: trio.MemoryReceiveChannel[m.ToNode] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._out = trio.open_memory_channel(self.queue_size)
+        self._send_ch, self._recv_ch = trio.open_memory_channel[m.ToNode](self.queue_size)
 
-    async def send(self, msg) -> bool:
+    @property
+    def draining(self) -> bool:
+        """Takes no new tasks: drained by an administrator, or draining itself (shutting down)."""
+        return self.drain_requested or self.capacity.draining
+
+    async def send(self, msg: m.ToNode) -> bool:
         """Queue ``msg`` for the node; False when it is not connected or not keeping up
         (then its connection is dropped: it reconnects and is reconciled)."""
         if not self.connected or self.stream is None:
             return False
         try:
-            self._out[0].send_nowait(msg)
+            self._send_ch.send_nowait(msg)
         except trio.WouldBlock:
             self.connected = False
-            self._out[0].close()
+            self._send_ch.close()
+            return False
+        except trio.BrokenResourceError:  # its writer is gone: the connection is ending
+            self.connected = False
             return False
         except trio.ClosedResourceError:
             return False
@@ -54,14 +69,18 @@ class NodeSession:
 
     async def write_queued(self) -> None:
         """The connection's writer: runs beside its reader until either ends."""
-        async with self._out[1]:
-            async for msg in self._out[1]:
+        assert self.stream is not None
+        async with self._recv_ch:
+            async for msg in self._recv_ch:
                 await self.stream.send(msg)
         raise ConnectionClosed("the node was not reading: its queue overflowed")
 
     def view(self) -> NodeView:
         active = max(self.capacity.active, len(self.assigned))
         return NodeView(self.node_id, self.capacity.slots, active, self.capacity.warm, self.draining)
+
+    def facts(self) -> SessionView:
+        return SessionView(self.node_id, self.name, self.connected, self.lost_since, dict(self.assigned))
 
     def public(self) -> dict:
         return {
@@ -73,6 +92,7 @@ class NodeSession:
             "warm": self.capacity.warm,
             "backend": self.capacity.backend,
             "draining": self.draining,
+            "drain": "administrator" if self.drain_requested else ("node" if self.capacity.draining else None),
             "peer": self.peer,
             "pool": {
                 "hits": self.capacity.pool_hits,
@@ -90,6 +110,8 @@ class NodeSession:
 class NodeRegistry:
     def __init__(self) -> None:
         self.sessions: dict[str, NodeSession] = {}
+        self.drained: set[str] = set()  # node ids administrators drained (kept across reconnects)
+        self._avoid: dict[str, set[str]] = {}  # task id -> nodes that rejected it
 
     def attach(self, session: NodeSession) -> NodeSession | None:
         """Register a (re)connected node; returns the session it replaces, if any."""
@@ -97,15 +119,24 @@ class NodeRegistry:
         if old is not None:
             session.assigned = old.assigned
             old.connected = False
+        session.drain_requested = session.node_id in self.drained
         self.sessions[session.node_id] = session
         return old
 
     def detach(self, session: NodeSession) -> None:
         session.connected = False
         session.disconnected_at = time.time()
+        session.lost_since = trio.current_time()
 
     def get(self, node_id: str | None) -> NodeSession | None:
         return self.sessions.get(node_id) if node_id else None
+
+    def find(self, key: str) -> NodeSession | None:
+        """A node by id, or by name when one node has that name."""
+        if key in self.sessions:
+            return self.sessions[key]
+        named = [s for s in self.sessions.values() if s.name == key]
+        return named[0] if len(named) == 1 else None
 
     def connected(self) -> list[NodeSession]:
         return [s for s in self.sessions.values() if s.connected]
@@ -113,6 +144,30 @@ class NodeRegistry:
     def views(self) -> list[NodeView]:
         return [s.view() for s in self.connected()]
 
+    def facts(self) -> dict[str, SessionView]:
+        return {node_id: s.facts() for node_id, s in self.sessions.items()}
+
     def forget_task(self, task_id: str) -> None:
         for s in self.sessions.values():
             s.assigned.pop(task_id, None)
+
+    def set_drain(self, node_id: str, draining: bool) -> None:
+        if draining:
+            self.drained.add(node_id)
+        else:
+            self.drained.discard(node_id)
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.drain_requested = draining
+
+    # a node that rejected a task is avoided for it while another node can take it
+    def avoid(self, task_id: str, node_id: str) -> None:
+        self._avoid.setdefault(task_id, set()).add(node_id)
+        while len(self._avoid) > AVOID_LIMIT:
+            del self._avoid[next(iter(self._avoid))]
+
+    def avoided(self, task_id: str) -> frozenset[str]:
+        return frozenset(self._avoid.get(task_id, ()))
+
+    def task_ended(self, task_id: str) -> None:
+        self._avoid.pop(task_id, None)

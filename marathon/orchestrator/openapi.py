@@ -31,6 +31,16 @@ _READY = {
     },
 }
 _ID = [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_NODE_ID = [
+    {
+        "name": "node",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the node's id, or its name when no other node has it",
+    }
+]
+_NODE = {"description": "the node", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
 @lru_cache(maxsize=1)
@@ -109,5 +119,19 @@ def openapi_document() -> dict:
                 )
             },
             "/v1/nodes": {"get": _op("Connected nodes", {"200": {"description": "nodes"}})},
+            "/v1/nodes/{node}/drain": {
+                "post": _op(
+                    "Drain a node (administrators): it takes no new tasks; what runs there runs to its end",
+                    {"200": _NODE, "401": _ERR, "403": _ERR, "404": _ERR},
+                    parameters=_NODE_ID,
+                )
+            },
+            "/v1/nodes/{node}/undrain": {
+                "post": _op(
+                    "Undrain a node (administrators): it takes tasks again",
+                    {"200": _NODE, "401": _ERR, "403": _ERR, "404": _ERR},
+                    parameters=_NODE_ID,
+                )
+            },
         },
     }

@@ -45,13 +45,17 @@ def plan(tasks: list[TaskView], nodes: list[NodeView]) -> list[tuple[str, str]]:
     """Assign queued tasks (oldest first) to nodes; returns (task_id, node_id) pairs.
 
     Each assignment takes a slot (and a warm sandbox) on its node before the next task
-    is placed, so one call never oversubscribes a node.
+    is placed, so one call never oversubscribes a node.  A node a task is to avoid (it
+    rejected the task) is a candidate only when no other node could take it at all: while
+    one could — now or once it has a free slot — the task waits for it.
     """
     load = {n.node_id: n for n in nodes}
     out: list[tuple[str, str]] = []
     for task in sorted(tasks, key=lambda t: (t.created_at, t.task_id)):
+        others = [n for n in load.values() if n.node_id not in task.avoid_nodes and not n.draining]
+        candidates = others if others else list(load.values())
         best: tuple[float, str] | None = None
-        for node in load.values():
+        for node in candidates:
             s = score(node, task)
             if s is not None and (best is None or (s, node.node_id) > best):
                 best = (s, node.node_id)

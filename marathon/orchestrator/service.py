@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from marathon.bus import Bus
 from marathon.bus.memory import MemoryBus
-from marathon.config import Config, state_value
-from marathon.errors import ConfigError, StoreError, Unavailable
 from marathon.bus.ratelimit import MemoryRateLimiter
-from marathon.orchestrator.api import ApiContext, create_app
+from marathon.config import Config, state_value
+from marathon.errors import ConfigError, Unavailable
+from marathon.orchestrator.api import create_app
 from marathon.orchestrator.auth import Accounts
 from marathon.orchestrator.gateway import Gateway
-from marathon.orchestrator.lifecycle import State
+from marathon.orchestrator.http import ApiContext
 from marathon.orchestrator.nodes import NodeRegistry
-from marathon.orchestrator.scheduler import TaskView, plan
-from marathon.orchestrator.tasks import SCHED_TOPIC, TaskService
-from marathon.protocol import messages as m
+from marathon.orchestrator.scheduling import Scheduler
+from marathon.orchestrator.tasks import TaskService
 from marathon.store import Store, open_store
 
 log = logging.getLogger("marathon.orchestrator")
+
+
+GRACEFUL_TIMEOUT = 5.0  # open HTTP requests get this long to finish when the orchestrator stops
 
 
 @dataclass
@@ -35,102 +36,21 @@ class OrchestratorInfo:
     tasks: TaskService
     nodes: NodeRegistry
     accounts: Accounts
+    stopping: trio.Event = field(default_factory=trio.Event)  # set: the API shuts down gracefully
+    http_done: trio.Event = field(default_factory=trio.Event)  # set once it has
+
+    async def stop_http(self) -> None:
+        """Graceful HTTP shutdown: no new connections, event streams end cleanly (followers
+        resume with Last-Event-ID), open requests get ``graceful_timeout``.  Then return; the
+        rest of the orchestrator stops when its nursery is cancelled."""
+        self.stopping.set()
+        with trio.move_on_after(GRACEFUL_TIMEOUT + 1.0):
+            await self.http_done.wait()
 
 
 def load_node_secret(config: Config) -> str:
     """The configured node secret, or one generated once and kept in the data dir (0600)."""
     return config.node_secret or state_value(config.data_dir, "node_secret", lambda: secrets.token_urlsafe(32))
-
-
-class Scheduler:
-    """Assigns queued tasks and enforces deadlines (acks, lost nodes, cancels, timeouts)."""
-
-    def __init__(self, config: Config, tasks: TaskService, nodes: NodeRegistry, gateway: Gateway):
-        self.config, self.tasks, self.nodes, self.gateway = config, tasks, nodes, gateway
-        self.started = time.time()
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self.tasks.bus.watch(SCHED_TOPIC) as watch:
-            task_status.started()
-            while True:
-                watch.arm()
-                try:
-                    await self.schedule_once()
-                    await self.reconcile_once()
-                except StoreError as exc:
-                    log.warning("scheduler: store unavailable: %s", exc)
-                with trio.move_on_after(1.0):
-                    await watch.wait()
-
-    async def schedule_once(self) -> None:
-        views = self.nodes.views()
-        if not any(v.free for v in views):
-            return
-        queued, _ = await self.tasks.store.list_tasks(states=[State.QUEUED], limit=200, oldest_first=True)
-        if not queued:
-            return
-        by_id = {r.id: r for r in queued}
-        tv = [TaskView(r.id, r.created_at) for r in queued]
-        for task_id, node_id in plan(tv, views):
-            rec, session = by_id[task_id], self.nodes.get(node_id)
-            if session is None:
-                continue
-            moved = await self.tasks.move(
-                task_id,
-                State.SCHEDULED,
-                expect={State.QUEUED},
-                message=f"assigned to node {session.name}",
-                changes={"node_id": node_id, "attempt": rec.attempt + 1, "last_node_seq": 0, "reason": None},
-            )
-            if moved is None:
-                continue
-            session.assigned[task_id] = time.time() + self.config.assign_timeout
-            assign, blobs = await self.tasks.assignment(moved)
-            for blob in blobs:
-                await session.send(blob)
-            await session.send(assign)
-
-    async def reconcile_once(self) -> None:
-        now = time.time()
-        active, _ = await self.tasks.store.list_tasks(
-            states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=10_000, oldest_first=True
-        )
-        for rec in active:
-            session = self.nodes.get(rec.node_id)
-            if session is None or not session.connected:
-                lost_since = session.disconnected_at if session and session.disconnected_at else self.started
-                if now - lost_since >= self.config.node_grace:
-                    self.nodes.forget_task(rec.id)
-                    name = session.name if session else rec.node_id
-                    await self.tasks.requeue_or_fail(rec, "node_lost", f"node {name} was lost")
-                continue
-            deadline = session.assigned.get(rec.id)
-            if rec.state == State.SCHEDULED and deadline is not None and now > deadline:
-                session.assigned.pop(rec.id, None)
-                await self.tasks.requeue_or_fail(rec, "not_acknowledged", f"node {session.name} did not acknowledge")
-                continue
-            limit = (rec.request.timeout or self.config.timeout) + self.config.node_timeout + 30
-            started = rec.started_at or rec.updated_at
-            if rec.state == State.RUNNING and now - started > limit:
-                await session.send(m.Cancel(task_id=rec.id, reason="timed out"))
-                await self.tasks.move(
-                    rec.id,
-                    State.TIMED_OUT,
-                    reason="timeout",
-                    message="the node did not end the task in time",
-                    expect={State.RUNNING},
-                )
-        for task_id, deadline in list(self.gateway.cancel_deadlines.items()):
-            if now > deadline:
-                self.gateway.cancel_deadlines.pop(task_id, None)
-                self.nodes.forget_task(task_id)
-                await self.tasks.move(
-                    task_id,
-                    State.CANCELLED,
-                    reason="cancelled",
-                    message="cancelled (the node did not confirm)",
-                    expect={State.SCHEDULED, State.STARTING, State.RUNNING},
-                )
 
 
 async def serve_orchestrator(
@@ -159,19 +79,19 @@ async def serve_orchestrator(
             if not gateway_addrs:
                 raise Unavailable("the node gateway is not listening yet")
 
-        app = create_app(
-            ApiContext(
-                tasks,
-                nodes,
-                bus,
-                gateway.send_cancel,
-                accounts,
-                MemoryRateLimiter(),
-                submit_rate=config.submit_rate,
-                submit_burst=config.submit_burst,
-                ready_checks={"gateway": gateway_listening},
-            )
+        ctx = ApiContext(
+            tasks,
+            nodes,
+            bus,
+            gateway.send_cancel,
+            accounts,
+            MemoryRateLimiter(clock=trio.current_time),
+            set_drain=gateway.set_drain,
+            submit_rate=config.submit_rate,
+            submit_burst=config.submit_burst,
+            ready_checks={"gateway": gateway_listening},
         )
+        app = create_app(ctx)
 
         hc = HyperConfig()
         listen = config.http_listen
@@ -182,17 +102,26 @@ async def serve_orchestrator(
         hc.bind = [listen]
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
-        hc.graceful_timeout = 2.0
+        hc.graceful_timeout = GRACEFUL_TIMEOUT
         hc.keep_alive_timeout = 75.0
 
+        async def serve_http(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await hyper_serve(app, hc, shutdown_trigger=ctx.stopping.wait, task_status=task_status)
+            finally:
+                http_done.set()
+
+        http_done = trio.Event()
         async with trio.open_nursery() as nursery:
             gw_addrs = await nursery.start(gateway.serve)
             gateway_addrs[:] = gw_addrs
-            binds = await nursery.start(lambda task_status: hyper_serve(app, hc, task_status=task_status))
+            binds = await nursery.start(serve_http)
             await nursery.start(scheduler.run)
             url = binds[0] if binds else ""
             log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
-            task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts))
+            task_status.started(
+                OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts, ctx.stopping, http_done)
+            )
     finally:
         if own_store:
             await store.close()

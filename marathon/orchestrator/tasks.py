@@ -1,4 +1,5 @@
-"""Task operations: submit, move through the lifecycle, record node events and outcomes.
+"""Task operations: submit, move through the lifecycle, requeue, cancel, answer.  What nodes
+report (events, usage, artifacts, outcomes) is ingested in ``ingest``.
 
 Every state change is a compare-and-set in the store plus a persisted ``state`` event,
 then a bus notification; followers read the store, so nothing is lost or duplicated.
@@ -18,11 +19,11 @@ from marathon import repos
 from marathon.bus import Bus
 from marathon.config import Config
 from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound
-from marathon.orchestrator.lifecycle import ACTIVE, TERMINAL, State, transition
+from marathon.orchestrator.lifecycle import TERMINAL, State, transition
+from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
+from marathon.pricing import merged_table
 from marathon.protocol import messages as m
-from marathon.pricing import cost, merged_table, price_for
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
-from marathon.store.models import LedgerRow
 from marathon.units import parse_size
 
 log = logging.getLogger("marathon.orchestrator")
@@ -37,7 +38,20 @@ def task_topic(task_id: str) -> str:
 
 
 def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_id: str | None = None) -> EventIn:
-    return EventIn(task_id, type(event).__struct_config__.tag, _json.encode(event), node_seq, node_id)
+    return EventIn(task_id, str(type(event).__struct_config__.tag), _json.encode(event), node_seq, node_id)
+
+
+def active_task(rec: TaskRecord, running_since: float | None = None) -> ActiveTask:
+    """What the deadline decisions need of a stored task."""
+    return ActiveTask(
+        rec.id,
+        State(rec.state),
+        rec.node_id,
+        attempt=rec.attempt,
+        free_attempts=rec.free_attempts,
+        timeout=rec.request.timeout,
+        running_since=running_since,
+    )
 
 
 def new_task_id() -> str:
@@ -99,8 +113,6 @@ class TaskService:
     def __init__(self, store: Store, bus: Bus, config: Config):
         self.store, self.bus, self.config = store, bus, config
         self.prices = merged_table(config.prices)
-        self._unpriced_warned: set[str] = set()
-        self._blobs: dict[tuple[str, str], bytearray] = {}
 
     # ------------------------------------------------------------------ reads
 
@@ -233,192 +245,27 @@ class TaskService:
                 return new
         return None
 
-    async def requeue_or_fail(self, rec: TaskRecord, reason: str, message: str) -> TaskRecord | None:
-        """A task lost its node (or was refused): queue it again, or fail it after max_attempts."""
-        expect = {State(rec.state)}
-        if rec.attempt >= self.config.max_attempts:
+    async def requeue_or_fail(
+        self, rec: TaskRecord, reason: str, message: str, *, free: bool = False
+    ) -> TaskRecord | None:
+        """A task lost its node (or was refused): queue it again, or fail it after max_attempts.
+        A ``free`` requeue (its node shut down) is always queued again and not counted."""
+        return await self.give_back(
+            rec, give_back(active_task(rec), reason, message, self.config.max_attempts, free=free)
+        )
+
+    async def give_back(self, rec: TaskRecord, action: Requeue | Fail) -> TaskRecord | None:
+        """Carry out a decision to requeue or fail ``rec`` (made by ``reconcile.give_back``)."""
+        if isinstance(action, Fail):
             return await self.move(
-                rec.id,
-                State.FAILED,
-                reason=reason,
-                expect=expect,
-                message=f"{message}; gave up after {rec.attempt} attempts",
+                rec.id, State.FAILED, reason=action.reason, message=action.message, expect={action.state}
             )
+        changes: dict[str, Any] = {"node_id": None}
+        if action.free:
+            changes["free_attempts"] = rec.free_attempts + 1
         return await self.move(
-            rec.id,
-            State.QUEUED,
-            reason=reason,
-            message=f"{message}; queued again",
-            expect=expect,
-            changes={"node_id": None},
+            rec.id, State.QUEUED, reason=action.reason, message=action.message, expect={action.state}, changes=changes
         )
-
-    def price(self, task_id: str, owner: str, ev: m.ApiRequestEvent) -> tuple[m.ApiRequestEvent, LedgerRow]:
-        price, known = price_for(ev.model, self.prices, self.config.price_fallback)
-        if not known and ev.model not in self._unpriced_warned:
-            self._unpriced_warned.add(ev.model)
-            log.warning("no price for model %r: metered at the fallback price %s", ev.model, self.config.price_fallback)
-        usd = cost(ev.usage, price)
-        u = ev.usage
-        row = LedgerRow(
-            task_id=task_id,
-            user_id=owner,
-            ts=time.time(),
-            model=ev.model or "",
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            cache_creation_input_tokens=u.cache_creation_input_tokens,
-            cache_read_input_tokens=u.cache_read_input_tokens,
-            tool_calls=ev.tool_calls,
-            cost_usd=usd,
-            status=ev.status,
-            duration_s=ev.duration_s,
-            ttft_s=ev.ttft_s,
-            request_bytes=ev.request_bytes,
-            response_bytes=ev.response_bytes,
-            complete=ev.complete,
-            priced=known,
-        )
-        return msgspec.structs.replace(ev, cost_usd=usd), row
-
-    async def record_events(self, node_id: str, msgs: list[m.TaskEvent]) -> None:
-        """Persist a batch of events from one node, in order, idempotently (node_seq)."""
-        batch: list[EventIn] = []
-        recs: dict[str, TaskRecord | None] = {}
-        for msg in msgs:
-            if msg.task_id not in recs:
-                recs[msg.task_id] = await self.store.get_task(msg.task_id)
-            rec = recs[msg.task_id]
-            if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
-                continue  # from an attempt that is no longer the task's
-            ev = msg.event
-            if isinstance(ev, m.StateEvent) and ev.state == State.RUNNING:
-                await self._flush(batch)
-                batch = []
-                await self.move(
-                    msg.task_id,
-                    State.RUNNING,
-                    expect={State.STARTING},
-                    expect_node=node_id,
-                    expect_attempt=msg.attempt,
-                    changes={"started_at": time.time(), "last_node_seq": msg.node_seq},
-                )
-                continue
-            if isinstance(ev, m.StateEvent):
-                continue  # states are the orchestrator's to record
-            if isinstance(ev, m.ApiRequestEvent):
-                ev, row = self.price(msg.task_id, rec.owner, ev)
-                batch.append(
-                    msgspec.structs.replace(
-                        event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id), ledger=row
-                    )
-                )
-                continue
-            batch.append(event_in(msg.task_id, ev, node_seq=msg.node_seq, node_id=node_id))
-        await self._flush(batch)
-
-    async def _flush(self, batch: list[EventIn]) -> None:
-        if not batch:
-            return
-        stored = await self.store.append_events(batch)
-        metered = {ev.task_id for ev, s in zip(batch, stored) if s is not None and ev.ledger is not None}
-        for task_id in metered:  # live usage and cost on the task, from the ledger
-            usage, usd = await self.store.ledger_totals(task_id)
-            await self.store.update_task(task_id, expect_state=None, changes={"usage": usage, "cost_usd": usd})
-        for task_id in {s.task_id for s in stored if s is not None}:
-            await self.bus.notify(task_topic(task_id))
-
-    async def record_blob(self, node_id: str, msg: m.TaskBlob) -> bool:
-        """Reassemble an artifact the node sends in chunks; stored whole when the last arrives
-        (then True)."""
-        key = (msg.task_id, msg.name)
-        if msg.name != "bundle":
-            log.warning("task %s: unexpected artifact %r from node %s", msg.task_id, msg.name[:40], node_id)
-            return False
-        buf = self._blobs.get(key)
-        if buf is None or msg.offset == 0:
-            buf = self._blobs[key] = bytearray()
-        if msg.offset != len(buf):
-            if msg.offset < len(buf):
-                return False  # a resend after a reconnect
-            log.warning(
-                "task %s: %s chunk at %d, expected %d; dropping the artifact",
-                msg.task_id,
-                msg.name,
-                msg.offset,
-                len(buf),
-            )
-            self._blobs.pop(key, None)
-            return False
-        buf += msg.data
-        if len(buf) > self.config.max_artifact:
-            log.warning("task %s: %s is larger than max_artifact; dropped", msg.task_id, msg.name)
-            self._blobs.pop(key, None)
-            return False
-        if not msg.last:
-            return False
-        self._blobs.pop(key, None)
-        rec = await self.store.get_task(msg.task_id)
-        if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
-            return False
-        await self.store.put_artifact(msg.task_id, msg.name, bytes(buf))
-        return True
-
-    async def record_outcome(self, node_id: str, msg: m.TaskResult) -> TaskRecord | None:
-        out = msg.outcome
-        try:
-            target = State(out.state)
-        except ValueError:
-            target, out = (
-                State.FAILED,
-                msgspec.structs.replace(out, reason="sandbox_failed", message=f"unknown outcome state {out.state!r}"),
-            )
-        prev = await self.store.get_task(msg.task_id)
-        if prev is None or prev.node_id != node_id or prev.attempt != msg.attempt or State(prev.state) not in ACTIVE:
-            log.info(
-                "task %s: ignored outcome %s from node %s (attempt %d is not current)",
-                msg.task_id,
-                out.state,
-                node_id,
-                msg.attempt,
-            )
-            return None
-        if out.diff:
-            await self.store.put_artifact(msg.task_id, "diff", out.diff.encode())
-        if out.memory is not None:
-            await self.store.put_artifact(msg.task_id, "memory", out.memory.encode())
-        usage, usd = await self.store.ledger_totals(msg.task_id)
-        changes = {
-            "usage": usage,
-            "cost_usd": usd,
-            "claude_usage": out.claude_usage,
-            "exit_code": out.exit_code,
-            "is_error": out.is_error,
-            "diff_stat": out.diff_stat,
-            "final_text": out.final_text[-4000:],
-            "last_node_seq": msg.node_seq,
-            "num_turns": prev.num_turns + out.num_turns,
-            "compute_s": prev.compute_s + out.duration_s,
-            "iterations": out.iterations or prev.iterations,
-            "reply": None,
-            "pr_url": out.pr_url,
-            "pr_error": out.pr_error,
-        }
-        if out.head:
-            changes.update(commits=out.commits, head=out.head, branch=out.branch)
-        rec = await self.move(
-            msg.task_id,
-            target,
-            reason=out.reason,
-            message=out.message,
-            changes=changes,
-            expect=ACTIVE,
-            expect_node=node_id,
-            expect_attempt=msg.attempt,
-        )
-        if rec is None:
-            log.info("task %s: ignored outcome %s from node %s (task no longer there)", msg.task_id, out.state, node_id)
-        return rec
 
     async def reply(self, task_id: str, answer: str, *, owner: str | None) -> TaskRecord:
         """Answer a task's question: it is queued again and continues on the same work."""

@@ -73,6 +73,7 @@ class BlobWriter:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            fd, self._fd = self._fd, None
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
             os.close(fd)

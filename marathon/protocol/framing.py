@@ -8,7 +8,7 @@ tasks can share one connection; receives are done by one reader task.
 from __future__ import annotations
 
 import struct
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
 
 import msgspec
 import trio
@@ -17,10 +17,18 @@ from marathon.errors import ConnectionClosed, FrameTooLarge, ProtocolError, Vers
 from marathon.protocol.messages import PROTOCOL_VERSION, Error, Hello
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+CLOSE_TIMEOUT = 5.0
 _HEADER = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # a stream whose message type is not spelled out is a FramedStream[Any]
+    from typing_extensions import TypeVar
+
+    T = TypeVar("T", default=Any)
+else:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 
 def encode_frame(msg: Any, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
@@ -131,7 +139,9 @@ class FramedStream(Generic[T]):
             raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
+        """Close, also when cancelled; bounded, so a TLS close_notify to a peer that reads
+        nothing cannot hold us (a cancelled ``aclose`` still closes the stream, forcefully)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await self.stream.aclose()
 
     async def send_error(self, code: str, message: str) -> None:

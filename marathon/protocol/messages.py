@@ -10,8 +10,6 @@ needs a PROTOCOL_VERSION bump.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 PROTOCOL_VERSION = 1
@@ -71,7 +69,6 @@ class TaskSpec(msgspec.Struct, frozen=True):
     max_turns: int = 30
     timeout_s: float = 3600.0
     attempt: int = 1
-    env: dict[str, str] = {}
     max_tokens: int | None = None
     max_cost: float | None = None
     prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
@@ -113,6 +110,7 @@ class Capacity(msgspec.Struct, frozen=True):
     pool_misses: int = 0
     claim_ms_p50: float | None = None
     pool_note: str | None = None  # why the warm pool is off, when it is
+    draining: bool = False  # the node takes no new tasks (told to drain, or shutting down)
 
 
 class TaskOutcome(msgspec.Struct, frozen=True):
@@ -200,9 +198,12 @@ class ApiRequestEvent(_Ev, tag="api_request"):
     cost_usd: float | None = None
 
 
-Event = Union[IterationEvent, TextEvent, ToolCallEvent, ToolResultEvent, StateEvent, LogEvent, ApiRequestEvent]
+Event = IterationEvent | TextEvent | ToolCallEvent | ToolResultEvent | StateEvent | LogEvent | ApiRequestEvent
 
 
+# the reason a node gives for the tasks it stops because it shuts down: the orchestrator queues
+# them again at once, without counting the attempt
+NODE_SHUTDOWN = "node_shutdown"
 # how a task that was told to stop ends, by the reason it was stopped
 STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed", "node_lost": "failed"}
 BLOB_CHUNK = 1024 * 1024
@@ -298,7 +299,11 @@ class Cancel(_Msg, tag="cancel"):
 
 
 class Drain(_Msg, tag="drain"):
-    pass
+    """Orchestrator -> node: take no new tasks; what runs goes on to its end."""
+
+
+class Undrain(_Msg, tag="undrain"):
+    """Orchestrator -> node: take tasks again."""
 
 
 class TaskEvent(_Msg, tag="task_event"):
@@ -330,24 +335,28 @@ class TaskResult(_Msg, tag="task_result"):
     attempt: int = 0
 
 
-GatewayMessage = Union[
-    Hello,
-    Error,
-    Challenge,
-    Authenticate,
-    Welcome,
-    Heartbeat,
-    HeartbeatAck,
-    Assign,
-    AssignBlob,
-    Accepted,
-    Rejected,
-    Cancel,
-    Drain,
-    TaskEvent,
-    TaskBlob,
-    TaskResult,
-]
+GatewayMessage = (
+    Hello
+    | Error
+    | Challenge
+    | Authenticate
+    | Welcome
+    | Heartbeat
+    | HeartbeatAck
+    | Assign
+    | AssignBlob
+    | Accepted
+    | Rejected
+    | Cancel
+    | Drain
+    | Undrain
+    | TaskEvent
+    | TaskBlob
+    | TaskResult
+)
+# each direction decodes only what it may receive: anything else is a protocol error
+FromNode = Hello | Error | Authenticate | Heartbeat | Accepted | Rejected | TaskEvent | TaskBlob | TaskResult
+ToNode = Hello | Error | Challenge | Welcome | HeartbeatAck | Assign | AssignBlob | Cancel | Drain | Undrain
 
 
 # --------------------------------------------------------------------------- agent
@@ -355,7 +364,6 @@ GatewayMessage = Union[
 
 class Ready(_Msg, tag="ready"):
     agent_version: str
-    claude_version: str = ""
     sandbox: str = ""
 
 
@@ -420,19 +428,19 @@ class TunnelClose(_Msg, tag="t_close"):
     error: str | None = None
 
 
-AgentMessage = Union[
-    Hello,
-    Error,
-    Ready,
-    Start,
-    AgentEvent,
-    AgentResult,
-    Blob,
-    CancelRun,
-    TunnelOpen,
-    TunnelData,
-    TunnelAck,
-    TunnelClose,
-]
+AgentMessage = (
+    Hello
+    | Error
+    | Ready
+    | Start
+    | AgentEvent
+    | AgentResult
+    | Blob
+    | CancelRun
+    | TunnelOpen
+    | TunnelData
+    | TunnelAck
+    | TunnelClose
+)
 
 TERMINAL_OUTCOMES = ("succeeded", "failed", "cancelled", "timed_out", "needs_input")

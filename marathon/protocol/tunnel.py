@@ -125,8 +125,8 @@ class TunnelMux:
         if isinstance(msg, TunnelOpen):
             if msg.conn in self._streams:
                 raise ProtocolError(f"tunnel {msg.conn} opened twice")
-            stream = self._streams[msg.conn] = TunnelStream(self, msg.conn)
-            return stream
+            opened = self._streams[msg.conn] = TunnelStream(self, msg.conn)
+            return opened
         stream = self._streams.get(msg.conn)
         if stream is None:
             return None  # a late message for a stream we already closed

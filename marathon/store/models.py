@@ -41,7 +41,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     reason: str | None = None
     message: str | None = None
     node_id: str | None = None
-    attempt: int = 0
+    attempt: int = 0  # assignments so far: each one's number fences what its node may report
+    free_attempts: int = 0  # of those, the ones a node shutting down gave back (not counted against max_attempts)
     created_at: float = 0.0
     updated_at: float = 0.0
     started_at: float | None = None
@@ -97,6 +98,7 @@ UPDATABLE = frozenset(
         "message",
         "node_id",
         "attempt",
+        "free_attempts",
         "started_at",
         "finished_at",
         "last_node_seq",

@@ -81,6 +81,10 @@ CREATE TABLE artifacts (
 );
 """,
     ),
+    (
+        "attempts given back by nodes shutting down",
+        "ALTER TABLE tasks ADD COLUMN free_attempts integer NOT NULL DEFAULT 0;",
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
 
 T = TypeVar("T")
+CLOSE_TIMEOUT = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     request TEXT NOT NULL,
     reason TEXT, message TEXT, node_id TEXT,
     attempt INTEGER NOT NULL DEFAULT 0,
+    free_attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
     started_at REAL, finished_at REAL,
     last_seq INTEGER NOT NULL DEFAULT 0,
@@ -80,7 +82,7 @@ _json = msgspec.json.Encoder()
 
 
 def _row_to_task(row: tuple) -> TaskRecord:
-    d = dict(zip(_FIELDS, row))
+    d = dict(zip(_FIELDS, row, strict=True))
     for f in _JSON_FIELDS:
         if d[f] is not None:
             d[f] = msgspec.json.decode(d[f])
@@ -135,13 +137,22 @@ class SqliteStore(AccountsMixin):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        self._migrate(self._writer)
         self._reader = self._connect()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps old tables as they are)."""
+        have = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+        if "free_attempts" not in have:
+            conn.execute("ALTER TABLE tasks ADD COLUMN free_attempts INTEGER NOT NULL DEFAULT 0")
 
     async def close(self) -> None:
         for conn, limit in ((self._writer, self._wlimit), (self._reader, self._rlimit)):
             if conn is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(conn.close, limiter=limit)
+                # bounded: a close waits for the query in flight; past the bound the thread is left to end it
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await trio.to_thread.run_sync(conn.close, limiter=limit, abandon_on_cancel=True)
         self._writer = self._reader = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from marathon.errors import Conflict
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
@@ -72,7 +74,16 @@ _GROUPS = {
 }
 
 
+T = TypeVar("T")
+
+
 class AccountsMixin:
+    if TYPE_CHECKING:  # SqliteStore provides them
+
+        async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
     # ------------------------------------------------------------------ users
 
     async def create_user(self, user: User, *, admin_if_first: bool = False) -> User:
@@ -181,14 +192,14 @@ class AccountsMixin:
         names = [x.strip() for x in _LEDGER_COLS.split(",")]
         out = []
         for r in rows:
-            d = dict(zip(names, r))
+            d = dict(zip(names, r, strict=True))
             d["complete"], d["priced"] = bool(d["complete"]), bool(d["priced"])
             out.append(LedgerRow(**d))
         return out
 
     async def usage_summary(self, *, user_id: str | None, since: float, by: str) -> list[UsageBucket]:
         group = _GROUPS[by]
-        where, args = ["ts >= ?"], [since]
+        where, args = ["ts >= ?"], list[Any]([since])
         if user_id is not None:
             where.append("user_id = ?")
             args.append(user_id)
@@ -204,7 +215,7 @@ class AccountsMixin:
             "user": "owner",
             "total": "'total'",
         }[by]
-        twhere, targs = ["created_at >= ?"], [since]
+        twhere, targs = ["created_at >= ?"], list[Any]([since])
         if user_id is not None:
             twhere.append("owner = ?")
             targs.append(user_id)

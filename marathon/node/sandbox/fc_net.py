@@ -93,7 +93,7 @@ def veth_name(netns: str) -> str:
     return f"mfc{zlib.crc32(netns.encode()):08x}"
 
 
-def veth_subnet(netns: str, taken: set[str] = frozenset()) -> tuple[str, str, str]:
+def veth_subnet(netns: str, taken: set[str] | frozenset[str] = frozenset()) -> tuple[str, str, str]:
     """(subnet, host ip, namespace ip): a /30 in 10.201.0.0/16, starting from one derived from
     the name and skipping those whose host address is in ``taken``."""
     start = zlib.crc32(netns.encode()) % (1 << 14)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from marathon.errors import SandboxError
 from marathon.node.cgroups import Cgroups, Limits
@@ -152,7 +153,7 @@ class FirecrackerBackend:
             raise SandboxError("firecracker binary missing: run make firecracker")
         self.boot_args, self.vcpus, self.mem_mib = boot_args, vcpus, mem_mib
         self.agent_port, self.guest_cid, self.network = agent_port, guest_cid, network
-        self.vm_kwargs = dict(
+        self.vm_kwargs: dict[str, Any] = dict(
             firecracker_bin=self.firecracker_bin,
             prefix=prefix,
             jailer=jailer,

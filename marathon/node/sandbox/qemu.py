@@ -383,7 +383,7 @@ class QemuBackend:
 
 async def reap_leftovers(root: str) -> list[str]:
     """At node start: kill QEMUs a crashed node left running under ``root`` and remove their dirs."""
-    removed = []
+    removed: list[str] = []
     if not os.path.isdir(root):
         return removed
     for dirpath, dirnames, filenames in os.walk(root):

@@ -1,0 +1,174 @@
+"""/v1/tasks: submit, list, read, cancel, answer, and follow a task's events (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import trio
+from quart import Blueprint, Response, request
+
+from marathon.errors import InvalidRequest, NotFound, RateLimited, StoreError
+from marathon.orchestrator.http import ApiContext, body_as, json_response, owner_filter, principal
+from marathon.orchestrator.lifecycle import State, is_terminal
+from marathon.orchestrator.tasks import task_topic
+from marathon.store import TaskRecord, TaskRequest
+
+EVENT_PAGE = 1000
+SHUTDOWN_NOTE = b"retry: 1000\n: the orchestrator is shutting down; resume with Last-Event-ID\n\n"
+
+
+class Reply(msgspec.Struct, forbid_unknown_fields=True):
+    answer: str
+
+
+def task_json(rec: TaskRecord) -> dict:
+    d = msgspec.to_builtins(rec)
+    d.pop("last_node_seq", None)
+    if rec.state == State.NEEDS_INPUT:
+        d["question"] = rec.message
+    d["terminal"] = is_terminal(rec.state)
+    d["duration_s"] = (rec.finished_at or 0) - rec.started_at if rec.started_at and rec.finished_at else None
+    return d
+
+
+def blueprint(ctx: ApiContext) -> Blueprint:
+    bp = Blueprint("tasks", __name__)
+
+    @bp.post("/v1/tasks")
+    async def submit():
+        p = await principal(ctx)
+        req = await body_as(TaskRequest)
+        retry = await ctx.limiter.take(f"submit:{p.user}", rate=ctx.submit_rate / 60.0, burst=ctx.submit_burst)
+        if retry:
+            raise RateLimited(f"too many submissions; try again in {math.ceil(retry)}s", retry)
+        up = ctx.nodes.connected()
+        if up and not any(s.capacity.api_key for s in up):
+            raise InvalidRequest(
+                "no Anthropic API key is configured: set MARATHON_ANTHROPIC_API_KEY for the node "
+                "(environment, .env or marathon.toml) and restart it"
+            )
+        rec = await ctx.tasks.submit(p.user, req, admin=p.admin)
+        return json_response(task_json(rec), 201)
+
+    @bp.get("/v1/tasks")
+    async def list_tasks():
+        p = await principal(ctx)
+        states = [s for s in request.args.getlist("state") for s in s.split(",") if s]
+        for s in states:
+            try:
+                State(s)
+            except ValueError:
+                raise InvalidRequest(f"unknown state {s!r}; states are {', '.join(State)}") from None
+        try:
+            limit = min(max(int(request.args.get("limit", "50")), 1), 500)
+        except ValueError:
+            raise InvalidRequest("limit must be an integer") from None
+        cursor = request.args.get("cursor") or None
+        try:
+            recs, nxt = await ctx.tasks.store.list_tasks(
+                owner=owner_filter(p), states=states or None, cursor=cursor, limit=limit
+            )
+        except StoreError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return json_response({"tasks": [task_json(r) for r in recs], "next_cursor": nxt})
+
+    @bp.get("/v1/tasks/<task_id>")
+    async def get_task(task_id: str):
+        p = await principal(ctx)
+        return json_response(task_json(await ctx.tasks.get(task_id, owner=owner_filter(p))))
+
+    @bp.post("/v1/tasks/<task_id>/cancel")
+    async def cancel(task_id: str):
+        p = await principal(ctx)
+        rec = await ctx.tasks.cancel(task_id, owner=owner_filter(p), send_cancel=ctx.send_cancel)
+        return json_response(task_json(rec), 202)
+
+    @bp.get("/v1/tasks/<task_id>/diff")
+    async def diff(task_id: str):
+        p = await principal(ctx)
+        await ctx.tasks.get(task_id, owner=owner_filter(p))
+        data = await ctx.tasks.store.get_artifact(task_id, "diff") or b""
+        return Response(data, content_type="text/x-diff; charset=utf-8")
+
+    @bp.get("/v1/tasks/<task_id>/bundle")
+    async def bundle(task_id: str):
+        p = await principal(ctx)
+        await ctx.tasks.get(task_id, owner=owner_filter(p))
+        data = await ctx.tasks.store.get_artifact(task_id, "bundle")
+        if data is None:
+            raise NotFound(f"task {task_id} has no commits")
+        return Response(data, content_type="application/octet-stream")
+
+    @bp.post("/v1/tasks/<task_id>/reply")
+    async def reply(task_id: str):
+        p = await principal(ctx)
+        body = await body_as(Reply)
+        rec = await ctx.tasks.reply(task_id, body.answer, owner=owner_filter(p))
+        return json_response(task_json(rec), 202)
+
+    @bp.get("/v1/tasks/<task_id>/events")
+    async def events(task_id: str):
+        p = await principal(ctx)
+        await ctx.tasks.get(task_id, owner=owner_filter(p))
+        raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+        try:
+            after = int(raw_after)
+        except ValueError:
+            raise InvalidRequest("Last-Event-ID must be an event sequence number") from None
+        follow = request.args.get("follow", "1") not in ("0", "false", "no")
+        resp = Response(
+            event_stream(ctx, task_id, after, follow),
+            content_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        resp.timeout = None
+        return resp
+
+    return bp
+
+
+async def _changed_or_stopping(ctx: ApiContext, watch, timeout: float) -> str:
+    """Wait for the task's topic to change, the orchestrator to stop, or ``timeout``."""
+    woke = "timeout"
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+
+            async def wait(what: str, fn) -> None:
+                nonlocal woke
+                await fn()
+                woke = what
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait, "changed", watch.wait)
+            nursery.start_soon(wait, "stopping", ctx.stopping.wait)
+    return woke
+
+
+async def event_stream(ctx: ApiContext, task_id: str, after: int, follow: bool):
+    """Replay from the store after ``after``, then follow; ends when the task is terminal, or
+    cleanly (with a note to resume) when the orchestrator shuts down."""
+    store = ctx.tasks.store
+    async with ctx.bus.watch(task_topic(task_id)) as watch:
+        while True:
+            watch.arm()
+            evs = await store.events_after(task_id, after, EVENT_PAGE)
+            if evs:
+                chunks = []
+                for e in evs:
+                    chunks.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (e.seq, e.kind.encode(), e.data))
+                    after = e.seq
+                yield b"".join(chunks)
+                if len(evs) == EVENT_PAGE:
+                    continue
+            rec = await store.get_task(task_id)
+            if rec is None or (is_terminal(rec.state) and rec.last_seq <= after):
+                return
+            if not follow:
+                return
+            if ctx.stopping.is_set():
+                yield SHUTDOWN_NOTE
+                return
+            woke = await _changed_or_stopping(ctx, watch, ctx.keepalive)
+            if woke == "timeout":
+                yield b": keepalive\n\n"

@@ -1,0 +1,144 @@
+"""The scheduler's shell: assigns queued tasks (``scheduler.plan``) and carries out the deadline
+decisions (``reconcile.reconcile``).  It wakes on the scheduler topic (a task queued or ended, a
+node's capacity changed, a node came or went), at the next deadline, or every PERIOD."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import assert_never
+
+import trio
+
+from marathon.config import Config
+from marathon.errors import StoreError
+from marathon.orchestrator.gateway import Gateway
+from marathon.orchestrator.lifecycle import State
+from marathon.orchestrator.nodes import NodeRegistry
+from marathon.orchestrator.reconcile import ConfirmCancel, Deadline, Fail, Plan, Requeue, TimeOut, reconcile
+from marathon.orchestrator.scheduler import TaskView, plan
+from marathon.orchestrator.tasks import SCHED_TOPIC, TaskService, active_task
+from marathon.protocol import messages as m
+from marathon.store import TaskRecord
+
+log = logging.getLogger("marathon.orchestrator")
+PERIOD = 5.0  # look again at least this often, whatever was (or was not) announced
+
+
+class Scheduler:
+    """Assigns queued tasks and enforces deadlines (acks, lost nodes, cancels, timeouts)."""
+
+    def __init__(self, config: Config, tasks: TaskService, nodes: NodeRegistry, gateway: Gateway):
+        self.config, self.tasks, self.nodes, self.gateway = config, tasks, nodes, gateway
+        self.started = trio.current_time()
+        self.running_since: dict[str, float] = {}  # task id -> when it was first seen running (trio clock)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with self.tasks.bus.watch(SCHED_TOPIC) as watch:
+            task_status.started()
+            while True:
+                watch.arm()
+                wake_at = trio.current_time() + PERIOD
+                try:
+                    await self.schedule_once()
+                    decided = await self.reconcile_once()
+                    if decided.wake_at is not None:
+                        wake_at = min(wake_at, decided.wake_at)
+                except StoreError as exc:
+                    log.warning("scheduler: store unavailable: %s", exc)
+                with trio.move_on_at(wake_at):
+                    await watch.wait()
+
+    async def schedule_once(self) -> None:
+        views = self.nodes.views()
+        if not any(v.free for v in views):
+            return
+        queued, _ = await self.tasks.store.list_tasks(states=[State.QUEUED], limit=200, oldest_first=True)
+        if not queued:
+            return
+        by_id = {r.id: r for r in queued}
+        tv = [TaskView(r.id, r.created_at, self.nodes.avoided(r.id)) for r in queued]
+        for task_id, node_id in plan(tv, views):
+            rec, session = by_id[task_id], self.nodes.get(node_id)
+            if session is None:
+                continue
+            moved = await self.tasks.move(
+                task_id,
+                State.SCHEDULED,
+                expect={State.QUEUED},
+                message=f"assigned to node {session.name}",
+                changes={"node_id": node_id, "attempt": rec.attempt + 1, "last_node_seq": 0, "reason": None},
+            )
+            if moved is None:
+                continue
+            session.assigned[task_id] = trio.current_time() + self.config.assign_timeout
+            assign, blobs = await self.tasks.assignment(moved)
+            for blob in blobs:
+                await session.send(blob)
+            await session.send(assign)
+
+    def _running_since(self, task_id: str, started_at: float | None, now: float) -> float:
+        """When a running task started, on trio's clock: as seen by this process, or (first seen
+        after a restart) from the age of its stored start time."""
+        since = self.running_since.get(task_id)
+        if since is None:
+            age = max(0.0, time.time() - started_at) if started_at else 0.0
+            since = self.running_since[task_id] = now - age
+        return since
+
+    async def reconcile_once(self) -> Plan:
+        now = trio.current_time()
+        active, _ = await self.tasks.store.list_tasks(
+            states=[State.SCHEDULED, State.STARTING, State.RUNNING], limit=10_000, oldest_first=True
+        )
+        by_id = {r.id: r for r in active}
+        facts = []
+        for rec in active:
+            since = (
+                self._running_since(rec.id, rec.started_at or rec.updated_at, now)
+                if rec.state == State.RUNNING
+                else None
+            )
+            facts.append(active_task(rec, since))
+        for task_id in set(self.running_since) - {r.id for r in active if r.state == State.RUNNING}:
+            del self.running_since[task_id]
+        decided = reconcile(
+            facts,
+            self.nodes.facts(),
+            now,
+            self.config,
+            started=self.started,
+            cancel_deadlines=dict(self.gateway.cancel_deadlines),
+        )
+        for action in decided.actions:
+            await self._execute(action, by_id)
+        return decided
+
+    async def _execute(self, action: Deadline, by_id: dict[str, TaskRecord]) -> None:
+        match action:
+            case Requeue() | Fail():
+                self.nodes.forget_task(action.task_id)
+                await self.tasks.give_back(by_id[action.task_id], action)
+            case TimeOut():
+                session = self.nodes.get(action.node_id)
+                if session is not None:
+                    await session.send(m.Cancel(task_id=action.task_id, reason="timed out"))
+                await self.tasks.move(
+                    action.task_id,
+                    State.TIMED_OUT,
+                    reason="timeout",
+                    message="the node did not end the task in time",
+                    expect={State.RUNNING},
+                )
+            case ConfirmCancel():
+                self.gateway.cancel_deadlines.pop(action.task_id, None)
+                self.nodes.forget_task(action.task_id)
+                await self.tasks.move(
+                    action.task_id,
+                    State.CANCELLED,
+                    reason="cancelled",
+                    message="cancelled (the node did not confirm)",
+                    expect={State.SCHEDULED, State.STARTING, State.RUNNING},
+                )
+            case _:
+                assert_never(action)

@@ -1,0 +1,81 @@
+"""Every benchmark imports, and runs at a tiny size: a broken benchmark fails here, not when
+someone wants its figures."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+import pytest
+
+import bench
+from tests.harness import REPO_ROOT
+
+
+def test_every_bench_module_imports():
+    names = [m.name for m in pkgutil.iter_modules(bench.__path__)]
+    assert {"common", "control_plane", "events", "executable", "firecracker", "proxy", "repo", "vm"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        assert name == "common" or callable(getattr(module, "main", None)), f"bench.{name} has no main()"
+
+
+async def test_proxy_bench(capsys):
+    from bench import proxy
+
+    await proxy.main(2)
+    assert "added latency to first byte" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+async def test_control_plane_bench(capsys):
+    from bench import control_plane
+
+    await control_plane.main(2, warmup=1)
+    assert "ratio marathon/baseline" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+async def test_events_bench(capsys):
+    from bench import events
+
+    await events.main(200)
+    assert "ratio live/replay" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+async def test_repo_bench(capsys):
+    from bench import repo
+
+    await repo.main(1, 0)
+    assert "ratio with/without" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_executable_bench(capsys):
+    from bench import executable
+
+    if not os.access(executable.EXE, os.X_OK):
+        pytest.fail(f"{executable.EXE} is missing: build it with `make build` (make test does)")
+    executable.main(1)
+    assert "ratio executable/venv" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+async def test_vm_bench(capsys):
+    from bench import vm
+
+    if not (REPO_ROOT / ".cache/image/current").exists():
+        pytest.fail("no guest image: run `make image` (make test does)")
+    await vm.main(1)
+    assert "ratio cold/restore" in capsys.readouterr().out
+
+
+@pytest.mark.firecracker
+async def test_firecracker_bench(capsys):
+    from bench import firecracker
+
+    await firecracker.main(["--runs", "1", "--mem", "32"])
+    assert "load + resume" in capsys.readouterr().out
