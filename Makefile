@@ -66,6 +66,8 @@ bench: system-deps venv build
 	$(PY) -m bench.proxy
 	$(PY) -m bench.repo
 	$(PY) -m bench.executable
+	$(PY) -m bench.sandbox
+	$(PY) -m bench.store
 
 clean:
 	rm -rf build dist marathon.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -125,10 +125,14 @@ async def run(n_tasks: int, n_events: int, *, pg_url: str | None = None, out=pri
     return results
 
 
+async def main(n_tasks: int = 5000, n_events: int = 20000) -> dict[str, dict[str, float]]:
+    return await run(n_tasks, n_events)
+
+
 if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     n_tasks = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
     n_events = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
-    trio.run(run, n_tasks, n_events)
+    trio.run(main, n_tasks, n_events)

@@ -79,3 +79,12 @@ async def test_firecracker_bench(capsys):
 
     await firecracker.main(["--runs", "1", "--mem", "32"])
     assert "load + resume" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+async def test_sandbox_bench(capsys):
+    from bench import sandbox
+
+    await sandbox.main(2)
+    out = capsys.readouterr().out
+    assert "ratio hardened/bare" in out and "memory kill -> event" in out
