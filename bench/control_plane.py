@@ -23,6 +23,7 @@ from marathon.cli.serve import make_backend
 from marathon.config import Config
 from marathon.node.git import MirrorCache
 from marathon.node.repo import prepare
+from marathon.node.sandbox import SandboxOptions
 from marathon.node.supervisor import connect_agent
 from marathon.protocol import messages as m
 from marathon.protocol.blobs import send_file
@@ -51,19 +52,18 @@ async def direct_path(config: Config, repo: str, n: int) -> list[float]:
     cache = MirrorCache(os.path.join(config.data_dir, "direct-mirrors"))
     out = []
     for i in range(n):
-        spec = m.TaskSpec(task_id=f"{time.monotonic_ns() % 16**12:012x}", prompt="noop", repo=repo)
+        spec = m.TaskSpec(task_id=f"{time.monotonic_ns() % 16**12:012x}", prompt="noop", repo=repo, trusted_repo=True)
         root = os.path.join(config.data_dir, "direct", spec.task_id)
         os.makedirs(root, mode=0o711)
         t0 = time.time()
         prep = await prepare(spec, config, cache, root, token=None, resume_bundle=None)
-        ws = os.path.join(root, "workspace")
-        os.makedirs(ws, mode=0o755)
-        if os.geteuid() == 0:
-            os.chown(ws, config.sandbox_uid, config.sandbox_uid)
-        sb = await backend.create(f"d{i}", ws, os.path.join(root, "run"))
+        sb = await backend.create(
+            f"d{i}", os.path.join(root, "run"), SandboxOptions(uid=config.sandbox_uid, gid=config.sandbox_uid)
+        )
         try:
             fs = await connect_agent(sb, 20)
-            await fs.send(m.Start(task=spec, workspace=sb.workspace, base_branch=prep.branch, api_key="x"))
+            await fs.send(m.Start(task=spec, workspace=sb.workspace, base_branch=prep.branch, api_key="x",
+                                  **sb.start_fields))  # fmt: skip
             await send_file(fs, "repo", prep.bundle)
             while True:
                 msg = await fs.receive()

@@ -39,7 +39,7 @@ async def main(runs: int) -> None:
     snap = None
     for i in range(runs):
         t0 = time.monotonic()
-        sb = await qemu.create(f"cold{i}", "", os.path.join(tmp, f"cold{i}"))
+        sb = await qemu.create(f"cold{i}", os.path.join(tmp, f"cold{i}"))
         fs = await connect_agent(sb, 600)
         cold.append(time.monotonic() - t0)
         await trio.sleep(1)
@@ -82,9 +82,8 @@ async def main(runs: int) -> None:
     pb = make_backend(proc_cfg)
     proc_start, idle_proc = [], []
     for i in range(runs):
-        os.makedirs(os.path.join(tmp, f"ws{i}"), exist_ok=True)
         t0 = time.monotonic()
-        sb = await pb.create(f"p{i}", os.path.join(tmp, f"ws{i}"), os.path.join(tmp, f"prun{i}"))
+        sb = await pb.create(f"p{i}", os.path.join(tmp, f"prun{i}"))
         fs = await connect_agent(sb, 60)
         proc_start.append(time.monotonic() - t0)
         await trio.sleep(0.5)
