@@ -82,7 +82,12 @@ async def direct_path(config: Config, repo: str, n: int) -> list[float]:
 async def main(n: int, warmup: int = 3) -> None:
     tmp = scratch_dir("marathon-bench-")
     repo = make_git_repo(os.path.join(tmp, "repo"))
-    config = marathon_config(os.path.join(tmp, "data"), claude_bin=prepare_claude_stub(), log_level="warning")
+    config = marathon_config(
+        os.path.join(tmp, "data"),
+        claude_bin=prepare_claude_stub(),
+        log_level="warning",
+        submit_burst=n + 10,  # one user submits every task: the rate limit is not what is measured
+    )
     os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
     await direct_path(config, repo, warmup)  # warm caches
     base = await direct_path(config, repo, n)

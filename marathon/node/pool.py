@@ -61,17 +61,20 @@ class WarmPool:
         self.snapshot = None
         self.disabled: str | None = None
         self._changed = trio.Event()
+        self._news = trio.Event()
         self._seq = 0
 
     def poke(self) -> None:
-        self._changed.set()
+        self._changed.set()  # the refill loop's (it makes a new one each round)
+        self._news.set()  # waiters' (wait_ready)
+        self._news = trio.Event()
 
     async def wait_ready(self, n: int) -> None:
         """Until ``n`` sandboxes are ready (or the pool is disabled: MarathonError)."""
         while len(self.ready) < n:
             if self.disabled:
                 raise MarathonError(f"the warm pool is disabled: {self.disabled}")
-            await self._changed.wait()
+            await self._news.wait()
 
     def stats(self) -> dict:
         return {
