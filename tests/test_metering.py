@@ -62,8 +62,8 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
             )
             # ledger == what the upstream sent == what Claude Code itself reported == the task's usage
             assert total == Usage(**fake.usage_sent)
-            assert final["claude_usage"] == fake.usage_sent
-            assert final["usage"] == fake.usage_sent
+            assert fa.tokens(final["claude_usage"]) == fake.usage_sent
+            assert fa.tokens(final["usage"]) == fake.usage_sent
             # cost == the price table applied to it (sonnet: 3 / 15 / 3.75 / 0.30 per million)
             price, known = price_for(MODEL, merged_table({}), config.price_fallback)
             assert known and (price.input, price.output, price.cw, price.cr) == pytest.approx((3.0, 15.0, 3.75, 0.3))
@@ -108,7 +108,7 @@ async def test_token_budget_stops_the_task_within_two_seconds_of_crossing():
             assert final["state"] == "failed" and final["reason"] == "budget_exhausted", final
             assert "1500 of 1000 tokens" in final["message"]
             assert ended - crossed < 2.0, f"took {ended - crossed:.2f}s after crossing"
-            assert final["usage"] == fake.usage_sent  # usage so far is kept
+            assert fa.tokens(final["usage"]) == fake.usage_sent  # usage so far is kept
             assert len(fake.requests) == 1
             assert alive(procs) == set(), "Claude Code (or its sleep) survived the budget stop"
 
