@@ -155,6 +155,8 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
                 "cache_creation_input_tokens",
                 "cache_read_input_tokens",
                 "tool_calls",
+                "web_search_requests",
+                "web_fetch_requests",
                 "cost_usd",
                 "compute_s",
                 "tasks",

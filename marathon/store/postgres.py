@@ -355,12 +355,15 @@ class PostgresStore(PgAccountsMixin):
             lambda c: c.execute(
                 "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
                 "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = %s",
+                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
+                "FROM ledger WHERE task_id = %s",
                 (task_id,),
             ).fetchone()
         )
         assert row is not None
-        return Usage(int(row[0]), int(row[1]), int(row[2]), int(row[3])), float(row[4])
+        return Usage(*(int(v) for v in row[:4]), web_search_requests=int(row[5]), web_fetch_requests=int(row[6])), float(
+            row[4]
+        )
 
     # ------------------------------------------------------------------ artifacts
 

@@ -17,13 +17,13 @@ T = TypeVar("T")
 LEDGER_COLS = (
     "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
     "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced"
+    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
 )
 _LEDGER_NAMES = [x.strip() for x in LEDGER_COLS.split(",")]
 # the types of the ledger columns, for a "SELECT %s, … FROM s" whose parameters PostgreSQL cannot infer
 _LEDGER_CASTS = [
     *("text", "text", "float8", "text", "int8", "int8", "int8", "int8", "int4"),
-    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool"),
+    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool", "int8", "int8"),
 ]
 
 
@@ -210,7 +210,8 @@ class PgAccountsMixin:
         sql = (
             f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
             "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
+            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
+            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
         )
         tgroup = _TASK_GROUPS[by]
         twhere, targs = ["created_at >= %s"], list[Any]([since])
@@ -243,6 +244,8 @@ class PgAccountsMixin:
                 tool_calls=int(r[6] or 0),
                 cost_usd=float(r[7] or 0.0),
                 tasks=int(r[8]),
+                web_search_requests=int(r[9] or 0),
+                web_fetch_requests=int(r[10] or 0),
             )
             for r in rows
         }

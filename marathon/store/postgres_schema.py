@@ -81,6 +81,14 @@ CREATE TABLE artifacts (
 );
 """,
     ),
+    (
+        "ledger: server-tool requests",
+        """
+ALTER TABLE ledger
+    ADD COLUMN web_search_requests bigint NOT NULL DEFAULT 0,
+    ADD COLUMN web_fetch_requests bigint NOT NULL DEFAULT 0;
+""",
+    ),
 ]
 
 

@@ -73,6 +73,32 @@ CREATE TABLE IF NOT EXISTS artifacts (
 ) WITHOUT ROWID;
 """
 
+# Columns added after the first schema, in order, never edited: (table, column, definition).
+# Applied at open when missing -- ADD COLUMN is additive (old rows get the default), so a
+# database written by an older marathon opens as it is and loses nothing.
+ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("ledger", "web_search_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "web_fetch_requests", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """The additive migration: ``table.column`` for every column it added."""
+    added = []
+    conn.execute("BEGIN IMMEDIATE")  # two processes opening one file at once: one adds, the other sees it
+    try:
+        for table, column, definition in ADDED_COLUMNS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")  # trusted constants
+                added.append(f"{table}.{column}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return added
+
+
 _FIELDS = TaskRecord.__struct_fields__
 _JSON_FIELDS = frozenset({"request", "usage", "claude_usage"})
 _COLUMNS = ", ".join(_FIELDS)
@@ -135,6 +161,7 @@ class SqliteStore(AccountsMixin):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        add_missing_columns(self._writer)
         self._reader = self._connect()
 
     async def close(self) -> None:
@@ -277,11 +304,12 @@ class SqliteStore(AccountsMixin):
             lambda c: c.execute(
                 "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
                 "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = ?",
+                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
+                "FROM ledger WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         )
-        return Usage(row[0], row[1], row[2], row[3]), row[4]
+        return Usage(*row[:4], web_search_requests=row[5], web_fetch_requests=row[6]), row[4]
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         def fn(conn):

@@ -11,13 +11,13 @@ from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
 _LEDGER_COLS = (
     "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
     "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced"
+    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
 )
 
 
 def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
     conn.execute(
-        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 17)})",
+        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 19)})",
         (
             r.task_id,
             r.user_id,
@@ -36,6 +36,8 @@ def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
             r.response_bytes,
             int(r.complete),
             int(r.priced),
+            r.web_search_requests,
+            r.web_fetch_requests,
         ),
     )
 
@@ -195,7 +197,8 @@ class AccountsMixin:
         sql = (
             f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
             "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
+            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
+            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
         )
         tgroup = {
             "day": "strftime('%Y-%m-%d', created_at, 'unixepoch')",
@@ -233,6 +236,8 @@ class AccountsMixin:
                 tool_calls=r[6] or 0,
                 cost_usd=r[7] or 0.0,
                 tasks=r[8],
+                web_search_requests=r[9] or 0,
+                web_fetch_requests=r[10] or 0,
             )
             for r in rows
         }
