@@ -89,7 +89,9 @@ async def test_server_tool_use_reaches_the_ledger_priced_per_request():
     keeps them, the configured per-request price (here $25 per 1,000) is in the cost."""
     tmp = scratch_dir()
     repo = make_git_repo(os.path.join(tmp, "repo"))
-    script = [fa.web_search("trio nurseries", "Found it.", searches=3, usage={"input_tokens": 500, "output_tokens": 40})]
+    script = [
+        fa.web_search("trio nurseries", "Found it.", searches=3, usage={"input_tokens": 500, "output_tokens": 40})
+    ]
     prices = {"*sonnet*": {"input": 3.0, "output": 15.0, "web_search": 25.0}}
     async with fa.open_fake_anthropic(script) as fake:
         config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url, model=MODEL, prices=prices)

@@ -361,9 +361,8 @@ class PostgresStore(PgAccountsMixin):
             ).fetchone()
         )
         assert row is not None
-        return Usage(*(int(v) for v in row[:4]), web_search_requests=int(row[5]), web_fetch_requests=int(row[6])), float(
-            row[4]
-        )
+        v = [int(x) for x in row[:4]] + [int(row[5]), int(row[6])]
+        return Usage(v[0], v[1], v[2], v[3], v[4], v[5]), float(row[4])
 
     # ------------------------------------------------------------------ artifacts
 

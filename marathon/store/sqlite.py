@@ -309,7 +309,7 @@ class SqliteStore(AccountsMixin):
                 (task_id,),
             ).fetchone()
         )
-        return Usage(*row[:4], web_search_requests=row[5], web_fetch_requests=row[6]), row[4]
+        return Usage(row[0], row[1], row[2], row[3], row[5], row[6]), row[4]
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         def fn(conn):
