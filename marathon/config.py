@@ -80,6 +80,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl: float = 10.0  # seconds a replica's or node's record outlives its last keepalive
     leader_ttl: float = 10.0  # seconds a dead scheduler leader keeps the lead at most
     node_secret: str = ""
+    # users' GitHub tokens are encrypted at rest (AES-256-GCM) with this key: 32 bytes, base64url
+    # (`marathon admin new-secrets-key`); empty: one is generated into <data_dir>/secrets_key (0600).
+    # Several orchestrator replicas need the same key.  Rotation: README, "Rotating the secrets key".
+    secrets_key: str = ""
+    secrets_old_keys: list[str] | str = []  # keys that still decrypt; in the environment, comma-separated
     gateway_tls_cert: str = ""  # with gateway_listen = tls:HOST:PORT
     gateway_tls_key: str = ""
     orchestrator_ca: str = ""  # node: CA file the orchestrator's certificate must chain to (default: the system's)
@@ -163,16 +168,31 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be at least 2 seconds (etcd leases count whole seconds)")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.secrets_key or self.secrets_old_keys:
+            from marathon.secretbox import parse_key
+
+            try:
+                parse_key(self.secrets_key, "secrets_key") if self.secrets_key else None
+                for k in self.secrets_old_key_list():
+                    parse_key(k, "secrets_old_keys")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         for ep in self.etcd_endpoint_list():
             if not ep.startswith(("http://", "https://")):
                 raise ValueError(f"etcd_endpoints must be http(s)://host:port, not {ep!r}")
+
+    def secrets_old_key_list(self) -> list[str]:
+        keys = self.secrets_old_keys
+        if isinstance(keys, str):
+            keys = keys.split(",")
+        return [k.strip() for k in keys if k.strip()]
 
     def etcd_endpoint_list(self) -> list[str]:
         return [e.strip().rstrip("/") for e in self.etcd_endpoints.split(",") if e.strip()]
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
-        for key in ("token", "node_secret", "anthropic_api_key"):
+        for key in ("token", "node_secret", "anthropic_api_key", "secrets_key", "secrets_old_keys"):
             if out.get(key):
                 out[key] = "***"
         for key in ("store", "redis_url"):  # URLs may carry a password

@@ -307,9 +307,11 @@ async def test_users_keys_and_sessions(store):
     assert (await store.get_user_by_email("b@x")).id == "u2"
     assert await store.get_user("nope") is None and await store.get_user_by_email("nope") is None
     await store.set_github_token("u1", "ghp_x")
-    assert (await store.get_user("u1")).github_token == "ghp_x"
+    sealed = (await store.get_user("u1")).github_token
+    assert sealed.startswith("mse1:") and "ghp_x" not in sealed  # users come back with the ciphertext only
+    assert await store.github_token("u1") == "ghp_x"
     await store.set_github_token("u1", None)
-    assert (await store.get_user("u1")).github_token is None
+    assert (await store.get_user("u1")).github_token is None and await store.github_token("u1") is None
 
     k = await store.create_api_key(ApiKey(id="k1", user_id="u1", name="ci", prefix="mk_ab", key_hash="kh1"))
     assert k.created_at > 0

@@ -325,6 +325,7 @@ def nodes(*, url: Url = None) -> int:
 
 from marathon.cli import accounts as _accounts  # noqa: E402,F401  (registers login, keys, usage…)
 from marathon.cli import work as _work  # noqa: E402,F401  (registers reply, fetch, github-token)
+from marathon.cli import admin as _admin  # noqa: E402,F401  (registers admin …)
 
 
 def main() -> None:

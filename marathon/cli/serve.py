@@ -23,7 +23,13 @@ def setup_logging(config: Config, role: str) -> None:
         role=role,
         level=config.log_level,
         log_format=config.log_format,
-        secrets=[config.anthropic_api_key, config.node_secret, config.token],
+        secrets=[
+            config.anthropic_api_key,
+            config.node_secret,
+            config.token,
+            config.secrets_key,
+            *config.secrets_old_key_list(),
+        ],  # fmt: skip
     )
 
 
@@ -86,8 +92,11 @@ def run_serve(role: str, flags: dict, listen: str | None) -> int:
         os.umask(0o077)
         os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
         os.chmod(config.data_dir, 0o711)
+    from marathon.errors import single_errors
+
     try:
-        trio.run(serve_role, role, config, listen)
+        with single_errors():  # a ConfigError raised at start (in a nursery) reaches the CLI as itself
+            trio.run(serve_role, role, config, listen)
     except KeyboardInterrupt:
         log.info("interrupted; shut down")
     return 0

@@ -144,7 +144,7 @@ async def serve_orchestrator(
     from hypercorn.trio import serve as hyper_serve
 
     own_store = store is None
-    store = store or await open_store(config.store, config.data_dir)
+    store = store or await open_store(config.store, config.data_dir, config=config)
     bus = bus or MemoryBus()
     try:
         secret = load_node_secret(config)

@@ -28,7 +28,14 @@ import trio
 from marathon.errors import StoreError, StoreUnavailable
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
-from marathon.store.postgres_accounts import LEDGER_COLS, PgAccountsMixin, ledger_placeholders, ledger_values
+from marathon.secretbox import SecretBox
+from marathon.store.postgres_accounts import (
+    LEDGER_COLS,
+    PgAccountsMixin,
+    ledger_placeholders,
+    ledger_values,
+    reseal_tokens,
+)
 from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
@@ -87,8 +94,10 @@ class PostgresStore(PgAccountsMixin):
         pool_size: int = 8,
         statement_timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        secrets: SecretBox | None = None,
     ):
         self.url = url
+        self.secrets = secrets
         self.pool_size = max(1, pool_size)
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
@@ -129,6 +138,10 @@ class PostgresStore(PgAccountsMixin):
         pool.open(wait=True, timeout=self.connect_timeout)
         with pool.connection(timeout=self.connect_timeout) as conn:
             applied = migrate(conn)
+            if self.secrets is not None:  # plaintext GitHub tokens from before encryption at rest: sealed now
+                sealed, _ = reseal_tokens(conn, self.secrets, rotate=False)
+                if sealed:
+                    log.info("store: encrypted %d GitHub tokens stored in plaintext", sealed)
         if applied:
             log.info("store: applied schema migrations %s on %s", applied, redact_url(self.url))
 

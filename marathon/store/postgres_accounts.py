@@ -8,9 +8,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from marathon.errors import Conflict
+from marathon.errors import Conflict, SecretsError, StoreError
+from marathon.secretbox import (
+    CHECK_NAME,
+    SecretBox,
+    check_value,
+    is_sealed,
+    plan_reseal,
+    token_aad,
+    unknown_keys_message,
+)
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
-from marathon.store.postgres_schema import FIRST_USER_LOCK
+from marathon.store.postgres_schema import FIRST_USER_LOCK, SECRETS_LOCK
 
 T = TypeVar("T")
 
@@ -75,7 +84,39 @@ _TASK_GROUPS: dict[str, str | None] = {
 }
 
 
+def reseal_tokens(conn: psycopg.Connection, box: SecretBox, *, rotate: bool) -> tuple[int, int]:
+    """As sqlite_accounts.reseal_tokens: the key check first, then one transaction with a
+    compare-and-set per row (replicas opening at once seal each token once; an advisory lock
+    queues them), nothing changed if a key is missing.  After a change the table is rewritten
+    (VACUUM FULL), so the old values do not linger in dead row versions."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SECRETS_LOCK,))
+        row = conn.execute("SELECT value FROM meta WHERE name = %s", (CHECK_NAME,)).fetchone()
+        check = check_value(row[0] if row else None, box, rotate=rotate)
+        if check is not None:
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (CHECK_NAME, check),
+            )
+        rows = conn.execute("SELECT id, github_token FROM users WHERE github_token IS NOT NULL FOR UPDATE").fetchall()
+        updates, unknown = plan_reseal([(r[0], r[1]) for r in rows], box, rotate=rotate)
+        if unknown:
+            raise SecretsError(unknown_keys_message(unknown, box.key_ids))
+        for user_id, old, new in updates:
+            conn.execute("UPDATE users SET github_token = %s WHERE id = %s AND github_token = %s", (new, user_id, old))
+    if updates and conn.autocommit:
+        conn.execute("VACUUM FULL users")
+    return len(updates), len(rows)
+
+
 class PgAccountsMixin:
+    secrets: SecretBox | None = None
+
+    def _box(self) -> SecretBox:
+        if self.secrets is None:
+            raise StoreError("this store was opened without a secrets key: GitHub tokens cannot be stored or read")
+        return self.secrets
+
     if TYPE_CHECKING:
 
         async def _run(self, fn: Callable[[psycopg.Connection], T], *, transaction: bool = False) -> T: ...
@@ -116,7 +157,25 @@ class PgAccountsMixin:
         return _user(row) if row else None
 
     async def set_github_token(self, user_id: str, token: str | None) -> None:
-        await self._run(lambda c: c.execute("UPDATE users SET github_token = %s WHERE id = %s", (token, user_id)))
+        """Stored sealed (AEAD, bound to the user): the database never holds the token itself."""
+        value = self._box().seal(token, aad=token_aad(user_id)) if token else None
+        await self._run(lambda c: c.execute("UPDATE users SET github_token = %s WHERE id = %s", (value, user_id)))
+
+    async def github_token(self, user_id: str) -> str | None:
+        """The user's GitHub token, decrypted: call it only where the token is used."""
+        row = await self._run(
+            lambda c: c.execute("SELECT github_token FROM users WHERE id = %s", (user_id,)).fetchone()
+        )
+        if not row or not row[0]:
+            return None
+        if not is_sealed(row[0]):  # written by an older replica that has not migrated: still the token
+            return row[0]
+        return self._box().open(row[0], aad=token_aad(user_id), what=f"the GitHub token of user {user_id}")
+
+    async def reseal_secrets(self) -> tuple[int, int]:
+        """Re-encrypt every GitHub token with the current key: (changed, total)."""
+        box = self._box()
+        return await self._run(lambda c: reseal_tokens(c, box, rotate=True))
 
     async def count_users(self) -> int:
         row = await self._run(lambda c: c.execute("SELECT count(*) FROM users").fetchone())

@@ -14,7 +14,8 @@ import trio
 from marathon.errors import StoreError
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
-from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
+from marathon.secretbox import SecretBox
+from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger, reseal_tokens
 
 T = TypeVar("T")
 
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (task_id, name)
@@ -136,17 +138,24 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 class SqliteStore(AccountsMixin):
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, secrets: SecretBox | None = None):
         self.path = path
+        self.secrets = secrets
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._wlimit = trio.CapacityLimiter(1)
         self._rlimit = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: str) -> SqliteStore:
-        self = cls(path)
-        await trio.to_thread.run_sync(self._open_sync)
+    async def open(cls, path: str, *, secrets: SecretBox | None = None) -> SqliteStore:
+        """``secrets`` seals users' GitHub tokens; plaintext ones (from before encryption at rest)
+        are sealed here, and a store whose secrets ``secrets`` cannot open is a SecretsError."""
+        self = cls(path, secrets=secrets)
+        try:
+            await trio.to_thread.run_sync(self._open_sync)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     def _connect(self) -> sqlite3.Connection:
@@ -160,8 +169,11 @@ class SqliteStore(AccountsMixin):
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._writer = self._connect()
+        self._writer.execute("PRAGMA secure_delete=ON")  # what is overwritten or deleted is zeroed in the file
         self._writer.executescript(SCHEMA)
         add_missing_columns(self._writer)
+        if self.secrets is not None:
+            reseal_tokens(self._writer, self.secrets, rotate=False)
         self._reader = self._connect()
 
     async def close(self) -> None:
@@ -184,6 +196,19 @@ class SqliteStore(AccountsMixin):
                 raise
             conn.execute("COMMIT")
             return out
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._wlimit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _raw_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on the writer connection, managing its own transactions."""
+
+        def run() -> T:
+            if self._writer is None:
+                raise StoreError("store is closed")
+            return fn(self._writer)
 
         try:
             return await trio.to_thread.run_sync(run, limiter=self._wlimit)
