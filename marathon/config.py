@@ -137,6 +137,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     price_fallback: Price = DEFAULT_FALLBACK
     allow_registration: bool = False  # open sign-up; otherwise the first account, then administrators register users
     session_ttl: float = 30 * 86400.0
+    # sign-in throttling (429 + Retry-After while blocked; an administrator can lift it)
+    login_account_failures: int = 5  # failed sign-ins per account per login_window
+    login_client_failures: int = 20  # failed sign-ins per client address per login_window
+    login_window: float = 900.0
+    register_attempts: int = 10  # registration attempts per client address per register_window
+    register_window: float = 3600.0
     submit_rate: float = 60.0  # task submissions per minute per user (token bucket)
     submit_burst: int = 20
 
@@ -161,6 +167,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("default_cpus must be positive, default_pids at least 16 and at most max_pids")
         if self.sandbox_uid < 1000 or self.sandbox_uid + self.slots > 2**31:
             raise ValueError("sandbox_uid must be at least 1000 (slot i runs as sandbox_uid + i)")
+        if min(self.login_account_failures, self.login_client_failures, self.register_attempts) < 1:
+            raise ValueError("login_account_failures, login_client_failures and register_attempts must be at least 1")
+        if self.login_window <= 0 or self.register_window <= 0:
+            raise ValueError("login_window and register_window must be positive (seconds)")
         if self.store_pool_size < 1:
             raise ValueError("store_pool_size must be at least 1")
         for name in ("lease_ttl", "leader_ttl"):

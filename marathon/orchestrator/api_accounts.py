@@ -58,13 +58,13 @@ def register_account_routes(app, ctx, principal, body_as) -> None:
         by_admin = False
         if request.headers.get("Authorization"):
             by_admin = (await principal()).admin
-        user = await accounts.register(body.email, body.password, by_admin=by_admin)
+        user = await accounts.register(body.email, body.password, by_admin=by_admin, client=request.remote_addr)
         return json_response(_user_json(user), 201)
 
     @app.post("/v1/auth/login")
     async def login():
         body = await body_as(Credentials)
-        token, session, user = await accounts.login(body.email, body.password)
+        token, session, user = await accounts.login(body.email, body.password, client=request.remote_addr)
         return json_response({"token": token, "expires_at": session.expires_at, "user": _user_json(user)})
 
     @app.post("/v1/auth/logout")

@@ -15,7 +15,7 @@ from marathon.config import Config, state_value
 from marathon.errors import ConfigError, StoreError, Unavailable
 from marathon.bus.ratelimit import MemoryRateLimiter
 from marathon.orchestrator.api import ApiContext, create_app
-from marathon.orchestrator.auth import Accounts
+from marathon.orchestrator.auth import Accounts, LoginLimits
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.nodes import NodeRegistry
@@ -152,7 +152,12 @@ async def serve_orchestrator(
         nodes = NodeRegistry()
         gateway = Gateway(config, tasks, nodes, secret)
         scheduler = Scheduler(config, tasks, nodes, gateway)
-        accounts = Accounts(store, session_ttl=config.session_ttl, allow_registration=config.allow_registration)
+        accounts = Accounts(
+            store,
+            session_ttl=config.session_ttl,
+            allow_registration=config.allow_registration,
+            limits=LoginLimits.from_config(config),
+        )
         gateway_addrs: list[str] = []
 
         async def gateway_listening() -> None:
