@@ -80,6 +80,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl: float = 10.0  # seconds a replica's or node's record outlives its last keepalive
     leader_ttl: float = 10.0  # seconds a dead scheduler leader keeps the lead at most
     node_secret: str = ""
+    # users' GitHub tokens are encrypted at rest (AES-256-GCM) with this key: 32 bytes, base64url
+    # (`marathon admin new-secrets-key`); empty: one is generated into <data_dir>/secrets_key (0600).
+    # Several orchestrator replicas need the same key.  Rotation: README, "Rotating the secrets key".
+    secrets_key: str = ""
+    secrets_old_keys: list[str] | str = []  # keys that still decrypt; in the environment, comma-separated
     gateway_tls_cert: str = ""  # with gateway_listen = tls:HOST:PORT
     gateway_tls_key: str = ""
     orchestrator_ca: str = ""  # node: CA file the orchestrator's certificate must chain to (default: the system's)
@@ -133,6 +138,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     price_fallback: Price = DEFAULT_FALLBACK
     allow_registration: bool = False  # open sign-up; otherwise the first account, then administrators register users
     session_ttl: float = 30 * 86400.0
+    # sign-in throttling (429 + Retry-After while blocked; an administrator can lift it)
+    login_account_failures: int = 5  # failed sign-ins per account per login_window
+    login_client_failures: int = 20  # failed sign-ins per client address per login_window
+    login_window: float = 900.0
+    register_attempts: int = 10  # registration attempts per client address per register_window
+    register_window: float = 3600.0
     submit_rate: float = 60.0  # task submissions per minute per user (token bucket)
     submit_burst: int = 20
 
@@ -157,6 +168,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("default_cpus must be positive, default_pids at least 16 and at most max_pids")
         if self.sandbox_uid < 1000 or self.sandbox_uid + self.slots > 2**31:
             raise ValueError("sandbox_uid must be at least 1000 (slot i runs as sandbox_uid + i)")
+        if min(self.login_account_failures, self.login_client_failures, self.register_attempts) < 1:
+            raise ValueError("login_account_failures, login_client_failures and register_attempts must be at least 1")
+        if self.login_window <= 0 or self.register_window <= 0:
+            raise ValueError("login_window and register_window must be positive (seconds)")
         if self.store_pool_size < 1:
             raise ValueError("store_pool_size must be at least 1")
         for name in ("lease_ttl", "leader_ttl"):
@@ -164,16 +179,31 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be at least 2 seconds (etcd leases count whole seconds)")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.secrets_key or self.secrets_old_keys:
+            from marathon.secretbox import parse_key
+
+            try:
+                parse_key(self.secrets_key, "secrets_key") if self.secrets_key else None
+                for k in self.secrets_old_key_list():
+                    parse_key(k, "secrets_old_keys")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         for ep in self.etcd_endpoint_list():
             if not ep.startswith(("http://", "https://")):
                 raise ValueError(f"etcd_endpoints must be http(s)://host:port, not {ep!r}")
+
+    def secrets_old_key_list(self) -> list[str]:
+        keys = self.secrets_old_keys
+        if isinstance(keys, str):
+            keys = keys.split(",")
+        return [k.strip() for k in keys if k.strip()]
 
     def etcd_endpoint_list(self) -> list[str]:
         return [e.strip().rstrip("/") for e in self.etcd_endpoints.split(",") if e.strip()]
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
-        for key in ("token", "node_secret", "anthropic_api_key"):
+        for key in ("token", "node_secret", "anthropic_api_key", "secrets_key", "secrets_old_keys"):
             if out.get(key):
                 out[key] = "***"
         for key in ("store", "redis_url"):  # URLs may carry a password

@@ -13,6 +13,12 @@ class ConfigError(MarathonError):
     code = "config_error"
 
 
+class SecretsError(ConfigError):
+    """A secret at rest cannot be opened: its key is not configured, or the value was altered."""
+
+    code = "secrets_error"
+
+
 class ProtocolError(MarathonError):
     """A peer sent something we cannot accept: malformed, oversized or unexpected frame."""
 

@@ -2,8 +2,11 @@
 the orchestrator sends its table with each task so node budgets and the ledger agree.)
 
 A price table maps model-name patterns (fnmatch, first match wins, most specific first) to
-USD per million tokens for input, output, cache write and cache read.  Unknown models are
+USD per million tokens for input, output, cache write and cache read, and USD per 1,000
+requests for the server-side tools the API bills per use (``usage.server_tool_use``: web
+search $10 per 1,000 by default; web fetch costs only its tokens).  Unknown models are
 priced with the fallback and flagged, so nothing is ever metered as free by accident.
+Override in marathon.toml: ``[prices."*sonnet*"] input = 3, output = 15, web_search = 10``.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ def price_for(model: str | None, table: dict[str, Price], fallback: Price) -> tu
 
 
 def cost(usage: Usage, price: Price) -> float:
-    return (
+    tokens = (
         usage.input_tokens * price.input
         + usage.output_tokens * price.output
         + usage.cache_creation_input_tokens * price.cw
         + usage.cache_read_input_tokens * price.cr
     ) / 1_000_000
+    tools = (usage.web_search_requests * price.web_search + usage.web_fetch_requests * price.web_fetch) / 1000
+    return tokens + tools
 
 
 def merged_table(overrides: dict[str, Price]) -> dict[str, Price]:

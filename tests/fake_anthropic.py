@@ -59,6 +59,7 @@ import h11
 import trio
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+SERVER_TOOL_FIELDS = ("web_search_requests", "web_fetch_requests")  # usage.server_tool_use.<field>
 DEFAULT_USAGE = dict(zip(USAGE_FIELDS, (100, 20, 0, 0), strict=True))
 SIDE_USAGE = dict(zip(USAGE_FIELDS, (10, 5, 0, 0), strict=True))  # answers to side requests
 IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may sit idle
@@ -118,6 +119,34 @@ def turn(*parts: Turn | str, usage: dict | None = None, start_usage: dict | None
     return _turn(blocks, usage, start_usage, delay)
 
 
+def web_search(
+    query: str, answer: str, *, searches: int = 1, usage: dict | None = None, delay: float = 0.0
+) -> Turn:
+    """A server-side web search (``server_tool_use`` + ``web_search_tool_result`` blocks, run by
+    the API itself) followed by a text answer; ``usage.server_tool_use`` reports ``searches``."""
+    tool_id = "srvtoolu_" + secrets.token_hex(12)
+    blocks = [
+        {"type": "server_tool_use", "id": tool_id, "name": "web_search", "input": {"query": query}},
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": tool_id,
+            "content": [
+                {
+                    "type": "web_search_result",
+                    "url": "https://example.com/",
+                    "title": "Example",
+                    "encrypted_content": "e30=",
+                    "page_age": None,
+                }
+            ],
+        },
+        {"type": "text", "text": answer},
+    ]
+    t = _turn(blocks, usage, None, delay)
+    t.usage["server_tool_use"] = {"web_search_requests": searches}
+    return t
+
+
 def error(status: int, type: str, message: str = "fake error", *, retry_after: float | None = None) -> Turn:
     """An HTTP error with an Anthropic-style JSON body (429 gets ``retry-after``, default 1)."""
     retry_after = 1 if status == 429 and retry_after is None else retry_after
@@ -157,7 +186,7 @@ def drop_after(n_events: int, then: Turn | None = None) -> Turn:
 def turn_from_json(d: dict) -> Turn:
     """``{"text": s}``, ``{"tool_use": {"name", "input"}}``, ``{"turn": [...]}`` (each with optional
     ``usage``/``start_usage``/``delay``), ``{"error": {"status", "type", "message"}}``, ``{"hang": true}``,
-    ``{"hang_after_start": true}``, ``{"drop_after": n}``."""
+    ``{"hang_after_start": true}``, ``{"drop_after": n}``, ``{"web_search": {"query", "answer", "searches"}}``."""
     kw = {k: d[k] for k in ("usage", "start_usage", "delay") if k in d}
     builders = {
         "text": lambda v: text(v, **kw),
@@ -167,6 +196,9 @@ def turn_from_json(d: dict) -> Turn:
         "hang": lambda v: hang(),
         "hang_after_start": lambda v: hang_after_start(),
         "drop_after": drop_after,
+        "web_search": lambda v: web_search(
+            v["query"], v["answer"], searches=v.get("searches", 1), **{k: kw[k] for k in ("usage", "delay") if k in kw}
+        ),
     }
     for key, build in builders.items():
         if key in d:
@@ -226,6 +258,8 @@ def message_json(t: Turn, model: str, msg_id: str) -> dict:
 def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
     """The event sequence of a streamed answer, as the real API sends it (without pings)."""
     start = {**t.usage, **t.start_usage, "output_tokens": t.start_usage.get("output_tokens", 1)}
+    if "server_tool_use" in t.usage:  # counted as the answer goes: zero at the start, final in message_delta
+        start["server_tool_use"] = dict.fromkeys(t.usage["server_tool_use"], 0)
     msg = {**message_json(t, model, msg_id), "content": [], "stop_reason": None, "usage": start}
     events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": msg})]
     for i, b in enumerate(t.blocks):
@@ -235,6 +269,8 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
                 {"type": "text", "text": ""},
                 [{"type": "text_delta", "text": c} for c in _chunks(b["text"])],
             )
+        elif b["type"].endswith("_tool_result"):  # a server tool's result arrives whole
+            empty, deltas = b, []
         else:
             empty = {**b, "input": {}}
             deltas = [{"type": "input_json_delta", "partial_json": c} for c in _chunks(json.dumps(b["input"]))]
@@ -242,6 +278,8 @@ def sse_events(t: Turn, model: str, msg_id: str) -> list[tuple[str, dict]]:
         events += [("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}) for d in deltas]
         events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
     delta_usage = {k: t.usage[k] for k in USAGE_FIELDS if k == "output_tokens" or start[k] != t.usage[k]}
+    if "server_tool_use" in t.usage:
+        delta_usage["server_tool_use"] = dict(t.usage["server_tool_use"])
     events.append(
         (
             "message_delta",
@@ -269,7 +307,8 @@ class RecordedRequest:
     kind: str = "main"  # main | side | count_tokens | rejected
     turn: int | None = None  # script index it was answered with (main requests only)
     status: int | None = None
-    usage: dict | None = None  # what the client can compute from what was sent
+    usage: dict | None = None  # what the client can compute from what was sent (tokens)
+    server_tool_use: dict = field(default_factory=dict)  # and the server-tool counts sent
     completed: bool = False
     subagent: bool = False  # sent by a subagent conversation (see is_subagent_request)
 
@@ -295,6 +334,11 @@ def _sum_usage(records) -> dict:
     return {k: sum((r.usage or {}).get(k, 0) for r in records) for k in USAGE_FIELDS}
 
 
+def tokens(usage: dict) -> dict:
+    """The token fields of a usage dict (Marathon's usage also counts server-tool requests)."""
+    return {k: usage.get(k, 0) for k in USAGE_FIELDS}
+
+
 class FakeAnthropic:
     def __init__(self, script, api_key=None, classify=is_main_request):
         self.script = script
@@ -318,6 +362,9 @@ class FakeAnthropic:
     side_requests = property(lambda self: [r for r in self.requests if r.kind in ("side", "count_tokens")])
     usage_sent = property(lambda self: _sum_usage(self.requests))
     usage_completed = property(lambda self: _sum_usage(r for r in self.requests if r.completed))
+    server_tools_sent = property(
+        lambda self: {k: sum(r.server_tool_use.get(k, 0) for r in self.requests) for k in SERVER_TOOL_FIELDS}
+    )
 
     def pick(self, body: dict) -> tuple[int, Turn]:
         i = turn_index(body)
@@ -435,7 +482,8 @@ class FakeAnthropic:
         if t.kind == "hang":
             return await _wait_for_client_to_leave(stream)
         if not rec.body.get("stream"):
-            rec.usage, rec.completed = dict(t.usage), True
+            rec.usage, rec.completed = {k: t.usage[k] for k in USAGE_FIELDS}, True
+            rec.server_tool_use = dict(t.usage.get("server_tool_use") or {})
             await send_json(200, message_json(t, model, msg_id))
             return True
 
@@ -452,7 +500,8 @@ class FakeAnthropic:
                 rec.usage = {k: data["message"]["usage"][k] for k in USAGE_FIELDS}
             elif name == "message_delta":
                 assert rec.usage is not None  # message_start came first
-                rec.usage.update(data["usage"])
+                rec.usage.update({k: v for k, v in data["usage"].items() if k in USAGE_FIELDS})
+                rec.server_tool_use = dict(data["usage"].get("server_tool_use") or {})
         if t.kind == "hang_after_start":
             return await _wait_for_client_to_leave(stream)
         if t.kind == "drop":

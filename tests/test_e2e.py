@@ -56,7 +56,7 @@ async def test_cli_run_succeeds_with_real_claude_code():
             assert task["state"] == "succeeded"
             assert task["num_turns"] == 3
             # the usage Marathon reports is what the upstream sent, exactly
-            assert task["usage"] == fake.usage_sent
+            assert fa.tokens(task["usage"]) == fake.usage_sent
             assert fake.usage_sent["input_tokens"] == 440
 
             events = await mt.events(task_id, follow=False)

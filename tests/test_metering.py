@@ -61,8 +61,8 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
             )
             # ledger == what the upstream sent == what Claude Code itself reported == the task's usage
             assert total == Usage(**fake.usage_sent)
-            assert final["claude_usage"] == fake.usage_sent
-            assert final["usage"] == fake.usage_sent
+            assert fa.tokens(final["claude_usage"]) == fake.usage_sent
+            assert fa.tokens(final["usage"]) == fake.usage_sent
             # cost == the price table applied to it (sonnet: 3 / 15 / 3.75 / 0.30 per million)
             price, known = price_for(MODEL, merged_table({}), config.price_fallback)
             assert known and (price.input, price.output, price.cw, price.cr) == pytest.approx((3.0, 15.0, 3.75, 0.3))
@@ -81,6 +81,31 @@ async def test_three_turn_ledger_equals_upstream_and_claude_and_is_priced():
             # every request is also an event in the task's stream, priced
             evs = [e["data"] for e in await mt.events(task["id"], follow=False) if e["event"] == "api_request"]
             assert len(evs) == 3 and abs(sum(e["cost_usd"] for e in evs) - expected) < 1e-12
+
+
+async def test_server_tool_use_reaches_the_ledger_priced_per_request():
+    """An answer in which the API ran 3 web searches itself: the proxy meters them, the ledger
+    keeps them, the configured per-request price (here $25 per 1,000) is in the cost."""
+    tmp = scratch_dir()
+    repo = make_git_repo(os.path.join(tmp, "repo"))
+    script = [
+        fa.web_search("trio nurseries", "Found it.", searches=3, usage={"input_tokens": 500, "output_tokens": 40})
+    ]
+    prices = {"*sonnet*": {"input": 3.0, "output": 15.0, "web_search": 25.0}}
+    async with fa.open_fake_anthropic(script) as fake:
+        config = marathon_config(os.path.join(tmp, "data"), anthropic_base_url=fake.url, model=MODEL, prices=prices)
+        async with run_marathon(config) as mt:
+            task = await mt.submit("search the web", repo=repo)
+            final = await mt.finish(task["id"])
+            assert final["state"] == "succeeded", final
+            assert fake.server_tools_sent["web_search_requests"] == 3
+            (row,) = await mt.info.tasks.store.ledger_rows(task["id"])
+            expected = 500 * 3.0 / 1e6 + 40 * 15.0 / 1e6 + 3 * 25.0 / 1000
+            assert row.web_search_requests == 3 and row.web_fetch_requests == 0
+            assert row.cost_usd == pytest.approx(expected) and row.priced
+            assert final["usage"]["web_search_requests"] == 3 and final["cost_usd"] == pytest.approx(expected)
+            u = (await mt.client.get("/v1/usage", params={"since": "1d"})).json()["total"]
+            assert u["web_search_requests"] == 3 and u["cost_usd"] == pytest.approx(expected)
 
 
 async def test_token_budget_stops_the_task_without_waiting_for_its_command():
@@ -106,7 +131,7 @@ async def test_token_budget_stops_the_task_without_waiting_for_its_command():
             # stopped as the response crossed the budget, not when the 120 s command ended (mt.finish's
             # bound is 30 s), and not by the task's timeout
             assert "timed out" not in final["message"]
-            assert final["usage"] == fake.usage_sent  # usage so far is kept
+            assert fa.tokens(final["usage"]) == fake.usage_sent  # usage so far is kept
             assert len(fake.requests) == 1
             assert alive(procs) == set(), "Claude Code (or its sleep) survived the budget stop"
 

@@ -93,6 +93,33 @@ async def test_concurrent_opens_on_a_fresh_database_migrate_once(pg_url):
             await s.close()
 
 
+async def test_an_older_schema_is_migrated_in_place_and_keeps_its_rows(pg_url):
+    """A database at version 1 (before server-tool columns) with a ledger row opens, gains the
+    columns at version 2, and the old row reads back with zero server-tool requests."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(MIGRATIONS[0][1])
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at double precision NOT NULL)"
+        )
+        conn.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
+        conn.execute(
+            "INSERT INTO ledger (task_id, user_id, ts, model, input_tokens, output_tokens, "
+            "cache_creation_input_tokens, cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, "
+            "ttft_s, request_bytes, response_bytes, complete, priced) "
+            "VALUES ('t1', 'u1', 1, 'm', 10, 5, 0, 0, 0, 0.5, 200, 1, NULL, 1, 1, true, true)"
+        )
+    store = await PostgresStore.open(pg_url)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == list(range(1, len(MIGRATIONS) + 1))
+        (row,) = await store.ledger_rows("t1")
+        assert (row.input_tokens, row.web_search_requests, row.web_fetch_requests) == (10, 0, 0)
+    finally:
+        await store.close()
+
+
 async def test_a_newer_schema_is_refused(pg_url):
     await (await PostgresStore.open(pg_url)).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -6,6 +6,7 @@ import httpx
 import pytest
 import trio
 
+from marathon.node.budget import Budget
 from marathon.node.proxy import MeteringProxy, ProxyGrant
 from marathon.protocol.messages import Usage
 from tests import fake_anthropic as fa
@@ -38,7 +39,7 @@ def body(stream=True, turns=0):
     }
 
 
-async def start(nursery, script, *, budget=lambda: None, expires_at=None, max_body=1_000_000, prefix=""):
+async def start(nursery, script, *, budget=None, expires_at=None, max_body=1_000_000, prefix=""):
     fake = await nursery.start(
         lambda task_status: fa.serve_fake_anthropic(script, api_key=REAL_KEY, task_status=task_status)
     )
@@ -50,7 +51,7 @@ async def start(nursery, script, *, budget=lambda: None, expires_at=None, max_bo
         records.append(rec)
         recorded.set()
 
-    grant = ProxyGrant(task_id="t1", token=TOKEN, on_record=on_record, budget_check=budget, expires_at=expires_at)
+    grant = ProxyGrant(task_id="t1", token=TOKEN, on_record=on_record, budget=budget, expires_at=expires_at)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(trio.serve_listeners, lambda s: proxy.handle(s, grant), listeners)
     return Harness(fake, grant, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", records, recorded)
@@ -160,7 +161,9 @@ async def test_oversized_body_is_413_and_other_paths_404():
 
 async def test_budget_exhausted_answers_402_without_contacting_upstream():
     async with trio.open_nursery() as n:
-        h = await start(n, [fa.text("never")], budget=lambda: "token budget exhausted: 600 of 500 tokens used")
+        spent = Budget(max_tokens=500)
+        spent.usage = Usage(400, 200)
+        h = await start(n, [fa.text("never")], budget=spent)
         r = await h.post(body())
         assert r.status_code == 402
         assert r.json()["error"]["type"] == "budget_exhausted" and "600 of 500" in r.json()["error"]["message"]

@@ -76,6 +76,10 @@ async def test_pull_request_through_fake_github_and_token_stays_on_the_node():
             assert GH_TOKEN not in diff and "x-access-token" not in diff
             events = (await mt.client.get(f"/v1/tasks/{task['id']}/events", params={"follow": "0"})).text
             assert GH_TOKEN not in events
+            # the orchestrator's database holds the token only encrypted (read raw, with sqlite3)
+            db = os.path.join(config.data_dir, "marathon.db")
+            dump = subprocess.run(["sqlite3", db, ".dump"], check=True, capture_output=True).stdout
+            assert b"mse1:" in dump and GH_TOKEN.encode() not in dump
 
             # a second PR for an existing one: GitHub says 422, the task reports it and keeps its commits
             gh.force_status = 422

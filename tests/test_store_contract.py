@@ -250,6 +250,19 @@ async def test_ledger_rows_ride_with_their_event_exactly_once(store):
     assert await store.ledger_totals("nothing") == (Usage(), 0.0)
 
 
+async def test_server_tool_requests_are_kept_in_the_ledger_and_summed(store):
+    await store.create_task(rec(1), ev("t001"))
+    import msgspec
+
+    searched = msgspec.structs.replace(ledger(ts=1001.0, cost=0.04), web_search_requests=3, web_fetch_requests=2)
+    await store.append_events([ev("t001", "usage", ledger=searched), ev("t001", "usage", ledger=ledger(ts=1002.0))])
+    assert await store.ledger_rows("t001") == [searched, ledger(ts=1002.0)]
+    usage, cost = await store.ledger_totals("t001")
+    assert (usage.web_search_requests, usage.web_fetch_requests) == (3, 2) and cost == pytest.approx(0.05)
+    (total,) = await store.usage_summary(user_id=None, since=0, by="total")
+    assert (total.web_search_requests, total.web_fetch_requests, total.requests) == (3, 2, 2)
+
+
 async def test_usage_summary(store):
     day1, day2 = 86400.0 * 20000 + 10, 86400.0 * 20001 + 10  # 2024-10-04, 2024-10-05 UTC
     for i, (owner, ts) in enumerate([("u1", day1), ("u1", day2), ("u2", day2)]):
@@ -294,9 +307,11 @@ async def test_users_keys_and_sessions(store):
     assert (await store.get_user_by_email("b@x")).id == "u2"
     assert await store.get_user("nope") is None and await store.get_user_by_email("nope") is None
     await store.set_github_token("u1", "ghp_x")
-    assert (await store.get_user("u1")).github_token == "ghp_x"
+    sealed = (await store.get_user("u1")).github_token
+    assert sealed.startswith("mse1:") and "ghp_x" not in sealed  # users come back with the ciphertext only
+    assert await store.github_token("u1") == "ghp_x"
     await store.set_github_token("u1", None)
-    assert (await store.get_user("u1")).github_token is None
+    assert (await store.get_user("u1")).github_token is None and await store.github_token("u1") is None
 
     k = await store.create_api_key(ApiKey(id="k1", user_id="u1", name="ci", prefix="mk_ab", key_hash="kh1"))
     assert k.created_at > 0

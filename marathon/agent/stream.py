@@ -64,6 +64,7 @@ def _usage(obj: dict | None) -> m.Usage:
         output_tokens=int(obj.get("output_tokens") or 0),
         cache_creation_input_tokens=int(obj.get("cache_creation_input_tokens") or 0),
         cache_read_input_tokens=int(obj.get("cache_read_input_tokens") or 0),
+        **{k: int(v) for k, v in (obj.get("server_tool_use") or {}).items() if k in m.SERVER_TOOL_FIELDS and v},
     )
 
 

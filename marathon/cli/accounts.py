@@ -120,7 +120,7 @@ def usage(
     json_output: Annotated[bool, Parameter(name="--json")] = False,
     url: Url = None,
 ) -> int:
-    """Tokens, cost and compute time, metered per API request.
+    """Tokens, server-side tool requests (web search, web fetch), cost and compute time, metered per API request.
 
     Parameters
     ----------
@@ -136,7 +136,10 @@ def usage(
     if json_output:
         print(json.dumps(data, indent=2))
         return 0
-    head = f"{by:<24} {'requests':>8} {'input':>10} {'output':>10} {'cache w':>9} {'cache r':>9} {'tools':>6} {'cost $':>10} {'compute':>8}"
+    head = (
+        f"{by:<24} {'requests':>8} {'input':>10} {'output':>10} {'cache w':>9} {'cache r':>9} {'tools':>6} "
+        f"{'search':>6} {'fetch':>6} {'cost $':>10} {'compute':>8}"
+    )
     print(head)
     rows = data["rows"] + ([data["total"]] if by != "total" else [])
     if by == "total":
@@ -145,6 +148,7 @@ def usage(
         print(
             f"{str(r['key'])[:24]:<24} {r['requests']:>8} {r['input_tokens']:>10,} {r['output_tokens']:>10,} "
             f"{r['cache_creation_input_tokens']:>9,} {r['cache_read_input_tokens']:>9,} {r['tool_calls']:>6} "
+            f"{r.get('web_search_requests', 0):>6} {r.get('web_fetch_requests', 0):>6} "
             f"{r['cost_usd']:>10.4f} {r['compute_s']:>7.0f}s"
         )
     return 0

@@ -39,7 +39,11 @@ def tokens(usage: dict) -> str:
     s = f"{i + o + cw + cr:,} tokens (in {i:,}, out {o:,}"
     if cw or cr:
         s += f", cache write {cw:,}, cache read {cr:,}"
-    return s + ")"
+    s += ")"
+    searches, fetches = usage.get("web_search_requests", 0), usage.get("web_fetch_requests", 0)
+    if searches or fetches:
+        s += f" + {searches:,} web searches" + (f", {fetches:,} web fetches" if fetches else "")
+    return s
 
 
 def duration(task: dict) -> str:

@@ -25,7 +25,13 @@ def setup_logging(config: Config, role: str) -> None:
         role=role,
         level=config.log_level,
         log_format=config.log_format,
-        secrets=[config.anthropic_api_key, config.node_secret, config.token],
+        secrets=[
+            config.anthropic_api_key,
+            config.node_secret,
+            config.token,
+            config.secrets_key,
+            *config.secrets_old_key_list(),
+        ],  # fmt: skip
     )
 
 

@@ -1,20 +1,36 @@
 """Reading usage out of Messages API responses as they stream past.  Pure: no I/O.
 
 Usage rule (as the API defines it): ``message_start.message.usage`` gives the initial
-counts; every field present in a later ``message_delta.usage`` overwrites that field.
+counts; every field present in a later ``message_delta.usage`` overwrites that field.  The
+same holds inside ``usage.server_tool_use`` (server-side tools billed per request, e.g.
+``{"web_search_requests": 3}``): a field present later overwrites the earlier value.
 """
 
 from __future__ import annotations
 
 import json
 
-from marathon.protocol.messages import Usage
+from marathon.protocol.messages import SERVER_TOOL_FIELDS, Usage
 
 _FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def _int(v) -> int:
-    return v if isinstance(v, int) and v >= 0 else 0
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def _read_usage(into: dict[str, int], usage) -> None:
+    """Overwrite ``into`` with every field ``usage`` carries (tokens, and server tools)."""
+    if not isinstance(usage, dict):
+        return
+    for k, v in usage.items():
+        if k in _FIELDS and v is not None:
+            into[k] = _int(v)
+    tools = usage.get("server_tool_use")
+    if isinstance(tools, dict):
+        for k, v in tools.items():
+            if k in SERVER_TOOL_FIELDS and v is not None:
+                into[k] = _int(v)
 
 
 class UsageMeter:
@@ -32,7 +48,7 @@ class UsageMeter:
 
     @property
     def usage(self) -> Usage:
-        return Usage(**{k: self._usage.get(k, 0) for k in _FIELDS})
+        return Usage(**self._usage)
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
@@ -60,11 +76,10 @@ class UsageMeter:
             msg = obj.get("message") or {}
             self.saw_start = True
             self.model = msg.get("model") or self.model
-            self._usage = {k: _int(v) for k, v in (msg.get("usage") or {}).items() if k in _FIELDS}
+            self._usage = {}
+            _read_usage(self._usage, msg.get("usage"))
         elif kind == "message_delta":
-            for k, v in (obj.get("usage") or {}).items():
-                if k in _FIELDS and v is not None:
-                    self._usage[k] = _int(v)
+            _read_usage(self._usage, obj.get("usage"))
             self.stop_reason = (obj.get("delta") or {}).get("stop_reason") or self.stop_reason
         elif kind == "content_block_start":
             if (obj.get("content_block") or {}).get("type") in ("tool_use", "server_tool_use"):
@@ -80,9 +95,12 @@ class UsageMeter:
             self.error = str((obj.get("error") or {}).get("message") or obj)
             return
         self.model = obj.get("model") or self.model
-        self._usage = {k: _int(v) for k, v in (obj.get("usage") or {}).items() if k in _FIELDS}
+        self._usage = {}
+        _read_usage(self._usage, obj.get("usage"))
         self.tool_calls += sum(
-            1 for b in obj.get("content") or [] if isinstance(b, dict) and b.get("type") == "tool_use"
+            1
+            for b in obj.get("content") or []
+            if isinstance(b, dict) and b.get("type") in ("tool_use", "server_tool_use")
         )
         self.stop_reason = obj.get("stop_reason")
         self.saw_start = self.saw_stop = True

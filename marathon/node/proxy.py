@@ -21,6 +21,7 @@ import h11
 import httpx
 import trio
 
+from marathon.node.budget import Budget, Reservation
 from marathon.node.meter import UsageMeter
 from marathon.protocol.messages import Usage
 
@@ -65,12 +66,14 @@ class RequestRecord:
 
 @dataclass
 class ProxyGrant:
-    """What one task may do through the proxy."""
+    """What one task may do through the proxy.  With a ``budget``, every request reserves
+    before it is forwarded and settles when its response ends (see marathon/node/budget.py
+    for the rule and the bound); ``on_record`` is called after the settlement."""
 
     task_id: str
     token: str
     on_record: Callable[[RequestRecord], None]
-    budget_check: Callable[[], str | None] = lambda: None  # returns a reason when exhausted
+    budget: Budget | None = None
     expires_at: float | None = None
 
 
@@ -222,19 +225,17 @@ class MeteringProxy:
             return await self._send_simple(
                 conn, stream, 404, "not_found_error", f"{req.method.decode()} {path[:200]} is not proxied"
             )
-        reason = grant.budget_check()
-        if reason:
-            return await self._send_simple(conn, stream, 402, "budget_exhausted", reason)
-
+        try:
+            parsed = json.loads(body) if body else None
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            parsed = {}
+        is_stream = bool(parsed.get("stream"))
+        model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
         fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP and k not in ("x-api-key", "authorization")]
         fwd += [("x-api-key", self._api_key), ("accept-encoding", "identity")]
         started = time.monotonic()
-        meter = UsageMeter()
-        is_stream = False
-        try:
-            is_stream = bool(json.loads(body).get("stream")) if body else False
-        except (ValueError, AttributeError, RecursionError):
-            pass
         status, sent, ttft, complete, error = 502, 0, None, False, None
         client_gone = False
 
@@ -249,7 +250,16 @@ class MeteringProxy:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 client_gone = True
 
-        try:
+        meter = UsageMeter()
+        res: Reservation | None = None
+        if grant.budget is not None:
+            # count_tokens is free: it reserves nothing, but is refused too once the budget is reached
+            got = grant.budget.reserve(model, 0 if path.endswith("/count_tokens") else parsed.get("max_tokens"))
+            if isinstance(got, str):
+                return await self._send_simple(conn, stream, 402, "budget_exhausted", got)
+            res = got
+            res.live = lambda: meter.usage
+        try:  # from here on, the finally clause settles the reservation whatever happens
             async with self._client.stream("POST", url, content=body, headers=fwd) as resp:
                 status = resp.status_code
                 out_headers = [
@@ -297,6 +307,8 @@ class MeteringProxy:
             else:
                 raise trio.BrokenResourceError(error) from None  # cut the client off mid-stream
         finally:
+            if res is not None and grant.budget is not None:
+                grant.budget.settle(res, meter.usage, meter.model or model)
             rec = RequestRecord(
                 task_id=grant.task_id,
                 path=path,

@@ -34,7 +34,8 @@ from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
 from marathon.node.limits import resolve as resolve_resources
 from marathon.node.sandbox import Sandbox, SandboxBackend, SandboxOptions
-from marathon.pricing import DEFAULT_FALLBACK, cost, price_for
+from marathon.node.budget import Budget
+from marathon.pricing import DEFAULT_FALLBACK
 from marathon.units import format_size
 from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, send_file
@@ -349,22 +350,13 @@ async def _drive(
     spec = handle.spec
     result = BlobWriter(result_bundle, limit=max_artifact)
 
-    prices, fallback = spec.prices, spec.price_fallback or DEFAULT_FALLBACK
-
-    def spent() -> tuple[int, float]:
-        return handle.usage.total, handle.cost
-
-    def budget_left() -> str | None:
-        tokens, usd = spent()
-        if spec.max_tokens is not None and tokens >= spec.max_tokens:
-            return f"token budget exhausted: {tokens} of {spec.max_tokens} tokens used"
-        if spec.max_cost is not None and usd >= spec.max_cost:
-            return f"cost budget exhausted: ${usd:.4f} of ${spec.max_cost:.4f} spent"
-        return None
+    # reserve-before-forward, settle-after: the rule and its bound are in marathon/node/budget.py
+    budget = Budget(spec.max_tokens, spec.max_cost, prices=spec.prices,
+                    fallback=spec.price_fallback or DEFAULT_FALLBACK)  # fmt: skip
 
     def on_record(rec: RequestRecord) -> None:
-        handle.usage = handle.usage + rec.usage
-        handle.cost += cost(rec.usage, price_for(rec.model, prices, fallback)[0])
+        """Called once a request has settled: its usage is in the budget already."""
+        handle.usage, handle.cost = budget.usage, budget.cost
         emit(
             m.ApiRequestEvent(
                 iteration=handle.iteration,
@@ -380,7 +372,7 @@ async def _drive(
                 error=rec.error,
             )
         )
-        reason = budget_left()
+        reason = budget.exhausted()
         if reason and not handle.stop.is_set():
             log.info("task %s: %s; stopping it", spec.task_id, reason)
             handle.budget_message = reason
@@ -390,7 +382,7 @@ async def _drive(
         task_id=spec.task_id,
         token="mt_" + secrets.token_urlsafe(32),
         on_record=on_record,
-        budget_check=budget_left,
+        budget=budget,
         expires_at=time.time() + (deadline - trio.current_time()) + STOP_GRACE,
     )
     mux = TunnelMux(fs.send, first_id=2)

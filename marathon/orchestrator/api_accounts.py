@@ -58,13 +58,13 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         by_admin = False
         if request.headers.get("Authorization"):
             by_admin = (await principal(ctx)).admin
-        user = await accounts.register(body.email, body.password, by_admin=by_admin)
+        user = await accounts.register(body.email, body.password, by_admin=by_admin, client=request.remote_addr)
         return json_response(_user_json(user), 201)
 
     @bp.post("/v1/auth/login")
     async def login():
         body = await body_as(Credentials)
-        token, session, user = await accounts.login(body.email, body.password)
+        token, session, user = await accounts.login(body.email, body.password, client=request.remote_addr)
         return json_response({"token": token, "expires_at": session.expires_at, "user": _user_json(user)})
 
     @bp.post("/v1/auth/logout")
@@ -155,6 +155,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                 "cache_creation_input_tokens",
                 "cache_read_input_tokens",
                 "tool_calls",
+                "web_search_requests",
+                "web_fetch_requests",
                 "cost_usd",
                 "compute_s",
                 "tasks",

@@ -51,6 +51,8 @@ class Ingest:
             response_bytes=ev.response_bytes,
             complete=ev.complete,
             priced=known,
+            web_search_requests=u.web_search_requests,
+            web_fetch_requests=u.web_fetch_requests,
         )
         return msgspec.structs.replace(ev, cost_usd=usd), row
 

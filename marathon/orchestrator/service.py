@@ -14,7 +14,7 @@ from marathon.bus.ratelimit import MemoryRateLimiter
 from marathon.config import Config, state_value
 from marathon.errors import ConfigError, Unavailable
 from marathon.orchestrator.api import create_app
-from marathon.orchestrator.auth import Accounts
+from marathon.orchestrator.auth import Accounts, LoginLimits
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.http import ApiContext
 from marathon.orchestrator.nodes import NodeRegistry
@@ -64,7 +64,7 @@ async def serve_orchestrator(
     from hypercorn.trio import serve as hyper_serve
 
     own_store = store is None
-    store = store or await open_store(config.store, config.data_dir)
+    store = store or await open_store(config.store, config.data_dir, config=config)
     bus = bus or MemoryBus()
     try:
         secret = load_node_secret(config)
@@ -72,7 +72,12 @@ async def serve_orchestrator(
         nodes = NodeRegistry()
         gateway = Gateway(config, tasks, nodes, secret)
         scheduler = Scheduler(config, tasks, nodes, gateway)
-        accounts = Accounts(store, session_ttl=config.session_ttl, allow_registration=config.allow_registration)
+        accounts = Accounts(
+            store,
+            session_ttl=config.session_ttl,
+            allow_registration=config.allow_registration,
+            limits=LoginLimits.from_config(config),
+        )
         gateway_addrs: list[str] = []
 
         async def gateway_listening() -> None:

@@ -18,7 +18,7 @@ import msgspec
 from marathon import repos
 from marathon.bus import Bus
 from marathon.config import Config
-from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound
+from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound, SecretsError
 from marathon.orchestrator.lifecycle import TERMINAL, State, transition
 from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
@@ -169,7 +169,13 @@ class TaskService:
                         task_id=rec.id, name="bundle", offset=off, data=data, last=off + m.BLOB_CHUNK >= len(bundle)
                     )
                 )
-        return m.Assign(task=spec, github_token=owner.github_token if owner else None), blobs
+        # the token is decrypted here only, and only for a task with a repository (clone, push, PR)
+        try:
+            token = await self.store.github_token(rec.owner) if owner and owner.github_token and req.repo else None
+        except SecretsError as exc:  # the operator must fix the keys; the task runs without the token
+            log.error("task %s: %s", rec.id, exc, extra={"task_id": rec.id})
+            token = None
+        return m.Assign(task=spec, github_token=token), blobs
 
     # ------------------------------------------------------------------ writes
 

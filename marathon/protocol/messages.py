@@ -23,10 +23,15 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=
 
 
 class Usage(msgspec.Struct, frozen=True):
+    """What Messages API requests used: tokens, and server-side tool requests (the API's
+    ``usage.server_tool_use``), which are billed per request rather than per token."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -34,20 +39,28 @@ class Usage(msgspec.Struct, frozen=True):
             self.output_tokens + other.output_tokens,
             self.cache_creation_input_tokens + other.cache_creation_input_tokens,
             self.cache_read_input_tokens + other.cache_read_input_tokens,
+            self.web_search_requests + other.web_search_requests,
+            self.web_fetch_requests + other.web_fetch_requests,
         )
 
     @property
     def total(self) -> int:
+        """All tokens (what a token budget counts); server-tool requests are not tokens."""
         return self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
 
+SERVER_TOOL_FIELDS = ("web_search_requests", "web_fetch_requests")  # usage.server_tool_use.<field>
+
+
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens."""
+    """USD per million tokens; server-side tools in USD per 1,000 requests."""
 
     input: float
     output: float
     cache_write: float | None = None  # default: 1.25 x input (5-minute cache writes)
     cache_read: float | None = None  # default: 0.1 x input
+    web_search: float = 10.0  # USD per 1,000 web search requests
+    web_fetch: float = 0.0  # USD per 1,000 web fetch requests (tokens only, as the API bills it)
 
     @property
     def cw(self) -> float:

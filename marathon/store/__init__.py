@@ -77,7 +77,17 @@ class Store(Protocol):
 
     async def count_users(self) -> int: ...
 
-    async def set_github_token(self, user_id: str, token: str | None) -> None: ...
+    async def set_github_token(self, user_id: str, token: str | None) -> None:
+        """Kept sealed (marathon/secretbox.py): ``User.github_token`` is the ciphertext."""
+        ...
+
+    async def github_token(self, user_id: str) -> str | None:
+        """The user's token decrypted, for the one place that uses it (an assignment)."""
+        ...
+
+    async def reseal_secrets(self) -> tuple[int, int]:
+        """Re-encrypt every GitHub token with the current key: (changed, total)."""
+        ...
 
     async def create_api_key(self, key: ApiKey) -> ApiKey: ...
 
@@ -98,24 +108,29 @@ class Store(Protocol):
 
 async def open_store(url: str, data_dir: str, *, config: Config | None = None) -> Store:
     """``sqlite`` (in data_dir), ``sqlite:///path/to.db`` or ``postgresql://…`` (``postgres://``
-    too); ``config`` supplies the PostgreSQL pool size and timeouts."""
+    too); ``config`` supplies the PostgreSQL pool size and timeouts, and the secrets key
+    (``secrets_key``/``secrets_old_keys``; without one, the key generated in data_dir)."""
+    from marathon.secretbox import load_secret_box
+
+    secrets = load_secret_box(config, data_dir)
     if url == "sqlite" or url.startswith("sqlite:"):
         from marathon.store.sqlite import SqliteStore
 
         path = url[len("sqlite://") :] if url.startswith("sqlite://") else ""
         import os
 
-        return await SqliteStore.open(path or os.path.join(data_dir, "marathon.db"))
+        return await SqliteStore.open(path or os.path.join(data_dir, "marathon.db"), secrets=secrets)
     if url.startswith(("postgresql://", "postgres://")):
         from marathon.store.postgres import PostgresStore
 
         if config is None:
-            return await PostgresStore.open(url)
+            return await PostgresStore.open(url, secrets=secrets)
         return await PostgresStore.open(
             url,
             pool_size=config.store_pool_size,
             statement_timeout=config.store_statement_timeout,
             connect_timeout=config.store_connect_timeout,
+            secrets=secrets,
         )
     from marathon.errors import ConfigError
 

@@ -170,6 +170,8 @@ class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
     response_bytes: int = 0
     complete: bool = True
     priced: bool = True  # False when the model was unknown and the fallback price was used
+    web_search_requests: int = 0  # server-side tool requests (usage.server_tool_use), priced per request
+    web_fetch_requests: int = 0
 
 
 class UsageBucket(msgspec.Struct, kw_only=True):
@@ -180,6 +182,8 @@ class UsageBucket(msgspec.Struct, kw_only=True):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     tool_calls: int = 0
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
     cost_usd: float = 0.0
     compute_s: float = 0.0
     tasks: int = 0

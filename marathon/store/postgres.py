@@ -28,7 +28,14 @@ import trio
 from marathon.errors import StoreError, StoreUnavailable
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
-from marathon.store.postgres_accounts import LEDGER_COLS, PgAccountsMixin, ledger_placeholders, ledger_values
+from marathon.secretbox import SecretBox
+from marathon.store.postgres_accounts import (
+    LEDGER_COLS,
+    PgAccountsMixin,
+    ledger_placeholders,
+    ledger_values,
+    reseal_tokens,
+)
 from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
@@ -87,8 +94,10 @@ class PostgresStore(PgAccountsMixin):
         pool_size: int = 8,
         statement_timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        secrets: SecretBox | None = None,
     ):
         self.url = url
+        self.secrets = secrets
         self.pool_size = max(1, pool_size)
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
@@ -129,6 +138,10 @@ class PostgresStore(PgAccountsMixin):
         pool.open(wait=True, timeout=self.connect_timeout)
         with pool.connection(timeout=self.connect_timeout) as conn:
             applied = migrate(conn)
+            if self.secrets is not None:  # plaintext GitHub tokens from before encryption at rest: sealed now
+                sealed, _ = reseal_tokens(conn, self.secrets, rotate=False)
+                if sealed:
+                    log.info("store: encrypted %d GitHub tokens stored in plaintext", sealed)
         if applied:
             log.info("store: applied schema migrations %s on %s", applied, redact_url(self.url))
 
@@ -355,12 +368,14 @@ class PostgresStore(PgAccountsMixin):
             lambda c: c.execute(
                 "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
                 "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = %s",
+                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
+                "FROM ledger WHERE task_id = %s",
                 (task_id,),
             ).fetchone()
         )
         assert row is not None
-        return Usage(int(row[0]), int(row[1]), int(row[2]), int(row[3])), float(row[4])
+        v = [int(x) for x in row[:4]] + [int(row[5]), int(row[6])]
+        return Usage(v[0], v[1], v[2], v[3], v[4], v[5]), float(row[4])
 
     # ------------------------------------------------------------------ artifacts
 

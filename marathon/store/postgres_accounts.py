@@ -8,22 +8,31 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from marathon.errors import Conflict
+from marathon.errors import Conflict, SecretsError, StoreError
+from marathon.secretbox import (
+    CHECK_NAME,
+    SecretBox,
+    check_value,
+    is_sealed,
+    plan_reseal,
+    token_aad,
+    unknown_keys_message,
+)
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
-from marathon.store.postgres_schema import FIRST_USER_LOCK
+from marathon.store.postgres_schema import FIRST_USER_LOCK, SECRETS_LOCK
 
 T = TypeVar("T")
 
 LEDGER_COLS = (
     "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
     "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced"
+    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
 )
 _LEDGER_NAMES = [x.strip() for x in LEDGER_COLS.split(",")]
 # the types of the ledger columns, for a "SELECT %s, … FROM s" whose parameters PostgreSQL cannot infer
 _LEDGER_CASTS = [
     *("text", "text", "float8", "text", "int8", "int8", "int8", "int8", "int4"),
-    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool"),
+    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool", "int8", "int8"),
 ]
 
 
@@ -75,7 +84,39 @@ _TASK_GROUPS: dict[str, str | None] = {
 }
 
 
+def reseal_tokens(conn: psycopg.Connection, box: SecretBox, *, rotate: bool) -> tuple[int, int]:
+    """As sqlite_accounts.reseal_tokens: the key check first, then one transaction with a
+    compare-and-set per row (replicas opening at once seal each token once; an advisory lock
+    queues them), nothing changed if a key is missing.  After a change the table is rewritten
+    (VACUUM FULL), so the old values do not linger in dead row versions."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SECRETS_LOCK,))
+        row = conn.execute("SELECT value FROM meta WHERE name = %s", (CHECK_NAME,)).fetchone()
+        check = check_value(row[0] if row else None, box, rotate=rotate)
+        if check is not None:
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (CHECK_NAME, check),
+            )
+        rows = conn.execute("SELECT id, github_token FROM users WHERE github_token IS NOT NULL FOR UPDATE").fetchall()
+        updates, unknown = plan_reseal([(r[0], r[1]) for r in rows], box, rotate=rotate)
+        if unknown:
+            raise SecretsError(unknown_keys_message(unknown, box.key_ids))
+        for user_id, old, new in updates:
+            conn.execute("UPDATE users SET github_token = %s WHERE id = %s AND github_token = %s", (new, user_id, old))
+    if updates and conn.autocommit:
+        conn.execute("VACUUM FULL users")
+    return len(updates), len(rows)
+
+
 class PgAccountsMixin:
+    secrets: SecretBox | None = None
+
+    def _box(self) -> SecretBox:
+        if self.secrets is None:
+            raise StoreError("this store was opened without a secrets key: GitHub tokens cannot be stored or read")
+        return self.secrets
+
     if TYPE_CHECKING:
 
         async def _run(self, fn: Callable[[psycopg.Connection], T], *, transaction: bool = False) -> T: ...
@@ -116,7 +157,25 @@ class PgAccountsMixin:
         return _user(row) if row else None
 
     async def set_github_token(self, user_id: str, token: str | None) -> None:
-        await self._run(lambda c: c.execute("UPDATE users SET github_token = %s WHERE id = %s", (token, user_id)))
+        """Stored sealed (AEAD, bound to the user): the database never holds the token itself."""
+        value = self._box().seal(token, aad=token_aad(user_id)) if token else None
+        await self._run(lambda c: c.execute("UPDATE users SET github_token = %s WHERE id = %s", (value, user_id)))
+
+    async def github_token(self, user_id: str) -> str | None:
+        """The user's GitHub token, decrypted: call it only where the token is used."""
+        row = await self._run(
+            lambda c: c.execute("SELECT github_token FROM users WHERE id = %s", (user_id,)).fetchone()
+        )
+        if not row or not row[0]:
+            return None
+        if not is_sealed(row[0]):  # written by an older replica that has not migrated: still the token
+            return row[0]
+        return self._box().open(row[0], aad=token_aad(user_id), what=f"the GitHub token of user {user_id}")
+
+    async def reseal_secrets(self) -> tuple[int, int]:
+        """Re-encrypt every GitHub token with the current key: (changed, total)."""
+        box = self._box()
+        return await self._run(lambda c: reseal_tokens(c, box, rotate=True))
 
     async def count_users(self) -> int:
         row = await self._run(lambda c: c.execute("SELECT count(*) FROM users").fetchone())
@@ -210,7 +269,8 @@ class PgAccountsMixin:
         sql = (
             f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
             "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
+            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
+            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
         )
         tgroup = _TASK_GROUPS[by]
         twhere, targs = ["created_at >= %s"], list[Any]([since])
@@ -243,6 +303,8 @@ class PgAccountsMixin:
                 tool_calls=int(r[6] or 0),
                 cost_usd=float(r[7] or 0.0),
                 tasks=int(r[8]),
+                web_search_requests=int(r[9] or 0),
+                web_fetch_requests=int(r[10] or 0),
             )
             for r in rows
         }

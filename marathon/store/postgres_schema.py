@@ -17,6 +17,7 @@ from marathon.errors import StoreError
 # pg_advisory_xact_lock keys (bigint); any constant unlikely to collide with other software
 MIGRATION_LOCK = 0x6D61726174686F6E  # "marathon"
 FIRST_USER_LOCK = MIGRATION_LOCK + 1
+SECRETS_LOCK = MIGRATION_LOCK + 2
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -79,6 +80,20 @@ CREATE TABLE artifacts (
     task_id text NOT NULL, name text NOT NULL, data bytea NOT NULL,
     PRIMARY KEY (task_id, name)
 );
+""",
+    ),
+    (
+        "ledger: server-tool requests",
+        """
+ALTER TABLE ledger
+    ADD COLUMN web_search_requests bigint NOT NULL DEFAULT 0,
+    ADD COLUMN web_fetch_requests bigint NOT NULL DEFAULT 0;
+""",
+    ),
+    (
+        "meta: what the store keeps about itself (the secrets key check)",
+        """
+CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);
 """,
     ),
     (

@@ -14,7 +14,8 @@ import trio
 from marathon.errors import StoreError
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
-from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger
+from marathon.secretbox import SecretBox
+from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger, reseal_tokens
 
 T = TypeVar("T")
 CLOSE_TIMEOUT = 10.0
@@ -69,11 +70,39 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (task_id, name)
 ) WITHOUT ROWID;
 """
+
+# Columns added after the first schema, in order, never edited: (table, column, definition).
+# Applied at open when missing -- ADD COLUMN is additive (old rows get the default), so a
+# database written by an older marathon opens as it is and loses nothing.
+ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("tasks", "free_attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "web_search_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "web_fetch_requests", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """The additive migration: ``table.column`` for every column it added."""
+    added = []
+    conn.execute("BEGIN IMMEDIATE")  # two processes opening one file at once: one adds, the other sees it
+    try:
+        for table, column, definition in ADDED_COLUMNS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")  # trusted constants
+                added.append(f"{table}.{column}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return added
+
 
 _FIELDS = TaskRecord.__struct_fields__
 _JSON_FIELDS = frozenset({"request", "usage", "claude_usage"})
@@ -112,17 +141,24 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 class SqliteStore(AccountsMixin):
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, secrets: SecretBox | None = None):
         self.path = path
+        self.secrets = secrets
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._wlimit = trio.CapacityLimiter(1)
         self._rlimit = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: str) -> SqliteStore:
-        self = cls(path)
-        await trio.to_thread.run_sync(self._open_sync)
+    async def open(cls, path: str, *, secrets: SecretBox | None = None) -> SqliteStore:
+        """``secrets`` seals users' GitHub tokens; plaintext ones (from before encryption at rest)
+        are sealed here, and a store whose secrets ``secrets`` cannot open is a SecretsError."""
+        self = cls(path, secrets=secrets)
+        try:
+            await trio.to_thread.run_sync(self._open_sync)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     def _connect(self) -> sqlite3.Connection:
@@ -136,16 +172,12 @@ class SqliteStore(AccountsMixin):
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._writer = self._connect()
+        self._writer.execute("PRAGMA secure_delete=ON")  # what is overwritten or deleted is zeroed in the file
         self._writer.executescript(SCHEMA)
-        self._migrate(self._writer)
+        add_missing_columns(self._writer)
+        if self.secrets is not None:
+            reseal_tokens(self._writer, self.secrets, rotate=False)
         self._reader = self._connect()
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps old tables as they are)."""
-        have = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
-        if "free_attempts" not in have:
-            conn.execute("ALTER TABLE tasks ADD COLUMN free_attempts INTEGER NOT NULL DEFAULT 0")
 
     async def close(self) -> None:
         for conn, limit in ((self._writer, self._wlimit), (self._reader, self._rlimit)):
@@ -168,6 +200,19 @@ class SqliteStore(AccountsMixin):
                 raise
             conn.execute("COMMIT")
             return out
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._wlimit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _raw_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on the writer connection, managing its own transactions."""
+
+        def run() -> T:
+            if self._writer is None:
+                raise StoreError("store is closed")
+            return fn(self._writer)
 
         try:
             return await trio.to_thread.run_sync(run, limiter=self._wlimit)
@@ -288,11 +333,12 @@ class SqliteStore(AccountsMixin):
             lambda c: c.execute(
                 "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
                 "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0) FROM ledger WHERE task_id = ?",
+                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
+                "FROM ledger WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         )
-        return Usage(row[0], row[1], row[2], row[3]), row[4]
+        return Usage(row[0], row[1], row[2], row[3], row[5], row[6]), row[4]
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         def fn(conn):

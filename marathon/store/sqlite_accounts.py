@@ -7,19 +7,28 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from marathon.errors import Conflict
+from marathon.errors import Conflict, SecretsError, StoreError
+from marathon.secretbox import (
+    CHECK_NAME,
+    SecretBox,
+    check_value,
+    is_sealed,
+    plan_reseal,
+    token_aad,
+    unknown_keys_message,
+)
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
 
 _LEDGER_COLS = (
     "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
     "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced"
+    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
 )
 
 
 def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
     conn.execute(
-        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 17)})",
+        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 19)})",
         (
             r.task_id,
             r.user_id,
@@ -38,6 +47,8 @@ def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
             r.response_bytes,
             int(r.complete),
             int(r.priced),
+            r.web_search_requests,
+            r.web_fetch_requests,
         ),
     )
 
@@ -77,12 +88,46 @@ _GROUPS = {
 T = TypeVar("T")
 
 
+def reseal_tokens(conn: sqlite3.Connection, box: SecretBox, *, rotate: bool) -> tuple[int, int]:
+    """Seal every plaintext GitHub token (and with ``rotate`` every one sealed with an old key)
+    with the current key, in one transaction; (changed, total).  A token sealed with a key the
+    box does not have is a SecretsError and changes nothing.  The writer runs with
+    ``secure_delete``, and the WAL is truncated after a change: the old values are gone from
+    the file, not just unreferenced."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE name = ?", (CHECK_NAME,)).fetchone()
+        check = check_value(row[0] if row else None, box, rotate=rotate)
+        if check is not None:
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (CHECK_NAME, check))
+        rows = conn.execute("SELECT id, github_token FROM users WHERE github_token IS NOT NULL").fetchall()
+        updates, unknown = plan_reseal(rows, box, rotate=rotate)
+        if unknown:
+            raise SecretsError(unknown_keys_message(unknown, box.key_ids))
+        for user_id, old, new in updates:
+            conn.execute("UPDATE users SET github_token = ? WHERE id = ? AND github_token = ?", (new, user_id, old))
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    if updates:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return len(updates), len(rows)
+
+
 class AccountsMixin:
+    secrets: SecretBox | None = None
+
     if TYPE_CHECKING:  # SqliteStore provides them
 
         async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    def _box(self) -> SecretBox:
+        if self.secrets is None:
+            raise StoreError("this store was opened without a secrets key: GitHub tokens cannot be stored or read")
+        return self.secrets
 
     # ------------------------------------------------------------------ users
 
@@ -112,7 +157,25 @@ class AccountsMixin:
         return _user(row) if row else None
 
     async def set_github_token(self, user_id: str, token: str | None) -> None:
-        await self._write(lambda c: c.execute("UPDATE users SET github_token = ? WHERE id = ?", (token, user_id)))
+        """Stored sealed (AEAD, bound to the user): the database never holds the token itself."""
+        value = self._box().seal(token, aad=token_aad(user_id)) if token else None
+        await self._write(lambda c: c.execute("UPDATE users SET github_token = ? WHERE id = ?", (value, user_id)))
+
+    async def github_token(self, user_id: str) -> str | None:
+        """The user's GitHub token, decrypted: call it only where the token is used."""
+        row = await self._read(
+            lambda c: c.execute("SELECT github_token FROM users WHERE id = ?", (user_id,)).fetchone()
+        )
+        if not row or not row[0]:
+            return None
+        if not is_sealed(row[0]):  # written by another process before it migrated: still the user's token
+            return row[0]
+        return self._box().open(row[0], aad=token_aad(user_id), what=f"the GitHub token of user {user_id}")
+
+    async def reseal_secrets(self) -> tuple[int, int]:
+        """Re-encrypt every GitHub token with the current key: (changed, total)."""
+        box = self._box()
+        return await self._raw_write(lambda c: reseal_tokens(c, box, rotate=True))
 
     async def count_users(self) -> int:
         return (await self._read(lambda c: c.execute("SELECT count(*) FROM users").fetchone()))[0]
@@ -206,7 +269,8 @@ class AccountsMixin:
         sql = (
             f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
             "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            f"count(DISTINCT task_id) FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
+            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
+            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
         )
         tgroup = {
             "day": "strftime('%Y-%m-%d', created_at, 'unixepoch')",
@@ -244,6 +308,8 @@ class AccountsMixin:
                 tool_calls=r[6] or 0,
                 cost_usd=r[7] or 0.0,
                 tasks=r[8],
+                web_search_requests=r[9] or 0,
+                web_fetch_requests=r[10] or 0,
             )
             for r in rows
         }
