@@ -119,9 +119,7 @@ def turn(*parts: Turn | str, usage: dict | None = None, start_usage: dict | None
     return _turn(blocks, usage, start_usage, delay)
 
 
-def web_search(
-    query: str, answer: str, *, searches: int = 1, usage: dict | None = None, delay: float = 0.0
-) -> Turn:
+def web_search(query: str, answer: str, *, searches: int = 1, usage: dict | None = None, delay: float = 0.0) -> Turn:
     """A server-side web search (``server_tool_use`` + ``web_search_tool_result`` blocks, run by
     the API itself) followed by a text answer; ``usage.server_tool_use`` reports ``searches``."""
     tool_id = "srvtoolu_" + secrets.token_hex(12)

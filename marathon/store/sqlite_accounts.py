@@ -124,6 +124,8 @@ class AccountsMixin:
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
+        async def _raw_write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
     def _box(self) -> SecretBox:
         if self.secrets is None:
             raise StoreError("this store was opened without a secrets key: GitHub tokens cannot be stored or read")
