@@ -95,6 +95,14 @@ class Unavailable(MarathonError):
     code = "unavailable"
 
 
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception that is not a group (``except*`` keeps the nesting of nurseries)."""
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
 def collapse(group: BaseExceptionGroup) -> BaseException:
     """The single real exception inside a nursery's ExceptionGroup, or the group itself."""
     leaves: list[BaseException] = []

@@ -11,7 +11,7 @@ import msgspec
 import trio
 
 from marathon.config import Config, load_config
-from marathon.errors import ConfigError
+from marathon.errors import ConfigError, first_leaf
 from marathon.logs import _Redact, json_enabled, redact_also  # noqa: F401  (_Redact lives in marathon.logs now)
 from marathon.notify import serve_notify
 
@@ -99,7 +99,7 @@ def run_serve(role: str, flags: dict, listen: str | None) -> int:
         try:
             trio.run(serve_until_signalled, role, config, listen)
         except* ConfigError as group:  # a bad setting found while starting: one line, exit status 2
-            raise group.exceptions[0] from None
+            raise first_leaf(group) from None
     except KeyboardInterrupt:  # before the signal receiver was up, or after it was gone
         log.info("interrupted; shut down")
     return 0

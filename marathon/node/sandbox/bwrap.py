@@ -124,15 +124,6 @@ def argv(p: Profile) -> list[str]:
                 args.extend(["--perms", "0755", "--dir", parent])
                 made.add(parent)
 
-    bound: list[str] = []
-    for path in sorted(set(p.runtime)):
-        if not os.path.exists(path) or path.split("/")[1] in SYSTEM + ("etc",):
-            continue
-        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
-            continue  # already visible through a bound parent
-        bound.append(path)
-        mkdirs(path)
-        args += ["--ro-bind", path, path]
     if p.claude:
         mkdirs(IN_CLAUDE)
         args += ["--ro-bind", p.claude, IN_CLAUDE]
@@ -149,6 +140,16 @@ def argv(p: Profile) -> list[str]:
             if size:
                 args += ["--size", str(size)]
             args += ["--perms", perms, "--tmpfs", inside]
+    # after the writable mounts, so a checkout under /tmp (a CI clone) is not hidden by /tmp's
+    bound: list[str] = []
+    for path in sorted(set(p.runtime)):
+        if not os.path.exists(path) or path.split("/")[1] in SYSTEM + ("etc",):
+            continue
+        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
+            continue  # already visible through a bound parent
+        bound.append(path)
+        mkdirs(path)
+        args += ["--ro-bind", path, path]
     if p.as_root and p.agent_dir is not None:
         args += ["--perms", "0700", "--dir", IN_AGENT, "--bind", p.agent_dir, IN_AGENT]
     args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp", "--remount-ro", "/", "--chdir", IN_WORKSPACE]
