@@ -84,12 +84,15 @@ async def main(runs: int) -> None:
     for i in range(runs):
         t0 = time.monotonic()
         sb = await pb.create(f"p{i}", os.path.join(tmp, f"prun{i}"))
-        fs = await connect_agent(sb, 60)
-        proc_start.append(time.monotonic() - t0)
-        await trio.sleep(0.5)
-        idle_proc.append(rss_kib(descendants(sb._proc.pid) | {sb._proc.pid}))
-        await fs.aclose()
-        await sb.destroy()
+        try:
+            fs = await connect_agent(sb, 60)
+            proc_start.append(time.monotonic() - t0)
+            await trio.sleep(0.5)
+            root = sb._child.pid
+            idle_proc.append(rss_kib(descendants(root) | {root}))
+            await fs.aclose()
+        finally:
+            await sb.destroy()
 
     print(f"QEMU microvm ({qemu.accel.upper()}, {qemu.vcpus} vCPU, {qemu.mem_mib} MiB), {runs} runs each")
     print(describe("cold boot -> agent ready", cold, "s", 1))

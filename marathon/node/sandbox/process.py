@@ -53,8 +53,11 @@ def runtime_paths() -> list[str]:
     paths = [sys.executable]
     if getattr(sys, "frozen", False):
         bundle = getattr(sys, "_MEIPASS", "")
-        if bundle and not bundle.startswith(("/tmp/", "/var/tmp/")):  # a one-folder build
-            paths.append(os.path.dirname(os.path.abspath(sys.executable)))
+        exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+        # a one-folder build carries its libraries beside the executable; a one-file one
+        # unpacks them into a fresh directory of the sandbox's own /tmp
+        if bundle and (bundle == exe_dir or os.path.abspath(bundle).startswith(exe_dir + os.sep)):
+            paths.append(exe_dir)
     else:
         import marathon
 
