@@ -84,6 +84,12 @@ class Page:
     def all(self, selector: str):
         return self.d.find_elements(self.By.CSS_SELECTOR, selector)
 
+    def row_ids(self) -> list[str]:
+        """The task ids the table shows, read in one step (a re-render cannot interleave)."""
+        return self.d.execute_script(
+            "return [...document.querySelectorAll('tbody tr[data-id]')].map(r => r.dataset.id)"
+        )
+
     def by_label(self, label: str):
         """The form control a <label> with this text names (what a screen reader announces)."""
         lab = self.d.find_element(self.By.XPATH, f"//label[normalize-space()={json.dumps(label, ensure_ascii=False)}]")
@@ -454,20 +460,14 @@ async def test_dashboard_modules_and_pages_in_the_browser():
                 p = Page(d, mt.url, browser.output_dir("web"))
                 pages: list[list[str]] = []
                 for _ in range(3):
-                    p.until(
-                        lambda: (
-                            len(p.all("tbody tr[data-id]")) > 0
-                            and p.all("tbody tr[data-id]")[0].get_attribute("data-id")
-                            not in {i for pg in pages for i in pg}
-                        )
-                    )
-                    pages.append([r.get_attribute("data-id") for r in p.all("tbody tr[data-id]")])
+                    p.until(lambda: (ids := p.row_ids()) != [] and ids[0] not in {i for pg in pages for i in pg})
+                    pages.append(p.row_ids())
                     older = p.button("Older →")
                     if len(pages) < 3:
                         p.click(older)
                 assert not older.is_enabled(), "the last page has no older one"
                 p.click(p.button("← Newer"))
-                p.until(lambda: p.all("tbody tr[data-id]")[0].get_attribute("data-id") == pages[1][0])
+                p.until(lambda: p.row_ids()[:1] == pages[1][:1])
                 out["pages"] = pages
                 return out, browser.console_errors(d)
 

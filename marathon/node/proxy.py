@@ -303,6 +303,9 @@ class MeteringProxy:
             error = f"upstream: {type(exc).__name__}: {exc}"
             log.warning("proxy: task %s: %s", grant.task_id, error)
             if status == 502 and sent == 0 and conn.our_state is h11.SEND_RESPONSE:
+                if res is not None and grant.budget is not None:
+                    # nothing was used: release before answering, so whoever sees the 502 sees nothing held
+                    grant.budget.settle(res, meter.usage, meter.model or model)
                 await self._send_simple(conn, stream, 502, "api_error", "upstream unreachable")
             else:
                 raise trio.BrokenResourceError(error) from None  # cut the client off mid-stream
