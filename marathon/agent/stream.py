@@ -60,10 +60,7 @@ class RunResult:
 def _usage(obj: dict | None) -> m.Usage:
     obj = obj or {}
     return m.Usage(
-        input_tokens=int(obj.get("input_tokens") or 0),
-        output_tokens=int(obj.get("output_tokens") or 0),
-        cache_creation_input_tokens=int(obj.get("cache_creation_input_tokens") or 0),
-        cache_read_input_tokens=int(obj.get("cache_read_input_tokens") or 0),
+        **{f: int(obj.get(f) or 0) for f in m.TOKEN_FIELDS},
         **{k: int(v) for k, v in (obj.get("server_tool_use") or {}).items() if k in m.SERVER_TOOL_FIELDS and v},
     )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from marathon.protocol.messages import SERVER_TOOL_FIELDS, Usage
+from marathon.protocol.messages import SERVER_TOOL_FIELDS, TOKEN_FIELDS, Usage
 
-_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_FIELDS = TOKEN_FIELDS
 
 
 def _int(v) -> int:

@@ -148,19 +148,7 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         rows = await ctx.tasks.store.usage_summary(user_id=user_id, since=since, by=by)
         total = UsageBucket(key="total")
         for r in rows:
-            for f in (
-                "requests",
-                "input_tokens",
-                "output_tokens",
-                "cache_creation_input_tokens",
-                "cache_read_input_tokens",
-                "tool_calls",
-                "web_search_requests",
-                "web_fetch_requests",
-                "cost_usd",
-                "compute_s",
-                "tasks",
-            ):
+            for f in UsageBucket.__struct_fields__[1:]:  # every counter after the key
                 setattr(total, f, getattr(total, f) + getattr(r, f))
         return json_response({"since": since, "by": by, "user": user_id or "*", "rows": rows, "total": total})
 

@@ -38,10 +38,7 @@ class Ingest:
             user_id=owner,
             ts=time.time(),
             model=ev.model or "",
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            cache_creation_input_tokens=u.cache_creation_input_tokens,
-            cache_read_input_tokens=u.cache_read_input_tokens,
+            **u.as_dict(),
             tool_calls=ev.tool_calls,
             cost_usd=usd,
             status=ev.status,
@@ -51,8 +48,6 @@ class Ingest:
             response_bytes=ev.response_bytes,
             complete=ev.complete,
             priced=known,
-            web_search_requests=u.web_search_requests,
-            web_fetch_requests=u.web_fetch_requests,
         )
         return msgspec.structs.replace(ev, cost_usd=usd), row
 

@@ -34,22 +34,21 @@ class Usage(msgspec.Struct, frozen=True):
     web_fetch_requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.cache_creation_input_tokens + other.cache_creation_input_tokens,
-            self.cache_read_input_tokens + other.cache_read_input_tokens,
-            self.web_search_requests + other.web_search_requests,
-            self.web_fetch_requests + other.web_fetch_requests,
-        )
+        return Usage(*(getattr(self, f) + getattr(other, f) for f in USAGE_FIELDS))
 
     @property
     def total(self) -> int:
         """All tokens (what a token budget counts); server-tool requests are not tokens."""
-        return self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+        return sum(getattr(self, f) for f in TOKEN_FIELDS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in USAGE_FIELDS}
 
 
-SERVER_TOOL_FIELDS = ("web_search_requests", "web_fetch_requests")  # usage.server_tool_use.<field>
+# The one list of usage fields: ledger columns, sums and API answers are spelled from it.
+USAGE_FIELDS: tuple[str, ...] = Usage.__struct_fields__
+TOKEN_FIELDS = USAGE_FIELDS[:4]  # the API's usage.<field>
+SERVER_TOOL_FIELDS = USAGE_FIELDS[4:]  # usage.server_tool_use.<field>, billed per request
 
 
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

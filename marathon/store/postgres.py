@@ -29,13 +29,8 @@ from marathon.errors import StoreError, StoreUnavailable
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
-from marathon.store.postgres_accounts import (
-    LEDGER_COLS,
-    PgAccountsMixin,
-    ledger_placeholders,
-    ledger_values,
-    reseal_tokens,
-)
+from marathon.store.ledger_sql import LEDGER_COLS, TOTALS_SELECT, ledger_values, totals
+from marathon.store.postgres_accounts import PgAccountsMixin, ledger_placeholders, reseal_tokens
 from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
@@ -366,16 +361,11 @@ class PostgresStore(PgAccountsMixin):
     async def ledger_totals(self, task_id: str) -> tuple[Usage, float]:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
-                "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
-                "FROM ledger WHERE task_id = %s",
+                f"SELECT {TOTALS_SELECT} FROM ledger WHERE task_id = %s",
                 (task_id,),
             ).fetchone()
         )
-        assert row is not None
-        v = [int(x) for x in row[:4]] + [int(row[5]), int(row[6])]
-        return Usage(v[0], v[1], v[2], v[3], v[4], v[5]), float(row[4])
+        return totals(row)
 
     # ------------------------------------------------------------------ artifacts
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import psycopg
 
 from marathon.errors import Conflict, SecretsError, StoreError
@@ -18,26 +19,18 @@ from marathon.secretbox import (
     token_aad,
     unknown_keys_message,
 )
+from marathon.store.ledger_sql import LEDGER_COLS, bucket, ledger_row, summary_select
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
 from marathon.store.postgres_schema import FIRST_USER_LOCK, SECRETS_LOCK
 
 T = TypeVar("T")
 
-LEDGER_COLS = (
-    "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
-    "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
-)
-_LEDGER_NAMES = [x.strip() for x in LEDGER_COLS.split(",")]
 # the types of the ledger columns, for a "SELECT %s, … FROM s" whose parameters PostgreSQL cannot infer
+_PG_TYPES = {str: "text", float: "float8", int: "int8", bool: "bool"}
 _LEDGER_CASTS = [
-    *("text", "text", "float8", "text", "int8", "int8", "int8", "int8", "int4"),
-    *("float8", "int4", "float8", "float8", "int8", "int8", "bool", "bool", "int8", "int8"),
+    _PG_TYPES[f.type if isinstance(f.type, type) else float]  # float | None (ttft_s) is float8
+    for f in msgspec.structs.fields(LedgerRow)
 ]
-
-
-def ledger_values(r: LedgerRow) -> list[Any]:
-    return [getattr(r, n) for n in _LEDGER_NAMES]
 
 
 def ledger_placeholders() -> str:
@@ -258,7 +251,7 @@ class PgAccountsMixin:
                 f"SELECT {LEDGER_COLS} FROM ledger WHERE task_id = %s ORDER BY ts, id", (task_id,)
             ).fetchall()
         )
-        return [LedgerRow(**dict(zip(_LEDGER_NAMES, r, strict=True))) for r in rows]
+        return [ledger_row(r) for r in rows]
 
     async def usage_summary(self, *, user_id: str | None, since: float, by: str) -> list[UsageBucket]:
         group = _GROUPS[by]
@@ -266,12 +259,7 @@ class PgAccountsMixin:
         if user_id is not None:
             where.append("user_id = %s")
             args.append(user_id)
-        sql = (
-            f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
-            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
-            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
-        )
+        sql = summary_select(group, where)
         tgroup = _TASK_GROUPS[by]
         twhere, targs = ["created_at >= %s"], list[Any]([since])
         if user_id is not None:
@@ -292,22 +280,7 @@ class PgAccountsMixin:
             return rows, compute
 
         rows, compute = await self._run(fn, transaction=True)
-        out = {
-            r[0]: UsageBucket(
-                key=r[0],
-                requests=int(r[1]),
-                input_tokens=int(r[2] or 0),
-                output_tokens=int(r[3] or 0),
-                cache_creation_input_tokens=int(r[4] or 0),
-                cache_read_input_tokens=int(r[5] or 0),
-                tool_calls=int(r[6] or 0),
-                cost_usd=float(r[7] or 0.0),
-                tasks=int(r[8]),
-                web_search_requests=int(r[9] or 0),
-                web_fetch_requests=int(r[10] or 0),
-            )
-            for r in rows
-        }
+        out = {r[0]: bucket(r) for r in rows}
         for k, secs in compute.items():
             if secs:
                 out.setdefault(k, UsageBucket(key=k)).compute_s = float(secs)

@@ -15,6 +15,7 @@ from marathon.errors import StoreError
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
+from marathon.store.ledger_sql import TOTALS_SELECT, totals
 from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger, reseal_tokens
 
 T = TypeVar("T")
@@ -331,14 +332,11 @@ class SqliteStore(AccountsMixin):
     async def ledger_totals(self, task_id: str) -> tuple[Usage, float]:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
-                "coalesce(sum(cache_creation_input_tokens),0), coalesce(sum(cache_read_input_tokens),0), "
-                "coalesce(sum(cost_usd),0), coalesce(sum(web_search_requests),0), coalesce(sum(web_fetch_requests),0) "
-                "FROM ledger WHERE task_id = ?",
+                f"SELECT {TOTALS_SELECT} FROM ledger WHERE task_id = ?",
                 (task_id,),
             ).fetchone()
         )
-        return Usage(row[0], row[1], row[2], row[3], row[5], row[6]), row[4]
+        return totals(row)
 
     async def events_after(self, task_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         def fn(conn):

@@ -17,40 +17,12 @@ from marathon.secretbox import (
     token_aad,
     unknown_keys_message,
 )
+from marathon.store.ledger_sql import LEDGER_COLS, LEDGER_NAMES, bucket, ledger_row, ledger_values, summary_select
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
-
-_LEDGER_COLS = (
-    "task_id, user_id, ts, model, input_tokens, output_tokens, cache_creation_input_tokens, "
-    "cache_read_input_tokens, tool_calls, cost_usd, status, duration_s, ttft_s, request_bytes, "
-    "response_bytes, complete, priced, web_search_requests, web_fetch_requests"
-)
 
 
 def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
-    conn.execute(
-        f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES ({','.join('?' * 19)})",
-        (
-            r.task_id,
-            r.user_id,
-            r.ts,
-            r.model,
-            r.input_tokens,
-            r.output_tokens,
-            r.cache_creation_input_tokens,
-            r.cache_read_input_tokens,
-            r.tool_calls,
-            r.cost_usd,
-            r.status,
-            r.duration_s,
-            r.ttft_s,
-            r.request_bytes,
-            r.response_bytes,
-            int(r.complete),
-            int(r.priced),
-            r.web_search_requests,
-            r.web_fetch_requests,
-        ),
-    )
+    conn.execute(f"INSERT INTO ledger ({LEDGER_COLS}) VALUES ({','.join('?' * len(LEDGER_NAMES))})", ledger_values(r))
 
 
 def _user(row) -> User:
@@ -251,16 +223,10 @@ class AccountsMixin:
     async def ledger_rows(self, task_id: str) -> list[LedgerRow]:
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {_LEDGER_COLS} FROM ledger WHERE task_id = ? ORDER BY ts", (task_id,)
+                f"SELECT {LEDGER_COLS} FROM ledger WHERE task_id = ? ORDER BY ts", (task_id,)
             ).fetchall()
         )
-        names = [x.strip() for x in _LEDGER_COLS.split(",")]
-        out = []
-        for r in rows:
-            d = dict(zip(names, r, strict=True))
-            d["complete"], d["priced"] = bool(d["complete"]), bool(d["priced"])
-            out.append(LedgerRow(**d))
-        return out
+        return [ledger_row(r) for r in rows]
 
     async def usage_summary(self, *, user_id: str | None, since: float, by: str) -> list[UsageBucket]:
         group = _GROUPS[by]
@@ -268,12 +234,7 @@ class AccountsMixin:
         if user_id is not None:
             where.append("user_id = ?")
             args.append(user_id)
-        sql = (
-            f"SELECT {group} AS k, count(*), sum(input_tokens), sum(output_tokens), "
-            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(tool_calls), sum(cost_usd), "
-            "count(DISTINCT task_id), sum(web_search_requests), sum(web_fetch_requests) "
-            f"FROM ledger WHERE {' AND '.join(where)} GROUP BY k ORDER BY k"
-        )
+        sql = summary_select(group, where)
         tgroup = {
             "day": "strftime('%Y-%m-%d', created_at, 'unixepoch')",
             "task": "id",
@@ -299,22 +260,7 @@ class AccountsMixin:
             return rows, compute
 
         rows, compute = await self._read(fn)
-        out = {
-            r[0]: UsageBucket(
-                key=r[0],
-                requests=r[1],
-                input_tokens=r[2] or 0,
-                output_tokens=r[3] or 0,
-                cache_creation_input_tokens=r[4] or 0,
-                cache_read_input_tokens=r[5] or 0,
-                tool_calls=r[6] or 0,
-                cost_usd=r[7] or 0.0,
-                tasks=r[8],
-                web_search_requests=r[9] or 0,
-                web_fetch_requests=r[10] or 0,
-            )
-            for r in rows
-        }
+        out = {r[0]: bucket(r) for r in rows}
         for k, secs in compute.items():
             if secs:
                 out.setdefault(k, UsageBucket(key=k)).compute_s = secs
