@@ -52,7 +52,11 @@ async def direct_path(config: Config, repo: str, n: int) -> list[float]:
     cache = MirrorCache(os.path.join(config.data_dir, "direct-mirrors"))
     out = []
     for i in range(n):
-        spec = m.TaskSpec(task_id=f"{time.monotonic_ns() % 16**12:012x}", prompt="noop", repo=repo, trusted_repo=True)
+        spec = m.TaskSpec(
+            task_id=f"{time.monotonic_ns() % 16**12:012x}",
+            request=m.TaskRequest(prompt="noop", repo=repo),
+            trusted_repo=True,
+        )
         root = os.path.join(config.data_dir, "direct", spec.task_id)
         os.makedirs(root, mode=0o711)
         t0 = time.time()

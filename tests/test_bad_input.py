@@ -33,7 +33,7 @@ async def raw_exchange(address: str, data: bytes, decoder_type=m.GatewayMessage)
     return out
 
 
-def hello(protocol=1, role="node"):
+def hello(protocol=m.PROTOCOL_VERSION, role="node"):
     return encode_frame(m.Hello(protocol=protocol, role=role, version="test"))
 
 

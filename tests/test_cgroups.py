@@ -96,10 +96,12 @@ def test_parsing_helpers():
 
 def test_a_task_gets_its_limits_within_the_node_maxima(tmp_path):
     config = load_config({"data_dir": str(tmp_path), "max_memory": "8GiB", "max_cpus": 4, "max_disk": "20GiB"}, env={})
-    spec = m.TaskSpec(task_id="a" * 12, prompt="x")
+    spec = m.TaskSpec(task_id="a" * 12, request=m.TaskRequest(prompt="x"))
     r = resolve(config, spec, host_cpus=8)
     assert r.limits == Limits(memory=4 * GiB, pids=1024, cpus=2.0) and r.disk == 10 * GiB and not r.notes
-    asked = m.TaskSpec(task_id="a" * 12, prompt="x", memory_limit=32 * GiB, cpu_limit=1.0, disk_limit=50 * GiB)
+    asked = m.TaskSpec(
+        task_id="a" * 12, request=m.TaskRequest(prompt="x", memory_limit=32 * GiB, cpu_limit=1.0, disk_limit=50 * GiB)
+    )
     r = resolve(config, asked, host_cpus=8)
     assert r.limits.memory == 8 * GiB and r.limits.cpus == 1.0 and r.disk == 20 * GiB
     assert [n.split()[0] for n in r.notes] == ["memory", "disk"]

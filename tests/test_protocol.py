@@ -15,10 +15,13 @@ GW = msgspec.msgpack.Decoder(m.GatewayMessage)
 
 def sample_messages():
     spec = m.TaskSpec(
-        task_id="t1", prompt="do it", repo="/r", max_turns=3, prices={"claude-*": m.Price(input=3.0, output=15.0)}
+        task_id="t1",
+        request=m.TaskRequest(prompt="do it", repo="/r"),
+        max_turns=3,
+        prices={"claude-*": m.Price(input=3.0, output=15.0)},
     )
     return [
-        m.Hello(protocol=1, role="node", version="x"),
+        m.Hello(protocol=m.PROTOCOL_VERSION, role="node", version="x"),
         m.Challenge(nonce=b"\x00" * 32),
         m.Authenticate(node_id="n", name="n", mac=b"m", capacity=m.Capacity(slots=2), running={"t1": 2}, nonce=b"x"),
         m.Assign(task=spec),
@@ -100,7 +103,7 @@ async def test_handshake_version_mismatch_is_reported_to_both_sides():
 
     async with trio.open_nursery() as n:
         n.start_soon(old_peer)
-        with pytest.raises(VersionMismatch, match="we speak 1, peer .* speaks 999"):
+        with pytest.raises(VersionMismatch, match=f"we speak {m.PROTOCOL_VERSION}, peer .* speaks 999"):
             await fb.handshake("orchestrator", "v", initiator=False, timeout=5)
 
 

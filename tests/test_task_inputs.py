@@ -63,7 +63,7 @@ def test_owner_name_is_github_even_where_that_path_exists(tmp_path, monkeypatch)
 
 async def test_the_node_refuses_a_non_administrators_private_remote():
     url = "http://127.0.0.1:8600/x.git"
-    spec = m.TaskSpec(task_id="a" * 12, prompt="x", repo=url, trusted_repo=False)
+    spec = m.TaskSpec(task_id="a" * 12, request=m.TaskRequest(prompt="x", repo=url), trusted_repo=False)
     config = marathon_config(scratch_dir())
     with pytest.raises(RepoError, match="non-public address"):
         await remote_config(resolve_repo(url, trusted=False), spec, config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from marathon.protocol.messages import State, stopped_state
+
 MEMORY_FILE = "MEMORY.md"
 MEMORY_CAP = 16_000
 TAIL = 2_000
@@ -137,35 +139,37 @@ class Verdict:
 def after_run(facts: RunFacts, *, promise: str | None, verify: str | None, max_turns: int, iteration: int) -> Verdict:
     """What happens after a run: pure, so every path is tested without Claude Code."""
     if facts.cancelled:
-        from marathon.protocol.messages import stopped_state
-
         return Verdict("end", stopped_state(facts.cancelled), facts.cancelled, f"stopped: {facts.cancelled}")
     if facts.commit_error:
         if facts.disk_full:
-            return Verdict("end", "failed", "disk_exhausted",
+            return Verdict("end", State.FAILED, "disk_exhausted",
                            f"the task's disk is full; the work committed before iteration {iteration} is kept")  # fmt: skip
-        return Verdict("end", "failed", "git_error", f"committing iteration {iteration} failed: {facts.commit_error}")
+        return Verdict(
+            "end", State.FAILED, "git_error", f"committing iteration {iteration} failed: {facts.commit_error}"
+        )
     if facts.killed_by_signal == 9 and not facts.has_result:
-        return Verdict("end", "failed", "agent_error", f"Claude Code was killed (signal 9): {facts.stderr_tail[-300:]}")
+        return Verdict(
+            "end", State.FAILED, "agent_error", f"Claude Code was killed (signal 9): {facts.stderr_tail[-300:]}"
+        )
     if not facts.has_result:
-        return Verdict("end", "failed", "agent_error",
+        return Verdict("end", State.FAILED, "agent_error",
                        f"Claude Code exited with {facts.exit_code} without a result: {facts.stderr_tail[-500:]}")  # fmt: skip
     if facts.subtype == "error_max_turns":
-        return Verdict("end", "failed", "max_turns", f"reached --max-turns {max_turns} in iteration {iteration}")
+        return Verdict("end", State.FAILED, "max_turns", f"reached --max-turns {max_turns} in iteration {iteration}")
     if facts.is_error or facts.exit_code != 0:
-        return Verdict("end", "failed", "claude_error", (facts.result_text or facts.stderr_tail)[-500:])
+        return Verdict("end", State.FAILED, "claude_error", (facts.result_text or facts.stderr_tail)[-500:])
     question = clarification(facts.final_text)
     if question:
-        return Verdict("end", "needs_input", "clarification", question)
+        return Verdict("end", State.NEEDS_INPUT, "clarification", question)
     if not promise_kept(facts.final_text, promise):
         return Verdict("next")
     if verify is None:
-        return Verdict("end", "succeeded")
+        return Verdict("end", State.SUCCEEDED)
     return Verdict("verify")
 
 
 def after_verify(code: int) -> Verdict:
-    return Verdict("end", "succeeded") if code == 0 else Verdict("next")
+    return Verdict("end", State.SUCCEEDED) if code == 0 else Verdict("next")
 
 
 def out_of_iterations(*, max_iterations: int, promise: str | None, verify: str | None, verify_failed: bool) -> Verdict:
@@ -175,4 +179,4 @@ def out_of_iterations(*, max_iterations: int, promise: str | None, verify: str |
         what = f"no <promise>{promise}</promise>"
     else:
         what = "not done"
-    return Verdict("end", "failed", "max_iterations", f"{max_iterations} iteration(s) ended with {what}")
+    return Verdict("end", State.FAILED, "max_iterations", f"{max_iterations} iteration(s) ended with {what}")

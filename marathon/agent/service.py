@@ -205,7 +205,7 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
                 await repo_ready.wait()
             if not received.done:
                 outcome = m.TaskOutcome(
-                    state="failed", reason="sandbox_failed", message="the repository bundle did not arrive"
+                    state=m.State.FAILED, reason="sandbox_failed", message="the repository bundle did not arrive"
                 )
             else:
                 outcome = await execute(

@@ -161,7 +161,7 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
         p.base = await setup_workspace(user, start, bundle)
     except MarathonError as exc:
         reason = exc.code if isinstance(exc, GitError) else "sandbox_failed"
-        return m.TaskOutcome(state="failed", reason=reason, message=str(exc), duration_s=time.monotonic() - t0)
+        return m.TaskOutcome(state=m.State.FAILED, reason=reason, message=str(exc), duration_s=time.monotonic() - t0)
     try:
         verdict = await _loop(start, user, claude, api_url, emit, cancel, result_bundle, p)
     except Exception as exc:  # a bug here must not lose the work or the reason
@@ -176,18 +176,18 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
 async def _loop(start: m.Start, user: RunUser, claude: str, api_url: str, emit: Emit, cancel: Cancellation,
                 result_bundle: str, p: Progress) -> loop.Verdict:  # fmt: skip
     spec, ws = start.task, start.workspace
-    await emit([m.StateEvent(state="running")])
-    looping = spec.max_iterations > 1 or spec.verify is not None
-    last = spec.iterations_done + spec.max_iterations
+    await emit([m.StateEvent(state=m.State.RUNNING)])
+    looping = spec.request.max_iterations > 1 or spec.request.verify is not None
+    last = spec.iterations_done + spec.request.max_iterations
     previous = loop.Previous()
     verify_failed = False
     for iteration in range(spec.iterations_done + 1, last + 1):
         p.iteration = iteration
         if iteration == 1:
-            prompt = loop.first_prompt(spec.prompt, promise=spec.promise, looping=looping)
+            prompt = loop.first_prompt(spec.request.prompt, promise=spec.request.promise, looping=looping)
         else:
             reply = spec.reply if iteration == spec.iterations_done + 1 else None
-            prompt = loop.next_prompt(prompt=spec.prompt, iteration=iteration, max_iteration=last, promise=spec.promise,
+            prompt = loop.next_prompt(prompt=spec.request.prompt, iteration=iteration, max_iteration=last, promise=spec.request.promise,
                                       previous=previous, memory=read_memory(ws), reply=reply)  # fmt: skip
 
         async def tagged(events: list[m.Event], n=iteration) -> None:
@@ -207,7 +207,9 @@ async def _loop(start: m.Start, user: RunUser, claude: str, api_url: str, emit: 
         commit_error, disk_full = None, False
         try:
             await commit_all(
-                user, ws, f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.prompt, 500)}"
+                user,
+                ws,
+                f"marathon: task {spec.task_id} iteration {iteration}\n\n{loop.tail(spec.request.prompt, 500)}",
             )
             p.bundled = await bundle_work(user, ws, p.base, spec, result_bundle) or p.bundled
         except GitError as exc:
@@ -220,23 +222,23 @@ async def _loop(start: m.Start, user: RunUser, claude: str, api_url: str, emit: 
             final_text=final, result_text=res.result if res else "", stderr_tail=run.stderr_tail,
             commit_error=commit_error, disk_full=disk_full,
         )  # fmt: skip
-        verdict = loop.after_run(facts, promise=spec.promise, verify=spec.verify, max_turns=spec.max_turns,
+        verdict = loop.after_run(facts, promise=spec.request.promise, verify=spec.request.verify, max_turns=spec.max_turns,
                                  iteration=iteration)  # fmt: skip
         previous = loop.Previous(final_message=p.final)
         if verdict.action == "verify":
-            assert spec.verify is not None
-            code, out = await run_verify(user, ws, spec.verify, spec.verify_timeout)
-            await tagged([m.LogEvent(message=f"check `{spec.verify}` exited {code}: {loop.tail(out, 300)}", source="agent",
+            assert spec.request.verify is not None
+            code, out = await run_verify(user, ws, spec.request.verify, spec.verify_timeout)
+            await tagged([m.LogEvent(message=f"check `{spec.request.verify}` exited {code}: {loop.tail(out, 300)}", source="agent",
                                      level="info" if code == 0 else "warning")])  # fmt: skip
             verdict = loop.after_verify(code)
             verify_failed = code != 0
             if verify_failed:
                 previous = loop.Previous(
-                    final_message=p.final, verify_cmd=spec.verify, verify_code=code, verify_output=out
+                    final_message=p.final, verify_cmd=spec.request.verify, verify_code=code, verify_output=out
                 )
         if verdict.action == "end":
             return verdict
-    return loop.out_of_iterations(max_iterations=spec.max_iterations, promise=spec.promise, verify=spec.verify,
+    return loop.out_of_iterations(max_iterations=spec.request.max_iterations, promise=spec.request.promise, verify=spec.request.verify,
                                   verify_failed=verify_failed)  # fmt: skip
 
 
@@ -248,8 +250,8 @@ async def _outcome(start: m.Start, user: RunUser, verdict: loop.Verdict, p: Prog
         out = await finish_work(user, ws, p.base, spec)
     except (MarathonError, OSError, ValueError) as exc:
         out = {"diff_stat": f"(work unavailable: {str(exc)[:300]})"}
-        if state == "succeeded":  # the work cannot be read back: do not claim it is done
-            state, reason = "failed", exc.code if isinstance(exc, GitError) else "git_error"
+        if state == m.State.SUCCEEDED:  # the work cannot be read back: do not claim it is done
+            state, reason = m.State.FAILED, exc.code if isinstance(exc, GitError) else "git_error"
             message = f"the work could not be read back: {str(exc)[:300]}"
     try:
         if out.get("commits"):
@@ -259,7 +261,7 @@ async def _outcome(start: m.Start, user: RunUser, verdict: loop.Verdict, p: Prog
         note = f"(the final bundle failed: {str(exc)[:200]}; the last good bundle is kept)"
         message = f"{message} {note}" if message else note
     return m.TaskOutcome(
-        state=state, reason=reason, message=message, exit_code=p.exit_code, is_error=state == "failed",
+        state=state, reason=reason, message=message, exit_code=p.exit_code, is_error=state == m.State.FAILED,
         num_turns=p.turns, usage=p.usage, claude_usage=p.claude_usage, duration_s=time.monotonic() - t0,
         final_text=p.final[-4000:], iterations=p.iteration, memory=read_memory(ws), has_bundle=p.bundled
         and os.path.exists(result_bundle), **out,

@@ -33,8 +33,8 @@ def resolve(config: Config, spec: m.TaskSpec, *, host_cpus: int | None = None) -
             value = maximum
         return value
 
-    memory = capped(spec.memory_limit, config.default_memory, config.max_memory, "memory", format_size)
-    cpus = capped(spec.cpu_limit, min(config.default_cpus, max_cpus), max_cpus, "cpus", lambda v: f"{v:g}")
-    disk = capped(spec.disk_limit, config.default_disk, config.max_disk, "disk", format_size)
+    memory = capped(spec.request.size("memory_limit"), config.default_memory, config.max_memory, "memory", format_size)
+    cpus = capped(spec.request.cpu_limit, min(config.default_cpus, max_cpus), max_cpus, "cpus", lambda v: f"{v:g}")
+    disk = capped(spec.request.size("disk_limit"), config.default_disk, config.max_disk, "disk", format_size)
     limits = Limits(memory=memory, pids=config.default_pids, cpus=cpus)
     return TaskResources(limits, None if config.disk_limit == "off" else disk, notes)

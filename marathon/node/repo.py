@@ -39,13 +39,13 @@ async def prepare(
     spec: m.TaskSpec, config: Config, cache: MirrorCache, root: str, *, token: str | None, resume_bundle: str | None
 ) -> Prepared:
     bundle = os.path.join(root, "repo.bundle")
-    if not spec.repo:
+    if not spec.request.repo:
         base, branch = await empty_repo_bundle(os.path.join(root, "empty.git"), bundle)
         return Prepared(bundle, branch, base, None, None, False)
-    ref = resolve_repo(spec.repo, config.github_url, private=(config.data_dir,), trusted=spec.trusted_repo)
+    ref = resolve_repo(spec.request.repo, config.github_url, private=(config.data_dir,), trusted=spec.trusted_repo)
     git_config = await remote_config(ref, spec, config)
     mirror, cached = await cache.ensure(ref.url, token=token, config=git_config)
-    branch = spec.branch or await default_branch(mirror)
+    branch = spec.request.branch or await default_branch(mirror)
     base = await make_bundle(mirror, branch, bundle, resume=resume_bundle, work_branch=spec.work_branch)
     return Prepared(bundle, branch, base, ref, mirror, cached, git_config)
 
@@ -55,7 +55,7 @@ async def remote_config(ref: RepoRef, spec: m.TaskSpec, config: Config) -> list[
     orchestrator's): public addresses only, unless allow-listed, pinned for the clone."""
     if ref.local:
         return []
-    if spec.trusted_repo or repos.classify(spec.repo or "") == "github":
+    if spec.trusted_repo or repos.classify(spec.request.repo or "") == "github":
         return []
     try:
         addresses = await repos.check_remote(ref.url, config.repo_hosts)
@@ -65,7 +65,7 @@ async def remote_config(ref: RepoRef, spec: m.TaskSpec, config: Config) -> list[
 
 
 def pr_body(spec: m.TaskSpec, out: m.TaskOutcome, usage: m.Usage, cost_usd: float) -> str:
-    prompt = spec.prompt if len(spec.prompt) <= 4000 else spec.prompt[:4000] + "…"
+    prompt = spec.request.prompt if len(spec.request.prompt) <= 4000 else spec.request.prompt[:4000] + "…"
     return (
         f"Opened by Marathon for task `{spec.task_id}`.\n\n"
         f"- iterations: {out.iterations}\n"
@@ -99,7 +99,7 @@ async def publish(
     if prep.ref.github is None:
         return None, f"pushed {spec.work_branch}; no pull request: {prep.ref.url} is not on {config.github_url}"
     owner, name = prep.ref.github
-    title = spec.pr_title or out.head_subject or f"Marathon: {spec.prompt.splitlines()[0][:70]}"
+    title = spec.request.pr_title or out.head_subject or f"Marathon: {spec.request.prompt.splitlines()[0][:70]}"
     try:
         url = await open_pull_request(
             api_url=config.github_api_url,
@@ -107,7 +107,7 @@ async def publish(
             owner=owner,
             repo=name,
             head=spec.work_branch,
-            base=spec.base or prep.branch,
+            base=spec.request.base or prep.branch,
             title=title,
             body=pr_body(spec, out, usage, cost_usd),
         )

@@ -417,7 +417,7 @@ class NodeService:
                 if handle.resume_bundle:
                     with contextlib.suppress(OSError):
                         os.unlink(handle.resume_bundle)
-            if handle.stop_reason == m.NODE_SHUTDOWN and outcome.state == "cancelled":
+            if handle.stop_reason == m.NODE_SHUTDOWN and outcome.state == m.State.CANCELLED:
                 # however far it got, the task stopped because this node shuts down: say so, so that
                 # the orchestrator queues it again at once
                 outcome = msgspec.structs.replace(outcome, reason=m.NODE_SHUTDOWN, message="the node shut down")

@@ -135,7 +135,9 @@ async def supervise(
         for note in res.notes:
             emit(m.LogEvent(message=note, level="warning"))
         uid = config.sandbox_uid + handle.slot
-        options = SandboxOptions(uid=uid, gid=uid, limits=res.limits, disk=res.disk, keep_workspace=spec.keep_workspace)
+        options = SandboxOptions(
+            uid=uid, gid=uid, limits=res.limits, disk=res.disk, keep_workspace=spec.request.keep_workspace
+        )
         started: dict = {}
 
         async def start_sandbox() -> None:
@@ -157,7 +159,7 @@ async def supervise(
                 started["fs"] = await connect_agent(started["sandbox"], config.connect_timeout)
 
         async def prepare_repo() -> Prepared | m.TaskOutcome:
-            emit(m.LogEvent(message=f"preparing the repository{f' {spec.repo}' if spec.repo else ''}"))
+            emit(m.LogEvent(message=f"preparing the repository{f' {spec.request.repo}' if spec.request.repo else ''}"))
             try:
                 prep = None
                 t_repo = time.monotonic()
@@ -166,12 +168,14 @@ async def supervise(
                         spec, config, cache, root, token=handle.github_token, resume_bundle=handle.resume_bundle
                     )
                 if scope.cancelled_caught:
-                    return _ended(handle, t0, state="timed_out", reason="timeout",
+                    return _ended(handle, t0, state=m.State.TIMED_OUT, reason="timeout",
                                   message="timed out preparing the repository")  # fmt: skip
                 if prep is None or handle.stop.is_set():
-                    return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
+                    return _ended(
+                        handle, t0, state=m.State.CANCELLED, reason="cancelled", message="cancelled before start"
+                    )
             except RepoError as exc:
-                return _ended(handle, t0, state="failed", reason="repo_error", message=str(exc))
+                return _ended(handle, t0, state=m.State.FAILED, reason="repo_error", message=str(exc))
             if prep.ref is not None:
                 how = "cache hit, fetched" if prep.cached else "cloned into the node's mirror cache"
                 emit(m.LogEvent(
@@ -201,7 +205,7 @@ async def supervise(
         if fs is None or handle.stop.is_set():
             if fs is not None:
                 await fs.aclose()
-            return _ended(handle, t0, state="cancelled", reason="cancelled", message="cancelled before start")
+            return _ended(handle, t0, state=m.State.CANCELLED, reason="cancelled", message="cancelled before start")
         watch = LimitWatch(sandbox.group, emit)
         try:
             outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle,
@@ -210,22 +214,22 @@ async def supervise(
             watch.check()
             if not watch.oom_kills:
                 raise
-            outcome = _ended(handle, t0, state="failed", reason="memory_exhausted",
+            outcome = _ended(handle, t0, state=m.State.FAILED, reason="memory_exhausted",
                              message=f"the agent was killed for exceeding the memory limit: {exc}")  # fmt: skip
         outcome = watch.explain(outcome)
-        if spec.keep_workspace and sandbox.host_workspace:
+        if spec.request.keep_workspace and sandbox.host_workspace:
             keep = await _keep_workspace(sandbox.host_workspace, os.path.join(root, "workspace"))
         await sandbox.destroy()
         outcome = await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
         return outcome
     except (SandboxError, ProtocolError, ConnectionClosed) as exc:
         log.warning("task %s: sandbox failed: %s", spec.task_id, exc)
-        return _ended(handle, t0, state="failed", reason="sandbox_failed", message=str(exc))
+        return _ended(handle, t0, state=m.State.FAILED, reason="sandbox_failed", message=str(exc))
     except MarathonError as exc:
-        return _ended(handle, t0, state="failed", reason=exc.code, message=str(exc))
+        return _ended(handle, t0, state=m.State.FAILED, reason=exc.code, message=str(exc))
     except Exception as exc:  # a bug or a surprise fails this task, never the node
         log.exception("task %s: node error", spec.task_id)
-        return _ended(handle, t0, state="failed", reason="node_error", message=f"{type(exc).__name__}: {exc}")
+        return _ended(handle, t0, state=m.State.FAILED, reason="node_error", message=f"{type(exc).__name__}: {exc}")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             if sandbox is not None:
@@ -285,7 +289,7 @@ class LimitWatch:
 
     def explain(self, outcome: m.TaskOutcome) -> m.TaskOutcome:
         self.check()
-        if self.oom_kills and outcome.state == "failed" and outcome.reason in OOM_SUSPECTS:
+        if self.oom_kills and outcome.state == m.State.FAILED and outcome.reason in OOM_SUSPECTS:
             return msgspec.structs.replace(outcome, reason="memory_exhausted",
                                            message=f"out of memory (the sandbox's limit): {outcome.message or ''}".strip())  # fmt: skip
         return outcome
@@ -302,9 +306,9 @@ async def _hand_over(
     spec = handle.spec
     if outcome.has_bundle:
         await upload("bundle", result_bundle)
-    if not spec.pr:
+    if not spec.request.pr:
         return outcome
-    if outcome.state != "succeeded":
+    if outcome.state != m.State.SUCCEEDED:
         return msgspec.structs.replace(
             outcome, pr_error=f"no pull request: the task ended {outcome.state} (its commits are kept)"
         )
@@ -351,7 +355,7 @@ async def _drive(
     result = BlobWriter(result_bundle, limit=max_artifact)
 
     # reserve-before-forward, settle-after: the rule and its bound are in marathon/node/budget.py
-    budget = Budget(spec.max_tokens, spec.max_cost, prices=spec.prices,
+    budget = Budget(spec.request.max_tokens, spec.request.max_cost, prices=spec.prices,
                     fallback=spec.price_fallback or DEFAULT_FALLBACK)  # fmt: skip
 
     def on_record(rec: RequestRecord) -> None:
@@ -409,7 +413,9 @@ async def _drive(
                     ev = msg.event
                     if isinstance(ev, m.IterationEvent):
                         handle.iteration = ev.iteration
-                    if isinstance(ev, m.ApiRequestEvent) or (isinstance(ev, m.StateEvent) and ev.state != "running"):
+                    if isinstance(ev, m.ApiRequestEvent) or (
+                        isinstance(ev, m.StateEvent) and ev.state != m.State.RUNNING
+                    ):
                         continue  # metering is the proxy's and states the orchestrator's: not the sandbox's to say
                     emit(ev)
                 elif isinstance(msg, m.Blob) and msg.name == "result":
@@ -427,7 +433,7 @@ async def _drive(
                     if out.state not in m.TERMINAL_OUTCOMES:
                         out = msgspec.structs.replace(
                             out,
-                            state="failed",
+                            state=m.State.FAILED,
                             reason="agent_error",
                             message=f"the agent reported state {out.state[:40]!r}",
                         )
@@ -476,5 +482,7 @@ async def _drive(
             return _ended(handle, t0, state=m.stopped_state(reason), reason=reason, message=message)
         outcome = msgspec.structs.replace(outcome, state=m.stopped_state(reason), reason=reason, message=message)
     if outcome is None:  # cannot happen: pump returns None only once the task was told to stop
-        return _ended(handle, t0, state="failed", reason="sandbox_failed", message="the agent ended without a result")
+        return _ended(
+            handle, t0, state=m.State.FAILED, reason="sandbox_failed", message="the agent ended without a result"
+        )
     return outcome

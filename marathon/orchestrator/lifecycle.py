@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from marathon.errors import IllegalTransition
+from marathon.protocol.messages import State
 
-
-class State(StrEnum):
-    QUEUED = "queued"
-    SCHEDULED = "scheduled"
-    STARTING = "starting"
-    RUNNING = "running"
-    NEEDS_INPUT = "needs_input"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-
+__all__ = ["ACTIVE", "TERMINAL", "State", "is_terminal", "transition"]
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT})
 ACTIVE = frozenset({State.SCHEDULED, State.STARTING, State.RUNNING})

@@ -128,38 +128,23 @@ class TaskService:
         req = rec.request
         memory = await self.store.get_artifact(rec.id, "memory") if rec.iterations else None
         bundle = await self.store.get_artifact(rec.id, "bundle") if rec.iterations else None
+        owner = await self.store.get_user(rec.owner)
         spec = m.TaskSpec(
             task_id=rec.id,
-            prompt=req.prompt,
-            repo=req.repo,
-            branch=req.branch,
+            request=req,
+            attempt=rec.attempt,
             model=req.model or self.config.model or None,
             max_turns=req.max_turns or self.config.max_turns,
             timeout_s=req.timeout or self.config.timeout,
-            attempt=rec.attempt,
-            max_tokens=req.max_tokens,
-            max_cost=req.max_cost,
+            verify_timeout=req.verify_timeout or 600.0,
             prices=self.prices,
             price_fallback=self.config.price_fallback,
-            base=req.base,
-            branch_name=req.branch_name,
-            pr=req.pr,
-            pr_title=req.pr_title,
-            keep_workspace=req.keep_workspace,
-            max_iterations=req.max_iterations,
-            promise=req.promise,
-            verify=req.verify,
-            verify_timeout=req.verify_timeout or 600.0,
             iterations_done=rec.iterations,
             reply=rec.reply,
             memory=memory.decode(errors="replace") if memory else None,
             resume=bundle is not None,
-            memory_limit=req.memory_limit if isinstance(req.memory_limit, int) else None,
-            cpu_limit=req.cpu_limit,
-            disk_limit=req.disk_limit if isinstance(req.disk_limit, int) else None,
+            trusted_repo=bool(owner and owner.admin),
         )
-        owner = await self.store.get_user(rec.owner)
-        spec = msgspec.structs.replace(spec, trusted_repo=bool(owner and owner.admin))
         blobs = []
         if bundle is not None:
             for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):

@@ -10,9 +10,11 @@ needs a PROTOCOL_VERSION bump.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: TaskSpec carries the TaskRequest whole
 
 
 class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=False):
@@ -20,6 +22,20 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=
 
 
 # --------------------------------------------------------------------------- data
+
+
+class State(StrEnum):
+    """A task's state: the orchestrator's state machine (lifecycle.py) and what a node reports."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    STARTING = "starting"
+    RUNNING = "running"
+    NEEDS_INPUT = "needs_input"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -70,46 +86,63 @@ class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.cache_read if self.cache_read is not None else self.input * 0.1
 
 
-class TaskSpec(msgspec.Struct, frozen=True):
-    """What a node needs to run one task.  Identity (tokens) travels here, never in images."""
+class TaskRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a user asks for (POST /v1/tasks), as they asked it; the node gets it whole inside
+    its TaskSpec.  The API decodes the strict twin (marathon.store.models.TaskRequest), which
+    refuses unknown fields; on the wire an unknown field is ignored (a newer orchestrator)."""
 
-    task_id: str
     prompt: str
     repo: str | None = None
     branch: str | None = None
     model: str | None = None
-    max_turns: int = 30
-    timeout_s: float = 3600.0
-    attempt: int = 1
-    max_tokens: int | None = None
-    max_cost: float | None = None
-    prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
-    price_fallback: Price | None = None
-    # repository and work out
-    base: str | None = None  # PR base (default: the branch the work started from)
-    branch_name: str | None = None  # work branch (default marathon/<short id>)
+    max_turns: int | None = None
+    timeout: float | None = None  # seconds, wall clock for the whole task
+    max_tokens: int | None = None  # budget: all tokens of all API requests
+    max_cost: float | None = None  # budget: USD
+    base: str | None = None  # pull request base (default: the branch the work started from)
+    branch_name: str | None = None  # work branch (default marathon/<short task id>)
     pr: bool = False
     pr_title: str | None = None
     keep_workspace: bool = False
-    # the loop
     max_iterations: int = 1
     promise: str | None = None
     verify: str | None = None
+    verify_timeout: float | None = None
+    # resource limits (default: the node's); sizes as bytes or "4GiB", stored as bytes
+    memory_limit: int | str | None = None
+    cpu_limit: float | None = None
+    disk_limit: int | str | None = None
+
+    def size(self, name: str) -> int | None:
+        """memory_limit or disk_limit in bytes (the API stores sizes as bytes), else None."""
+        v = getattr(self, name)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node needs to run one task: the request whole, and what the orchestrator resolved
+    or keeps (defaults, prices, the loop's progress).  Identity (tokens) travels here, never in images."""
+
+    task_id: str
+    request: TaskRequest
+    attempt: int = 1
+    # the request's value, else the orchestrator's default
+    model: str | None = None
+    max_turns: int = 30
+    timeout_s: float = 3600.0
     verify_timeout: float = 600.0
+    prices: dict[str, Price] = {}  # the orchestrator's table, so node budgets and the ledger agree
+    price_fallback: Price | None = None
     # resuming after needs_input: iterations already run, the user's answer, the notes kept
     iterations_done: int = 0
     reply: str | None = None
     memory: str | None = None
     resume: bool = False  # the task's last result bundle comes with the assignment
-    # resource limits asked for (None: the node's defaults); the node caps them at its maxima
-    memory_limit: int | None = None  # bytes
-    cpu_limit: float | None = None  # cores
-    disk_limit: int | None = None  # bytes: workspace + HOME + TMPDIR
     trusted_repo: bool = False  # submitted by an administrator: local paths and private hosts allowed
 
     @property
     def work_branch(self) -> str:
-        return self.branch_name or f"marathon/{self.task_id[:8]}"
+        return self.request.branch_name or f"marathon/{self.task_id[:8]}"
 
 
 class Capacity(msgspec.Struct, frozen=True):
@@ -128,7 +161,7 @@ class Capacity(msgspec.Struct, frozen=True):
 class TaskOutcome(msgspec.Struct, frozen=True):
     """The end of one task as the agent/node saw it."""
 
-    state: str  # succeeded | failed | cancelled | timed_out | needs_input
+    state: str  # a TERMINAL_OUTCOMES State (a str on the wire: an unknown one is refused by the orchestrator, not the decoder)
     reason: str | None = None
     message: str | None = None
     exit_code: int | None = None
@@ -217,12 +250,12 @@ Event = IterationEvent | TextEvent | ToolCallEvent | ToolResultEvent | StateEven
 # them again at once, without counting the attempt
 NODE_SHUTDOWN = "node_shutdown"
 # how a task that was told to stop ends, by the reason it was stopped
-STOP_STATES = {"timeout": "timed_out", "budget_exhausted": "failed", "node_lost": "failed"}
+STOP_STATES = {"timeout": State.TIMED_OUT, "budget_exhausted": State.FAILED, "node_lost": State.FAILED}
 BLOB_CHUNK = 1024 * 1024
 
 
 def stopped_state(reason: str) -> str:
-    return STOP_STATES.get(reason, "cancelled")
+    return STOP_STATES.get(reason, State.CANCELLED)
 
 
 # --------------------------------------------------------------------------- common
@@ -455,4 +488,4 @@ AgentMessage = (
     | TunnelClose
 )
 
-TERMINAL_OUTCOMES = ("succeeded", "failed", "cancelled", "timed_out", "needs_input")
+TERMINAL_OUTCOMES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.NEEDS_INPUT)

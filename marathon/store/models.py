@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
+from marathon.protocol import messages as m
 from marathon.protocol.messages import Usage
 
 
-class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a user submits (POST /v1/tasks).  Validated at the API boundary."""
-
-    prompt: str
-    repo: str | None = None
-    branch: str | None = None
-    model: str | None = None
-    max_turns: int | None = None
-    timeout: float | None = None  # seconds, wall clock for the whole task
-    max_tokens: int | None = None  # budget: all tokens of all API requests
-    max_cost: float | None = None  # budget: USD
-    base: str | None = None  # pull request base (default: the branch the work started from)
-    branch_name: str | None = None  # work branch (default marathon/<short task id>)
-    pr: bool = False
-    pr_title: str | None = None
-    keep_workspace: bool = False
-    max_iterations: int = 1
-    promise: str | None = None
-    verify: str | None = None
-    verify_timeout: float | None = None
-    # resource limits (default: the node's); sizes as bytes or "4GiB", stored as bytes
-    memory_limit: int | str | None = None
-    cpu_limit: float | None = None
-    disk_limit: int | str | None = None
+class TaskRequest(m.TaskRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields.
+    Validated at the API boundary."""
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
