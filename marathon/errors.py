@@ -103,31 +103,14 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
     return e
 
 
-def collapse(group: BaseExceptionGroup) -> BaseException:
-    """The single real exception inside a nursery's ExceptionGroup, or the group itself."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group
+def leaves(e: BaseException) -> list[BaseException]:
+    """Every exception that is not a group inside ``e`` (``e`` itself when it is not one)."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in leaves(sub)]
+    return [e]
 
 
-class single_errors:
-    """``with single_errors(): async with trio.open_nursery() ...`` re-raises a lone
-    exception from the nursery as itself, so ordinary ``except`` clauses catch it."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb):
-        if isinstance(exc, BaseExceptionGroup):
-            leaf = collapse(exc)
-            if leaf is not exc:
-                raise leaf
-        return False
+def describe(e: BaseException) -> str:
+    """What went wrong, each error once: for a message, when ``except*`` caught a group."""
+    seen = dict.fromkeys(str(leaf) or type(leaf).__name__ for leaf in leaves(e))
+    return "; ".join(seen)

@@ -17,7 +17,7 @@ import trio
 
 from marathon.agent.files import create_private
 from marathon.agent.stream import StreamParser
-from marathon.errors import SandboxError, single_errors
+from marathon.errors import SandboxError
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
@@ -263,15 +263,14 @@ async def run_claude(
         kill(signal.SIGKILL)
 
     try:
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_cancel)
-                async with trio.open_nursery() as io:
-                    io.start_soon(write_prompt)
-                    io.start_soon(read_stdout)
-                    io.start_soon(read_stderr)
-                run.exit_code = await proc.wait()
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_cancel)
+            async with trio.open_nursery() as io:
+                io.start_soon(write_prompt)
+                io.start_soon(read_stdout)
+                io.start_soon(read_stderr)
+            run.exit_code = await proc.wait()
+            nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             kill()  # also whatever Claude Code left behind in its process group

@@ -16,7 +16,7 @@ from marathon import __version__
 from marathon.agent.task import Cancellation, execute
 from marathon.config import Config
 from marathon.logs import log_context
-from marathon.errors import ConnectionClosed, ProtocolError, single_errors
+from marathon.errors import ConnectionClosed, ProtocolError, describe, leaves
 from marathon.protocol.framing import FramedStream
 from marathon.protocol.blobs import BlobWriter, send_file
 from marathon.protocol import messages as m
@@ -47,11 +47,11 @@ async def serve_agent(config: Config, listen: str, *, once: bool = True, task_st
     async with listener:
         while True:
             stream = await listener.accept()
+            ran = False
             try:
                 ran = await handle_node(config, stream)
-            except (ProtocolError, ConnectionClosed, trio.TooSlowError) as exc:
-                log.warning("agent: node connection ended: %s", exc)
-                ran = False
+            except* (ProtocolError, ConnectionClosed, trio.TooSlowError) as group:
+                log.warning("agent: node connection ended: %s", describe(group))
             if ran and once:
                 return
 
@@ -70,8 +70,8 @@ async def handle_node(config: Config, stream: trio.abc.Stream) -> bool:
         with log_context(task_id=start.task.task_id):
             await run_task(config, fs, start)
         return True
-    except ProtocolError as exc:
-        await fs.send_error(exc.code, str(exc))
+    except* ProtocolError as group:
+        await fs.send_error(getattr(leaves(group)[0], "code", ProtocolError.code), describe(group))
         raise
     finally:
         await fs.aclose()
@@ -195,23 +195,22 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
     async def emit(events: list[m.Event]) -> None:
         await fs.send_many([m.AgentEvent(event=ev) for ev in events])
 
-    with single_errors():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_node, nursery.cancel_scope)
-            tunnel = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-            port = tunnel.socket.getsockname()[1]
-            await nursery.start(serve_tunnel, tunnel)
-            with trio.move_on_after(config.connect_timeout * 10):
-                await repo_ready.wait()
-            if not received.done:
-                outcome = m.TaskOutcome(
-                    state=m.State.FAILED, reason="sandbox_failed", message="the repository bundle did not arrive"
-                )
-            else:
-                outcome = await execute(
-                    config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel, bundle, result_bundle
-                )
-            if outcome.has_bundle:
-                await send_file(fs, "result", result_bundle)
-            await fs.send(m.AgentResult(outcome=outcome))
-            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_node, nursery.cancel_scope)
+        tunnel = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = tunnel.socket.getsockname()[1]
+        await nursery.start(serve_tunnel, tunnel)
+        with trio.move_on_after(config.connect_timeout * 10):
+            await repo_ready.wait()
+        if not received.done:
+            outcome = m.TaskOutcome(
+                state=m.State.FAILED, reason="sandbox_failed", message="the repository bundle did not arrive"
+            )
+        else:
+            outcome = await execute(
+                config, start, f"http://127.0.0.1:{port}{start.api_base_path}", emit, cancel, bundle, result_bundle
+            )
+        if outcome.has_bundle:
+            await send_file(fs, "result", result_bundle)
+        await fs.send(m.AgentResult(outcome=outcome))
+        nursery.cancel_scope.cancel()

@@ -30,7 +30,7 @@ from marathon.agent.runner import (
     run_git_text,
     run_git_to_file,
 )
-from marathon.errors import MarathonError
+from marathon.errors import MarathonError, leaves
 from marathon.protocol import messages as m
 
 log = logging.getLogger("marathon.agent")
@@ -167,9 +167,8 @@ async def execute(config, start: m.Start, api_url: str, emit: Emit, cancel: Canc
     except Exception as exc:  # a bug here must not lose the work or the reason
         log.exception("agent: task failed")
         tb = traceback.format_exc(limit=4)
-        verdict = loop.Verdict(
-            "end", "failed", "agent_error", f"agent error: {type(exc).__name__}: {exc}\n{tb[-1500:]}"
-        )
+        what = "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc))
+        verdict = loop.Verdict("end", m.State.FAILED, "agent_error", f"agent error: {what}\n{tb[-1500:]}")
     return await _outcome(start, user, verdict, p, result_bundle, t0)
 
 

@@ -28,7 +28,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config, state_value
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError, describe
 from marathon.logs import log_context
 from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
@@ -162,12 +162,12 @@ class NodeService:
             try:
                 await self._session()
                 backoff = BACKOFF_MIN
-            except AuthError as exc:
-                log.error("orchestrator refused this node: %s", exc)
+            except* AuthError as group:
+                log.error("orchestrator refused this node: %s", describe(group))
                 backoff = BACKOFF_REFUSED
-            except (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as exc:
+            except* (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as group:
                 if self.connected.is_set() or backoff >= 2:
-                    log.warning("orchestrator link at %s: %s", self.config.orchestrator, exc)
+                    log.warning("orchestrator link at %s: %s", self.config.orchestrator, describe(group))
             finally:
                 self._link = None
                 self.connected = trio.Event()
@@ -243,12 +243,11 @@ class NodeService:
             log.info("connected to the orchestrator at %s as %s", self.config.orchestrator, self.node_id)
             self._link = fs
             self.connected.set()
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat, fs, welcome.heartbeat_interval)
-                    nursery.start_soon(self._sender, fs)
-                    await self._receiver(fs)
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, fs, welcome.heartbeat_interval)
+                nursery.start_soon(self._sender, fs)
+                await self._receiver(fs)
+                nursery.cancel_scope.cancel()
         finally:
             await fs.aclose()
 

@@ -26,7 +26,8 @@ from marathon.errors import (
     RepoError,
     SandboxError,
     VersionMismatch,
-    single_errors,
+    describe,
+    leaves,
 )
 from marathon.node.git import MirrorCache
 from marathon.node.pool import WarmPool
@@ -127,6 +128,7 @@ async def supervise(
     result_bundle = os.path.join(root, "result.bundle")
     sandbox: Sandbox | None = None
     keep = False
+    failed: m.TaskOutcome | None = None
     try:
         for d in (os.path.dirname(root), root):  # traversable by the sandbox user (plain fallback), not listable
             os.makedirs(d, mode=0o711, exist_ok=True)
@@ -184,12 +186,11 @@ async def supervise(
             return prep
 
         try:
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(start_sandbox)
-                    prepared = await prepare_repo()
-                    if isinstance(prepared, m.TaskOutcome):
-                        nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start_sandbox)
+                prepared = await prepare_repo()
+                if isinstance(prepared, m.TaskOutcome):
+                    nursery.cancel_scope.cancel()
         finally:
             sandbox = started.get("sandbox")
         if isinstance(prepared, m.TaskOutcome):
@@ -210,26 +211,28 @@ async def supervise(
         try:
             outcome = await _drive(handle, fs, sandbox, proxy, emit, deadline, t0, prep, result_bundle,
                                    config.max_artifact, watch)  # fmt: skip
-        except SandboxError as exc:
+        except* SandboxError as group:
             watch.check()
             if not watch.oom_kills:
                 raise
             outcome = _ended(handle, t0, state=m.State.FAILED, reason="memory_exhausted",
-                             message=f"the agent was killed for exceeding the memory limit: {exc}")  # fmt: skip
+                             message=f"the agent was killed for exceeding the memory limit: {describe(group)}")  # fmt: skip
         outcome = watch.explain(outcome)
         if spec.request.keep_workspace and sandbox.host_workspace:
             keep = await _keep_workspace(sandbox.host_workspace, os.path.join(root, "workspace"))
         await sandbox.destroy()
-        outcome = await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
-        return outcome
-    except (SandboxError, ProtocolError, ConnectionClosed) as exc:
-        log.warning("task %s: sandbox failed: %s", spec.task_id, exc)
-        return _ended(handle, t0, state=m.State.FAILED, reason="sandbox_failed", message=str(exc))
-    except MarathonError as exc:
-        return _ended(handle, t0, state=m.State.FAILED, reason=exc.code, message=str(exc))
-    except Exception as exc:  # a bug or a surprise fails this task, never the node
-        log.exception("task %s: node error", spec.task_id)
-        return _ended(handle, t0, state=m.State.FAILED, reason="node_error", message=f"{type(exc).__name__}: {exc}")
+        return await _hand_over(handle, outcome, prep, result_bundle, config, upload, emit)
+    # every error the task met is handled; the first clause that matches says how the task ends
+    except* (SandboxError, ProtocolError, ConnectionClosed) as group:
+        log.warning("task %s: sandbox failed: %s", spec.task_id, describe(group))
+        failed = failed or _ended(handle, t0, state=m.State.FAILED, reason="sandbox_failed", message=describe(group))
+    except* MarathonError as group:
+        code = getattr(leaves(group)[0], "code", "node_error")
+        failed = failed or _ended(handle, t0, state=m.State.FAILED, reason=code, message=describe(group))
+    except* Exception as group:  # a bug or a surprise fails this task, never the node
+        log.error("task %s: node error", spec.task_id, exc_info=group)
+        message = "; ".join(f"{type(e).__name__}: {e}" for e in leaves(group))
+        failed = failed or _ended(handle, t0, state=m.State.FAILED, reason="node_error", message=message)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             if sandbox is not None:
@@ -238,6 +241,8 @@ async def supervise(
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
             else:
                 log.info("task %s: workspace kept at %s", spec.task_id, os.path.join(root, "workspace"))
+    assert failed is not None  # the try returns, or an except* clause said how the task failed
+    return failed
 
 
 async def _keep_workspace(src: str, dst: str) -> bool:
@@ -462,12 +467,11 @@ async def _drive(
                 **sandbox.start_fields,
             )
         )
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stopper)
-                nursery.start_soon(watch.run)
-                nursery.start_soon(send_file, fs, "repo", prep.bundle)
-                outcome = await pump(nursery)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stopper)
+            nursery.start_soon(watch.run)
+            nursery.start_soon(send_file, fs, "repo", prep.bundle)
+            outcome = await pump(nursery)
     finally:
         await fs.aclose()
     if outcome is not None and outcome.has_bundle and not result.done:

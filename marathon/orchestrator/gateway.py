@@ -12,7 +12,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError, single_errors
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError, describe, leaves
 from marathon.logs import log_context
 from marathon.orchestrator.ingest import Ingest
 from marathon.orchestrator.lifecycle import State
@@ -61,24 +61,25 @@ class Gateway:
         session: NodeSession | None = None
         try:
             session = await self._handshake(fs, peer)
-            with log_context(node_id=session.node_id), single_errors():
+            with log_context(node_id=session.node_id):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.write_queued)
                     await self._loop(fs, session)
-        except AuthError as exc:
-            log.warning("node from %s refused: %s", peer, exc)
-            await fs.send_error(AuthError.code, str(exc))
-        except ProtocolError as exc:
-            log.warning("closing node connection from %s: %s", peer, exc)
-            await fs.send_error(exc.code, str(exc))
-        except ConnectionClosed as exc:
-            log.info("node connection from %s closed: %s", peer, exc)
-        except trio.TooSlowError:
+        # every error is handled, whichever task of the connection raised it (the first is told to the node)
+        except* AuthError as group:
+            log.warning("node from %s refused: %s", peer, describe(group))
+            await fs.send_error(AuthError.code, describe(group))
+        except* ProtocolError as group:
+            log.warning("closing node connection from %s: %s", peer, describe(group))
+            await fs.send_error(getattr(leaves(group)[0], "code", ProtocolError.code), describe(group))
+        except* ConnectionClosed as group:
+            log.info("node connection from %s closed: %s", peer, describe(group))
+        except* trio.TooSlowError:
             log.warning("node connection from %s timed out", peer)
             await fs.send_error("timeout", "no heartbeat within node_timeout")
-        except Exception as exc:  # a store error or a bug ends this node's connection, not the orchestrator
-            log.exception("node connection from %s failed", peer)
-            await fs.send_error("internal", f"orchestrator error: {type(exc).__name__}")
+        except* Exception as group:  # a store error or a bug ends this node's connection, not the orchestrator
+            log.error("node connection from %s failed", peer, exc_info=group)
+            await fs.send_error("internal", f"orchestrator error: {type(leaves(group)[0]).__name__}")
         finally:
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
