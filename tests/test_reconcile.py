@@ -8,7 +8,7 @@ import trio
 
 from marathon.config import Config
 from marathon.node.service import BACKOFF_MAX, BACKOFF_MIN, BACKOFF_REFUSED, NodeService, jittered, next_backoff
-from marathon.errors import AuthError
+from marathon.errors import AuthError, ConnectionClosed
 from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.reconcile import (
     ActiveTask,
@@ -206,3 +206,28 @@ async def test_the_node_redials_with_backoff_on_trios_clock(autojump_clock):
     assert gaps[:8] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]  # doubling, capped
     assert gaps[8:10] == [0.1, 0.2]  # the ninth dial connected (then the link dropped): it starts over
     assert gaps[10] == BACKOFF_REFUSED  # refused by the orchestrator: the long delay
+
+
+async def test_the_node_redials_when_a_link_fails_in_two_ways_at_once(autojump_clock):
+    """Sender and receiver both see the link break: a group of two errors is still a broken
+    link (the node dials again), and a refusal inside a group is still a refusal."""
+    svc = NodeService.__new__(NodeService)
+    svc.config = CFG
+    svc.connected = trio.Event()
+    svc._link = None
+    svc._random = lambda: 0.5
+    dials: list[float] = []
+    both = ExceptionGroup("link", [ConnectionClosed("peer closed"), OSError("broken pipe")])
+    refused = ExceptionGroup("link", [AuthError("wrong secret"), ConnectionClosed("peer closed")])
+    outcomes = iter([both, both, refused, both])
+
+    async def session() -> None:
+        dials.append(trio.current_time())
+        raise next(outcomes, OSError("connection refused"))
+
+    svc._session = session  # type: ignore[method-assign]
+    with trio.move_on_after(120):
+        await svc._connection_loop()
+    gaps = [round(b - a, 6) for a, b in zip(dials, dials[1:], strict=False)]
+    assert gaps[:3] == [0.1, 0.2, BACKOFF_REFUSED]
+    assert len(dials) > 4  # it went on dialling
