@@ -25,6 +25,13 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         await ctx.set_drain(session.node_id, draining)
         return json_response(session.public())
 
+    @bp.get("/v1/cluster")
+    async def cluster():
+        """The orchestrator replicas (which one leads) and the nodes with the replica holding each."""
+        await administrator(ctx, "see the cluster")
+        assert ctx.cluster is not None
+        return json_response(await ctx.cluster.describe())
+
     @bp.post("/v1/nodes/<node>/drain")
     async def drain(node: str):
         """The node takes no new tasks; what runs there runs to its end."""

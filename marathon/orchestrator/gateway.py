@@ -6,19 +6,20 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import assert_never
 
 import trio
 
 from marathon import __version__
 from marathon.config import Config
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError, describe, leaves
+from marathon.errors import AuthError, ConnectionClosed, ProtocolError, StoreError, describe, leaves
 from marathon.logs import log_context
 from marathon.orchestrator.ingest import Ingest
-from marathon.orchestrator.lifecycle import State
+from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.reconcile import Adopt, Fail, Keep, NodeAction, Requeue, SendCancel, reconcile_node
-from marathon.orchestrator.tasks import SCHED_TOPIC, TaskService, active_task
+from marathon.orchestrator.tasks import CANCEL_TOPIC, SCHED_TOPIC, TaskService, active_task
 from marathon.protocol import messages as m
 from marathon.protocol.auth import orchestrator_mac, verify_node_mac
 from marathon.protocol.framing import FramedStream
@@ -43,6 +44,7 @@ class Gateway:
         self.config, self.tasks, self.nodes, self.secret = config, tasks, nodes, secret
         self.ingest = Ingest(tasks)
         self.cancel_deadlines: dict[str, float] = {}  # task id -> when a cancel is taken as done (trio clock)
+        self.nodes_changed: Callable[[], None] = lambda: None  # a node came, went, or its capacity changed
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         tls = None
@@ -53,7 +55,27 @@ class Gateway:
         log.info("node gateway listening on %s", ", ".join(addrs))
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self.handle, listeners)
+            await nursery.start(self._stop_what_ended_elsewhere)
             task_status.started(addrs)
+
+    async def _stop_what_ended_elsewhere(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Another replica cancelled (or otherwise ended) a task that runs on a node connected
+        here: tell the node to stop that attempt.  Woken by CANCEL_TOPIC; looks at the store."""
+        async with self.tasks.bus.watch(CANCEL_TOPIC) as watch:
+            task_status.started()
+            while True:
+                watch.arm()
+                for session in self.nodes.connected():
+                    for task_id in list(session.assigned):
+                        try:
+                            rec = await self.tasks.store.get_task(task_id)
+                        except StoreError:
+                            break
+                        if rec is None or rec.state in TERMINAL or rec.node_id != session.node_id:
+                            session.assigned.pop(task_id, None)
+                            attempt = rec.attempt if rec is not None else 0
+                            await session.send(m.Cancel(task_id=task_id, attempt=attempt, reason="cancelled"))
+                await watch.wait()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
@@ -83,6 +105,7 @@ class Gateway:
         finally:
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
+                self.nodes_changed()
                 log.warning(
                     "node %s (%s) disconnected; its tasks wait %.0fs for it",
                     session.name,
@@ -108,6 +131,7 @@ class Gateway:
             raise AuthError(f"node {auth.name!r} ({auth.node_id}) presented a wrong node secret")
         session = NodeSession(auth.node_id, auth.name, fs, auth.capacity, peer=peer)
         old = self.nodes.attach(session)
+        self.nodes_changed()
         if old is not None and old.stream is not None and old.stream is not fs:
             await old.stream.aclose()
         await fs.send(
@@ -206,6 +230,7 @@ class Gateway:
                 session.capacity = msg.capacity
                 await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
                 if session.view() != before:  # a slot freed, a sandbox warmed, a drain began or ended
+                    self.nodes_changed()
                     if session.draining != before.draining:
                         log.info("node %s %s", session.name, "drains" if session.draining else "takes tasks again")
                     await self.tasks.bus.notify(SCHED_TOPIC)

@@ -24,8 +24,10 @@ from marathon.errors import (
     NotFound,
     RateLimited,
     StoreError,
+    Unavailable,
 )
 from marathon.orchestrator.auth import Accounts, Principal
+from marathon.orchestrator.cluster import Cluster
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.tasks import TaskService
 
@@ -41,6 +43,7 @@ STATUS: dict[type[MarathonError], int] = {
     Conflict: 409,
     RateLimited: 429,
     StoreError: 503,
+    Unavailable: 503,
 }
 
 
@@ -62,6 +65,7 @@ class ApiContext:
     # /readyz: name -> check that raises when that part is not ready (the store is always checked)
     ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     ready_timeout: float = 5.0
+    cluster: Cluster | None = None  # this replica among the others (/v1/cluster)
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:

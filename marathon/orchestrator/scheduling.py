@@ -12,6 +12,7 @@ import trio
 
 from marathon.config import Config
 from marathon.errors import StoreError
+from marathon.orchestrator.cluster import Cluster
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.nodes import NodeRegistry
@@ -28,8 +29,11 @@ PERIOD = 5.0  # look again at least this often, whatever was (or was not) announ
 class Scheduler:
     """Assigns queued tasks and enforces deadlines (acks, lost nodes, cancels, timeouts)."""
 
-    def __init__(self, config: Config, tasks: TaskService, nodes: NodeRegistry, gateway: Gateway):
+    def __init__(
+        self, config: Config, tasks: TaskService, nodes: NodeRegistry, gateway: Gateway, cluster: Cluster | None = None
+    ):
         self.config, self.tasks, self.nodes, self.gateway = config, tasks, nodes, gateway
+        self.cluster = cluster
         self.started = trio.current_time()
         self.running_since: dict[str, float] = {}  # task id -> when it was first seen running (trio clock)
 
@@ -102,9 +106,14 @@ class Scheduler:
             facts.append(active_task(rec, since))
         for task_id in set(self.running_since) - {r.id for r in active if r.state == State.RUNNING}:
             del self.running_since[task_id]
+        sessions = (
+            self.cluster.session_facts(now, {r.node_id for r in active if r.node_id})
+            if self.cluster is not None
+            else self.nodes.facts()
+        )
         decided = reconcile(
             facts,
-            self.nodes.facts(),
+            sessions,
             now,
             self.config,
             started=self.started,
@@ -114,11 +123,23 @@ class Scheduler:
             await self._execute(action, by_id)
         return decided
 
+    async def _may_give_back(self, rec: TaskRecord) -> bool:
+        """A lost node's task is given back once a fresh read of the registry confirms the node
+        is connected nowhere (the watch may lag; this replica may have been stopped a while):
+        by the replica it was last connected to, or by the leader for a node no replica has."""
+        assert self.cluster is not None
+        if not rec.node_id or not await self.cluster.node_is_nowhere(rec.node_id):
+            return False
+        return self.nodes.get(rec.node_id) is not None or self.cluster.leading
+
     async def _execute(self, action: Deadline, by_id: dict[str, TaskRecord]) -> None:
         match action:
             case Requeue() | Fail():
+                rec = by_id[action.task_id]
+                if action.reason == "node_lost" and self.cluster is not None and not await self._may_give_back(rec):
+                    return
                 self.nodes.forget_task(action.task_id)
-                await self.tasks.give_back(by_id[action.task_id], action)
+                await self.tasks.give_back(rec, action)
             case TimeOut():
                 session = self.nodes.get(action.node_id)
                 if session is not None:

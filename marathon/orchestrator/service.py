@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import logging
 import secrets
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import trio
 
-from marathon.bus import Bus
-from marathon.bus.memory import MemoryBus
-from marathon.bus.ratelimit import MemoryRateLimiter
+from marathon.bus import Bus, open_bus, open_rate_limiter, open_throttle
+from marathon.bus.ratelimit import MemoryRateLimiter, RateLimiter
+from marathon.bus.throttle import LoginThrottle, MemoryThrottle
 from marathon.config import Config, state_value
 from marathon.errors import ConfigError, Unavailable
 from marathon.orchestrator.api import create_app
+from marathon.orchestrator.cluster import Cluster, new_replica_id
 from marathon.orchestrator.auth import Accounts, LoginLimits
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.http import ApiContext
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.scheduling import Scheduler
 from marathon.orchestrator.tasks import TaskService
+from marathon.registry import Registry, open_registry
 from marathon.store import Store, open_store
 
 log = logging.getLogger("marathon.orchestrator")
@@ -60,73 +63,101 @@ async def serve_orchestrator(
     bus: Bus | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """One orchestrator replica: the store, bus, limits and registry its configuration names
+    (embedded ones by default), then the API, the node gateway, its place in the cluster and
+    the scheduler."""
+    async with AsyncExitStack() as stack:
+        if store is None:
+            store = await open_store(config.store, config.data_dir, config=config)
+            stack.push_async_callback(store.close)
+        if bus is None:  # in-process, or Redis when redis_url is set (several replicas)
+            bus = await stack.enter_async_context(open_bus(config))
+        if config.redis_url:
+            limiter: RateLimiter = await stack.enter_async_context(open_rate_limiter(config))
+            throttle: LoginThrottle = await stack.enter_async_context(open_throttle(config))
+        else:  # on trio's clock, so tests can use a virtual one
+            limiter, throttle = MemoryRateLimiter(clock=trio.current_time), MemoryThrottle(clock=trio.current_time)
+        registry = await stack.enter_async_context(open_registry(config))  # etcd when etcd_endpoints is set
+        await _serve(config, store, bus, limiter, throttle, registry, task_status)
+
+
+async def _serve(
+    config: Config,
+    store: Store,
+    bus: Bus,
+    limiter: RateLimiter,
+    throttle: LoginThrottle,
+    registry: Registry,
+    task_status,
+) -> None:
     from hypercorn.config import Config as HyperConfig
     from hypercorn.trio import serve as hyper_serve
 
-    own_store = store is None
-    store = store or await open_store(config.store, config.data_dir, config=config)
-    bus = bus or MemoryBus()
-    try:
-        secret = load_node_secret(config)
-        tasks = TaskService(store, bus, config)
-        nodes = NodeRegistry()
-        gateway = Gateway(config, tasks, nodes, secret)
-        scheduler = Scheduler(config, tasks, nodes, gateway)
-        accounts = Accounts(
-            store,
-            session_ttl=config.session_ttl,
-            allow_registration=config.allow_registration,
-            limits=LoginLimits.from_config(config),
-        )
-        gateway_addrs: list[str] = []
+    secret = load_node_secret(config)
+    tasks = TaskService(store, bus, config)
+    nodes = NodeRegistry()
+    gateway = Gateway(config, tasks, nodes, secret)
+    cluster = Cluster(registry, nodes, new_replica_id(), lease_ttl=config.lease_ttl)
+    gateway.nodes_changed = cluster.nodes_changed
+    scheduler = Scheduler(config, tasks, nodes, gateway, cluster)
+    accounts = Accounts(
+        store,
+        session_ttl=config.session_ttl,
+        allow_registration=config.allow_registration,
+        throttle=throttle,
+        limits=LoginLimits.from_config(config),
+    )
+    gateway_addrs: list[str] = []
 
-        async def gateway_listening() -> None:
-            if not gateway_addrs:
-                raise Unavailable("the node gateway is not listening yet")
+    async def leader_known() -> None:
+        if await registry.leader("scheduler") is None:
+            raise Unavailable("no replica leads the cluster yet")
 
-        ctx = ApiContext(
-            tasks,
-            nodes,
-            bus,
-            gateway.send_cancel,
-            accounts,
-            MemoryRateLimiter(clock=trio.current_time),
-            set_drain=gateway.set_drain,
-            submit_rate=config.submit_rate,
-            submit_burst=config.submit_burst,
-            ready_checks={"gateway": gateway_listening},
-        )
-        app = create_app(ctx)
+    async def gateway_listening() -> None:
+        if not gateway_addrs:
+            raise Unavailable("the node gateway is not listening yet")
 
-        hc = HyperConfig()
-        listen = config.http_listen
-        if listen.startswith("tcp:"):
-            listen = listen[4:]
-        elif not listen.startswith("unix:"):
-            raise ConfigError(f"http_listen must be tcp:HOST:PORT or unix:/path, not {listen!r}")
-        hc.bind = [listen]
-        hc.accesslog = None
-        hc.errorlog = logging.getLogger("hypercorn.error")
-        hc.graceful_timeout = GRACEFUL_TIMEOUT
-        hc.keep_alive_timeout = 75.0
+    ctx = ApiContext(
+        tasks,
+        nodes,
+        bus,
+        gateway.send_cancel,
+        accounts,
+        limiter,
+        set_drain=gateway.set_drain,
+        submit_rate=config.submit_rate,
+        submit_burst=config.submit_burst,
+        ready_checks={"gateway": gateway_listening, "leader": leader_known},
+        cluster=cluster,
+    )
+    app = create_app(ctx)
 
-        async def serve_http(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                await hyper_serve(app, hc, shutdown_trigger=ctx.stopping.wait, task_status=task_status)
-            finally:
-                http_done.set()
+    hc = HyperConfig()
+    listen = config.http_listen
+    if listen.startswith("tcp:"):
+        listen = listen[4:]
+    elif not listen.startswith("unix:"):
+        raise ConfigError(f"http_listen must be tcp:HOST:PORT or unix:/path, not {listen!r}")
+    hc.bind = [listen]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = GRACEFUL_TIMEOUT
+    hc.keep_alive_timeout = 75.0
 
-        http_done = trio.Event()
-        async with trio.open_nursery() as nursery:
-            gw_addrs = await nursery.start(gateway.serve)
-            gateway_addrs[:] = gw_addrs
-            binds = await nursery.start(serve_http)
-            await nursery.start(scheduler.run)
-            url = binds[0] if binds else ""
-            log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
-            task_status.started(
-                OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts, ctx.stopping, http_done)
-            )
-    finally:
-        if own_store:
-            await store.close()
+    async def serve_http(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await hyper_serve(app, hc, shutdown_trigger=ctx.stopping.wait, task_status=task_status)
+        finally:
+            http_done.set()
+
+    http_done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        gw_addrs = await nursery.start(gateway.serve)
+        gateway_addrs[:] = gw_addrs
+        binds = await nursery.start(serve_http)
+        url = binds[0] if binds else ""
+        await nursery.start(cluster.run, url, gw_addrs[0])
+        nursery.start_soon(cluster.lead, config.leader_ttl)
+        await nursery.start(scheduler.run)
+        log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
+        task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts, ctx.stopping, http_done))

@@ -30,6 +30,7 @@ log = logging.getLogger("marathon.orchestrator")
 _json = msgspec.json.Encoder()
 
 SCHED_TOPIC = "scheduler"
+CANCEL_TOPIC = "cancels"  # a task ended here while a node connected to another replica may run it
 MAX_PROMPT_BYTES = 1024 * 1024  # UTF-8 bytes; the prompt reaches Claude Code on stdin, never in argv
 
 
@@ -294,11 +295,13 @@ class TaskService:
             return new or await self.get(task_id)
         if await send_cancel(rec.node_id, task_id):
             return rec
+        # not connected here: ended in the store, and the replica holding the node (if any) tells it
         new = await self.move(
             task_id,
             State.CANCELLED,
             reason="cancelled",
-            message="cancelled by user (node not connected)",
+            message="cancelled by user",
             expect={state},
         )
+        await self.bus.notify(CANCEL_TOPIC)
         return new or await self.get(task_id)
