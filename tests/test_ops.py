@@ -95,7 +95,10 @@ async def test_running_orchestrator_is_ready_and_serves_the_dashboard():
         httpx.AsyncClient(base_url=mt.url, trust_env=False) as anon,
     ):
         r = await anon.get("/readyz")
-        assert r.status_code == 200 and r.json() == {"ready": True, "checks": {"store": "ok", "gateway": "ok", "leader": "ok"}}
+        assert r.status_code == 200 and r.json() == {
+            "ready": True,
+            "checks": {"store": "ok", "gateway": "ok", "leader": "ok"},
+        }
 
         r = await anon.get("/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")

@@ -22,6 +22,7 @@ wait sets the armed event, so it is not lost.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,6 +70,7 @@ class RedisBus:
         self._watchers: dict[str, int] = {}
         self.connected = False
         self.reconnects = 0  # subscriber (re)connections after the first
+        self.closing = False  # set when open_redis_bus ends: errors of the teardown are not errors
         self.published = 0
         self.dropped = 0  # notifications not published because Redis was unreachable
         self._warned = False
@@ -146,6 +148,16 @@ class RedisBus:
     async def serve_subscriber(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Receive notifications for ever; reconnect with backoff.  ``started`` once the
         first subscription is confirmed (or failed: the bus then polls until Redis is up)."""
+        try:
+            await self._subscribe(task_status)
+        except BaseException:
+            # being cancelled (the bus closes): coredis' pubsub cleanup may fail on its closing
+            # connection (anyio.ClosedResourceError); that is the end we asked for, not an error
+            if self.closing or trio.current_effective_deadline() == -math.inf:
+                return
+            raise
+
+    async def _subscribe(self, task_status) -> None:
         backoff = 0.1
         started = False
         while True:
@@ -206,4 +218,5 @@ async def open_redis_bus(
         try:
             yield bus
         finally:
+            bus.closing = True
             nursery.cancel_scope.cancel()
