@@ -188,6 +188,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     parse_key(k, "secrets_old_keys")
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+        for gw in self.gateway_list():
+            if not gw.startswith(("tcp:", "tls:", "unix:")):
+                raise ValueError(
+                    f"orchestrator must be tcp:HOST:PORT, tls:HOST:PORT or unix:/path (comma-separated), not {gw!r}"
+                )
+        if not self.gateway_list():
+            raise ValueError("orchestrator must name at least one gateway")
         for ep in self.etcd_endpoint_list():
             if not ep.startswith(("http://", "https://")):
                 raise ValueError(f"etcd_endpoints must be http(s)://host:port, not {ep!r}")
@@ -197,6 +204,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if isinstance(keys, str):
             keys = keys.split(",")
         return [k.strip() for k in keys if k.strip()]
+
+    def gateway_list(self) -> list[str]:
+        """The node's orchestrator gateways (``orchestrator = "tcp:a:8601,tcp:b:8601"``): it
+        connects to one, and to the next when that one cannot be reached."""
+        return [g.strip() for g in self.orchestrator.split(",") if g.strip()]
 
     def etcd_endpoint_list(self) -> list[str]:
         return [e.strip().rstrip("/") for e in self.etcd_endpoints.split(",") if e.strip()]

@@ -21,10 +21,8 @@ from tests.polling import until
 pytestmark = pytest.mark.slow
 
 
-@asynccontextmanager
-async def two_replicas(pg_url: str, redis_url: str, etcd_endpoint: str):
-    tmp = scratch_dir()
-    shared = dict(
+def shared_settings(pg_url: str, redis_url: str, etcd_endpoint: str) -> dict:
+    return dict(
         store=pg_url,
         redis_url=redis_url,
         etcd_endpoints=etcd_endpoint,
@@ -36,6 +34,12 @@ async def two_replicas(pg_url: str, redis_url: str, etcd_endpoint: str):
         bus_poll_interval=1.0,
         claude_bin=prepare_claude_stub(),
     )
+
+
+@asynccontextmanager
+async def two_replicas(pg_url: str, redis_url: str, etcd_endpoint: str):
+    tmp = scratch_dir()
+    shared = shared_settings(pg_url, redis_url, etcd_endpoint)
     async with (
         run_marathon(marathon_config(os.path.join(tmp, "a"), **shared), role="orchestrator") as a,
         run_marathon(marathon_config(os.path.join(tmp, "b"), **shared), role="orchestrator") as b,
@@ -113,3 +117,51 @@ async def test_a_cancel_through_one_replica_stops_the_task_on_the_others_node(pg
         assert (await a.task(task["id"]))["state"] == "cancelled"
         # the node holding it was told, through its own replica, and stops the sandbox
         await until(lambda: task["id"] not in by_id[node_id].tasks, timeout=30)
+
+
+async def in_background(nursery: trio.Nursery, cm):
+    """Enter ``cm`` in a task of its own; returns what it gives and a scope that ends it."""
+    scope = trio.CancelScope()
+
+    async def run(*, task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            async with cm as value:
+                task_status.started(value)
+                await trio.sleep_forever()
+
+    return await nursery.start(run), scope
+
+
+async def test_a_node_moves_to_the_other_replica_when_its_replica_stops(pg_url, redis_server, etcd_server):
+    """The node is given both gateways; its replica stops mid-task: the node connects to the
+    other one, replays what was not acknowledged, and the task ends once, in order, there."""
+    tmp = scratch_dir()
+    shared = shared_settings(pg_url, redis_server.url, etcd_server.endpoint)
+    async with trio.open_nursery() as nursery:
+        a, stop_a = await in_background(
+            nursery, run_marathon(marathon_config(os.path.join(tmp, "a"), **shared), role="orchestrator")
+        )
+        b, _ = await in_background(
+            nursery, run_marathon(marathon_config(os.path.join(tmp, "b"), **shared), role="orchestrator")
+        )
+        cfg = marathon_config(
+            os.path.join(tmp, "n"), **shared, orchestrator=f"{a.gateway},{b.gateway}", node_name="n", slots=2
+        )
+        os.makedirs(cfg.data_dir, mode=0o711, exist_ok=True)
+        _, node = await nursery.start(serve_role, "node", cfg)
+        with trio.fail_after(20):
+            await node.connected.wait()
+        assert node.gateway == a.gateway
+        task = await b.submit("sleep:4")
+        await b.wait_state(task["id"], {"running"})
+        stop_a.cancel()  # replica A goes away while the task runs on its node
+        with trio.fail_after(60):
+            events = await b.events(task["id"])
+        ids = [e["id"] for e in events]
+        assert ids == list(range(1, len(ids) + 1)), "every event once, in order"
+        done = await b.task(task["id"])
+        assert done["state"] == "succeeded" and done["attempt"] == 1, done
+        assert node.gateway == b.gateway and node.connected.is_set()
+        c = await cluster_of(b)
+        assert [r["leader"] for r in c["replicas"]] == [True] and c["nodes"][0]["replica"] == c["replica"]
+        nursery.cancel_scope.cancel()

@@ -187,6 +187,7 @@ async def test_the_node_redials_with_backoff_on_trios_clock(autojump_clock):
     svc.config = CFG
     svc.connected = trio.Event()
     svc._link = None
+    svc._gateway_turn = 0
     svc._random = lambda: 0.5  # no jitter: each delay is the backoff itself
     dials: list[float] = []
     outcomes = iter(["refused_by_os"] * 8 + ["ok", "refused_by_os", "auth"] + ["refused_by_os"] * 50)
@@ -215,6 +216,7 @@ async def test_the_node_redials_when_a_link_fails_in_two_ways_at_once(autojump_c
     svc.config = CFG
     svc.connected = trio.Event()
     svc._link = None
+    svc._gateway_turn = 0
     svc._random = lambda: 0.5
     dials: list[float] = []
     both = ExceptionGroup("link", [ConnectionClosed("peer closed"), OSError("broken pipe")])

@@ -102,6 +102,7 @@ class NodeService:
                 connect_timeout=max(config.connect_timeout, 300.0),
             )
         self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
+        self._gateway_turn = 0
         self._free_slots = set(range(config.slots))  # slot i runs as sandbox uid sandbox_uid + i
         self._slot_freed = trio.Event()
 
@@ -167,7 +168,8 @@ class NodeService:
                 backoff = BACKOFF_REFUSED
             except* (OSError, ConnectionClosed, ProtocolError, trio.TooSlowError) as group:
                 if self.connected.is_set() or backoff >= 2:
-                    log.warning("orchestrator link at %s: %s", self.config.orchestrator, describe(group))
+                    log.warning("orchestrator link at %s: %s", self.gateway, describe(group))
+                self._gateway_turn += 1  # the next gateway, if there are several (outbox replayed there)
             finally:
                 self._link = None
                 self.connected = trio.Event()
@@ -207,10 +209,17 @@ class NodeService:
                 self.report_now()  # its reply carries the acknowledgement
             await self._acked_changed.wait()
 
+    @property
+    def gateway(self) -> str:
+        """The gateway this node dials now (of the configured ones, in turn after a failure)."""
+        gateways = self.config.gateway_list()
+        return gateways[self._gateway_turn % len(gateways)]
+
     async def _session(self) -> None:
-        tls = client_tls(self.config.orchestrator_ca) if self.config.orchestrator.startswith("tls:") else None
+        address = self.gateway
+        tls = client_tls(self.config.orchestrator_ca) if address.startswith("tls:") else None
         with trio.fail_after(self.config.connect_timeout):
-            stream = await open_stream(self.config.orchestrator, tls=tls)
+            stream = await open_stream(address, tls=tls)
         fs: FramedStream[m.ToNode] = FramedStream(stream, m.ToNode, send_timeout=SEND_TIMEOUT)
         try:
             await fs.handshake("node", __version__, initiator=True, timeout=self.config.connect_timeout)
@@ -239,8 +248,8 @@ class NodeService:
             if not isinstance(welcome, m.Welcome):
                 raise ProtocolError(f"expected welcome, got {type(welcome).__name__}")
             if not hmac.compare_digest(welcome.mac, orchestrator_mac(self.secret, nonce, self.node_id)):
-                raise AuthError(f"{self.config.orchestrator} did not prove the node secret: not our orchestrator")
-            log.info("connected to the orchestrator at %s as %s", self.config.orchestrator, self.node_id)
+                raise AuthError(f"{address} did not prove the node secret: not our orchestrator")
+            log.info("connected to the orchestrator at %s as %s", address, self.node_id)
             self._link = fs
             self.connected.set()
             async with trio.open_nursery() as nursery:
