@@ -59,6 +59,12 @@ class Conflict(MarathonError):
     code = "conflict"
 
 
+class Unprocessable(MarathonError):
+    """Well-formed but refused as it stands (an Idempotency-Key reused for another request): 422."""
+
+    code = "unprocessable"
+
+
 class RateLimited(MarathonError):
     code = "rate_limited"
 

@@ -39,6 +39,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def submit():
         p = await principal(ctx)
         req = await body_as(TaskRequest)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and (done := await ctx.tasks.replay(p.user, req, key)) is not None:
+            return json_response(task_json(done), 201, {"Idempotent-Replayed": "true"})
         retry = await ctx.limiter.take(f"submit:{p.user}", rate=ctx.submit_rate / 60.0, burst=ctx.submit_burst)
         if retry:
             raise RateLimited(f"too many submissions; try again in {math.ceil(retry)}s", retry)
@@ -48,8 +51,8 @@ def blueprint(ctx: ApiContext) -> Blueprint:
                 "no Anthropic API key is configured: set MARATHON_ANTHROPIC_API_KEY for the node "
                 "(environment, .env or marathon.toml) and restart it"
             )
-        rec = await ctx.tasks.submit(p.user, req, admin=p.admin)
-        return json_response(task_json(rec), 201)
+        rec, replayed = await ctx.tasks.submit(p.user, req, admin=p.admin, idempotency_key=key)
+        return json_response(task_json(rec), 201, {"Idempotent-Replayed": "true"} if replayed else None)
 
     @bp.get("/v1/tasks")
     async def list_tasks():

@@ -7,6 +7,7 @@ then a bus notification; followers read the store, so nothing is lost or duplica
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -18,7 +19,15 @@ import msgspec
 from marathon import repos
 from marathon.bus import Bus
 from marathon.config import Config
-from marathon.errors import Conflict, Forbidden, IllegalTransition, InvalidRequest, NotFound, SecretsError
+from marathon.errors import (
+    Conflict,
+    Forbidden,
+    IllegalTransition,
+    InvalidRequest,
+    NotFound,
+    SecretsError,
+    Unprocessable,
+)
 from marathon.orchestrator.lifecycle import TERMINAL, State, transition
 from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
@@ -53,6 +62,15 @@ def active_task(rec: TaskRecord, running_since: float | None = None) -> ActiveTa
         timeout=rec.request.timeout,
         running_since=running_since,
     )
+
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def idempotent_task_id(owner: str, key: str) -> str:
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:12]
 
 
 def new_task_id() -> str:
@@ -165,8 +183,20 @@ class TaskService:
 
     # ------------------------------------------------------------------ writes
 
-    async def submit(self, owner: str, req: TaskRequest, *, admin: bool = False) -> TaskRecord:
+    async def submit(
+        self, owner: str, req: TaskRequest, *, admin: bool = False, idempotency_key: str | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """Queue a task; (the task, whether it is a replay).  With an ``idempotency_key`` the
+        same key from the same user gives the same task, however often and from whichever
+        replica it is sent: the task id is derived from (user, key), so the store's primary
+        key decides a race.  The same key with another request is refused (422)."""
         req = validate_request(req)
+        task_id = new_task_id()
+        if idempotency_key is not None:
+            task_id = idempotent_task_id(owner, idempotency_key)
+            existing = await self.store.get_task(task_id)
+            if existing is not None:
+                return self._replayed(existing, owner, req), True
         if req.repo and not admin:
             kind = repos.classify(req.repo)
             if kind == "local":
@@ -176,11 +206,31 @@ class TaskService:
                     await repos.check_remote(req.repo, self.config.repo_hosts)
                 except repos.RemoteRefused as exc:
                     raise Forbidden(str(exc)) from None
-        rec = TaskRecord(id=new_task_id(), owner=owner, state=State.QUEUED, request=req)
-        rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
+        rec = TaskRecord(id=task_id, owner=owner, state=State.QUEUED, request=req)
+        try:
+            rec, _ = await self.store.create_task(rec, event_in(rec.id, m.StateEvent(state=State.QUEUED)))
+        except Conflict:  # the same key, sent twice at once: the other one created it
+            existing = await self.store.get_task(task_id)
+            if idempotency_key is None or existing is None:
+                raise
+            return self._replayed(existing, owner, req), True
         log.info("task %s queued by %s", rec.id, owner, extra={"task_id": rec.id})
         await self.bus.notify(SCHED_TOPIC)
-        return rec
+        return rec, False
+
+    async def replay(self, owner: str, req: TaskRequest, idempotency_key: str) -> TaskRecord | None:
+        """The task an Idempotency-Key already made (checked before the submission rate limit:
+        a retry of what was accepted costs nothing), or None."""
+        existing = await self.store.get_task(idempotent_task_id(owner, idempotency_key))
+        return self._replayed(existing, owner, validate_request(req)) if existing is not None else None
+
+    @staticmethod
+    def _replayed(existing: TaskRecord, owner: str, req: TaskRequest) -> TaskRecord:
+        if existing.owner != owner:  # a 48-bit hash collision between two users' keys
+            raise Conflict("this Idempotency-Key cannot be used; choose another")
+        if existing.request != req:
+            raise Unprocessable("this Idempotency-Key was used for a different request")
+        return existing
 
     async def move(
         self,

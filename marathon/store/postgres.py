@@ -25,7 +25,7 @@ import psycopg
 import psycopg_pool
 import trio
 
-from marathon.errors import StoreError, StoreUnavailable
+from marathon.errors import Conflict, StoreError, StoreUnavailable
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
@@ -35,6 +35,15 @@ from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
 T = TypeVar("T")
+
+
+def _insert_task(conn: psycopg.Connection, sql: str, args: list, task_id: str) -> None:
+    try:
+        conn.execute(sql, args)
+    except psycopg.errors.UniqueViolation:  # an Idempotency-Key's task, submitted twice at once
+        raise Conflict(f"task {task_id} exists") from None
+
+
 log = logging.getLogger("marathon.store.postgres")
 
 _COLUMNS = ", ".join(_FIELDS)
@@ -202,15 +211,14 @@ class PostgresStore(PgAccountsMixin):
                 "INSERT INTO events (task_id, seq, ts, kind, data) VALUES (%s, %s, %s, %s, %s)"
             )
             args = [*values, rec.id, seq, now, first_event.kind, first_event.data]
-            await self._run(lambda c: c.execute(sql, args))
+            await self._run(lambda c: _insert_task(c, sql, args, rec.id))
             rec.last_seq = seq
             return rec, StoredEvent(rec.id, seq, now, first_event.kind, first_event.data)
 
         def fn(conn: psycopg.Connection) -> StoredEvent | None:
             values = [_to_column(f, getattr(rec, f)) for f in _FIELDS]
-            conn.execute(
-                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))})",
-                values,
+            _insert_task(
+                conn, f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))})", values, rec.id
             )
             return self._append_one(conn, first_event, now)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from marathon.errors import StoreError
+from marathon.errors import Conflict, StoreError
 from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
@@ -240,7 +240,10 @@ class SqliteStore(AccountsMixin):
 
         def fn(conn: sqlite3.Connection):
             values = [_to_column(f, getattr(rec, f)) for f in _FIELDS]
-            conn.execute(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * len(values))})", values)
+            try:
+                conn.execute(f"INSERT INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * len(values))})", values)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"task {rec.id} exists") from None
             return self._append_one(conn, first_event, now)
 
         ev = await self._write(fn)
