@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from contextlib import asynccontextmanager
 
 import pytest
@@ -82,6 +83,17 @@ async def test_two_replicas_share_the_work_and_the_streams(pg_url, redis_server,
                 "n1": (await cluster_of(a))["replica"],
                 "n2": (await cluster_of(b))["replica"],
             }
+
+        res = await trio.run_process(
+            [sys.executable, "-m", "marathon", "cluster"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "MARATHON_URL": b.url},
+        )
+        out = res.stdout.decode()
+        assert res.returncode == 0, out + res.stderr.decode()
+        assert "2 replica(s)" in out and "leader" in out and "this one" in out and "2 node(s)" in out, out
 
         # tasks submitted alternately through both replicas: each runs once, both nodes work
         submitted = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from marathon.cli import accounts, admin, nodes, tasks, work  # noqa: F401  (they register their commands)
+from marathon.cli import accounts, admin, cluster, nodes, tasks, work  # noqa: F401  (they register their commands)
 from marathon.cli.app import app, fail
 from marathon.errors import MarathonError
 
