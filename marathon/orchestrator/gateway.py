@@ -132,28 +132,34 @@ class Gateway:
         session = NodeSession(auth.node_id, auth.name, fs, auth.capacity, peer=peer)
         old = self.nodes.attach(session)
         self.nodes_changed()
-        if old is not None and old.stream is not None and old.stream is not fs:
-            await old.stream.aclose()
-        await fs.send(
-            m.Welcome(
-                node_id=auth.node_id,
-                heartbeat_interval=self.config.heartbeat_interval,
-                mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id),
+        try:  # attached: until the handshake is through, a failure must detach it again
+            if old is not None and old.stream is not None and old.stream is not fs:
+                await old.stream.aclose()
+            await fs.send(
+                m.Welcome(
+                    node_id=auth.node_id,
+                    heartbeat_interval=self.config.heartbeat_interval,
+                    mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id),
+                )
             )
-        )
-        log.info(
-            "node %s (%s) connected from %s: %d slots, backend %s%s",
-            auth.name,
-            auth.node_id,
-            peer,
-            auth.capacity.slots,
-            auth.capacity.backend,
-            "; draining" if session.draining else "",
-        )
-        if session.drain_requested:  # an administrator drained it before it (re)connected
-            await session.send(m.Drain())
-        await self._reconcile(session, auth.running)
-        await self.tasks.bus.notify(SCHED_TOPIC)
+            log.info(
+                "node %s (%s) connected from %s: %d slots, backend %s%s",
+                auth.name,
+                auth.node_id,
+                peer,
+                auth.capacity.slots,
+                auth.capacity.backend,
+                "; draining" if session.draining else "",
+            )
+            if session.drain_requested:  # an administrator drained it before it (re)connected
+                await session.send(m.Drain())
+            await self._reconcile(session, auth.running)
+            await self.tasks.bus.notify(SCHED_TOPIC)
+        except BaseException:
+            if self.nodes.get(session.node_id) is session:  # never leave a session no one serves
+                self.nodes.detach(session)
+                self.nodes_changed()
+            raise
         return session
 
     async def _reconcile(self, session: NodeSession, running: dict[str, int]) -> None:

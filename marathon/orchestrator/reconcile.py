@@ -16,6 +16,7 @@ from marathon.orchestrator.lifecycle import TERMINAL, State
 
 # a running task gets its own timeout, plus this much for the node to report how it ended
 TIMEOUT_SLACK = 30.0
+_UNKNOWN = object()  # no acknowledgement deadline known for the task
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ActiveTask:
     free_attempts: int = 0
     timeout: float | None = None  # the task's own limit (seconds); None: the configured default
     running_since: float | None = None  # when it started running (trio clock)
+    scheduled_since: float | None = None  # when it was assigned, if it is scheduled (trio clock)
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,12 @@ def reconcile(
                 name = session.name if session is not None else task.node_id
                 actions.append(give_back(task, "node_lost", f"node {name} was lost", config.max_attempts))
             continue
-        ack = session.ack_deadlines.get(task.task_id)
-        if task.state == State.SCHEDULED and ack is not None:
+        ack = session.ack_deadlines.get(task.task_id, _UNKNOWN)
+        if task.state == State.SCHEDULED and ack is _UNKNOWN and task.scheduled_since is not None:
+            # no one here waits for its acknowledgement (another replica assigned it, to a node
+            # that then moved, or this replica restarted): the stored time of the assignment decides
+            ack = task.scheduled_since + 2 * config.assign_timeout
+        if task.state == State.SCHEDULED and isinstance(ack, float):
             if due(ack):
                 actions.append(
                     give_back(task, "not_acknowledged", f"node {session.name} did not acknowledge", config.max_attempts)

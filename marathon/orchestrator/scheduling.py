@@ -35,7 +35,7 @@ class Scheduler:
         self.config, self.tasks, self.nodes, self.gateway = config, tasks, nodes, gateway
         self.cluster = cluster
         self.started = trio.current_time()
-        self.running_since: dict[str, float] = {}  # task id -> when it was first seen running (trio clock)
+        self.since: dict[tuple, float] = {}  # (state, task id[, attempt]) -> when it entered it (trio clock)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with self.tasks.bus.watch(SCHED_TOPIC) as watch:
@@ -81,13 +81,13 @@ class Scheduler:
                 await session.send(blob)
             await session.send(assign)
 
-    def _running_since(self, task_id: str, started_at: float | None, now: float) -> float:
-        """When a running task started, on trio's clock: as seen by this process, or (first seen
-        after a restart) from the age of its stored start time."""
-        since = self.running_since.get(task_id)
+    def _since(self, key: tuple, stored: float | None, now: float) -> float:
+        """When a task entered its state, on trio's clock: as first seen by this process, from
+        the age of its stored time (a wall-clock stamp, read once)."""
+        since = self.since.get(key)
         if since is None:
-            age = max(0.0, time.time() - started_at) if started_at else 0.0
-            since = self.running_since[task_id] = now - age
+            age = max(0.0, time.time() - stored) if stored else 0.0
+            since = self.since[key] = now - age
         return since
 
     async def reconcile_once(self) -> Plan:
@@ -98,14 +98,22 @@ class Scheduler:
         by_id = {r.id: r for r in active}
         facts = []
         for rec in active:
-            since = (
-                self._running_since(rec.id, rec.started_at or rec.updated_at, now)
+            running = (
+                self._since(("running", rec.id), rec.started_at or rec.updated_at, now)
                 if rec.state == State.RUNNING
                 else None
             )
-            facts.append(active_task(rec, since))
-        for task_id in set(self.running_since) - {r.id for r in active if r.state == State.RUNNING}:
-            del self.running_since[task_id]
+            scheduled = (
+                self._since(("scheduled", rec.id, rec.attempt), rec.updated_at, now)
+                if rec.state == State.SCHEDULED
+                else None
+            )
+            facts.append(active_task(rec, running, scheduled))
+        current = {("running", r.id) for r in active if r.state == State.RUNNING} | {
+            ("scheduled", r.id, r.attempt) for r in active if r.state == State.SCHEDULED
+        }
+        for key in set(self.since) - current:
+            del self.since[key]
         sessions = (
             self.cluster.session_facts(now, {r.node_id for r in active if r.node_id})
             if self.cluster is not None

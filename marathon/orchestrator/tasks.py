@@ -51,7 +51,9 @@ def event_in(task_id: str, event: m.Event, *, node_seq: int | None = None, node_
     return EventIn(task_id, str(type(event).__struct_config__.tag), _json.encode(event), node_seq, node_id)
 
 
-def active_task(rec: TaskRecord, running_since: float | None = None) -> ActiveTask:
+def active_task(
+    rec: TaskRecord, running_since: float | None = None, scheduled_since: float | None = None
+) -> ActiveTask:
     """What the deadline decisions need of a stored task."""
     return ActiveTask(
         rec.id,
@@ -61,6 +63,7 @@ def active_task(rec: TaskRecord, running_since: float | None = None) -> ActiveTa
         free_attempts=rec.free_attempts,
         timeout=rec.request.timeout,
         running_since=running_since,
+        scheduled_since=scheduled_since,
     )
 
 
