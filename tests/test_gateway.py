@@ -354,3 +354,27 @@ async def test_a_rejecting_node_does_not_fail_tasks_a_healthy_node_can_run(orche
         await good.result(task["id"], 2, "succeeded")
         final = await mt.finish(task["id"])
         assert final["state"] == "succeeded" and final["node_id"] == "n-good"
+
+
+async def test_a_store_error_during_the_handshake_leaves_no_session_behind(orchestrator, monkeypatch):
+    """The store fails while a node is being welcomed: the connection ends, and no session
+    stays behind looking connected (tasks sent there would never be acknowledged)."""
+    mt = orchestrator
+    store = mt.info.tasks.store
+    real = store.list_tasks
+
+    async def down(*a, **kw):
+        from marathon.errors import StoreUnavailable
+
+        raise StoreUnavailable("postgresql: the server is restarting")
+
+    monkeypatch.setattr(store, "list_tasks", down)
+    node = ScriptedNode(mt.gateway, mt.node_secret)
+    await node.connect()
+    error = await node.expect(m.Error)
+    assert error.code == "internal"
+    assert mt.info.nodes.connected() == []
+    monkeypatch.setattr(store, "list_tasks", real)
+    await node.connect()  # the store is back: a session that works
+    task = await mt.submit("x")
+    assert (await node.expect(m.Assign)).task.task_id == task["id"]
