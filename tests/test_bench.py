@@ -88,3 +88,13 @@ async def test_sandbox_bench(capsys):
     await sandbox.main(2)
     out = capsys.readouterr().out
     assert "ratio hardened/bare" in out and "memory kill -> event" in out
+
+
+@pytest.mark.slow
+async def test_cluster_bench(capsys):
+    from bench import cluster
+
+    await cluster.main(20, runs=1)
+    out = capsys.readouterr().out
+    assert "PostgreSQL, 2 replicas" in out and "per placement" in out
+    assert "failover after SIGKILL" in out and "B later than A" in out

@@ -89,3 +89,49 @@ def test_plan_spreads_load():
 def test_plan_with_no_capacity_assigns_nothing():
     assert plan([TaskView("t", 0)], [node("a", active=2)]) == []
     assert plan([TaskView("t", 0)], []) == []
+
+
+def _plan_by_looking_at_every_node(tasks, nodes):
+    """The rule spelled directly (what plan() did before its heap): the reference to compare with."""
+    from marathon.orchestrator.scheduler import NodeView, score
+
+    load = {n.node_id: n for n in nodes}
+    out = []
+    for task in sorted(tasks, key=lambda t: (t.created_at, t.task_id)):
+        others = [n for n in load.values() if n.node_id not in task.avoid_nodes and not n.draining]
+        best = None
+        for node in others if others else list(load.values()):
+            s = score(node, task)
+            if s is not None and (best is None or (s, node.node_id) > best):
+                best = (s, node.node_id)
+        if best is None:
+            continue
+        n = load[best[1]]
+        load[n.node_id] = NodeView(n.node_id, n.slots, n.active + 1, max(0, n.warm - 1), n.draining)
+        out.append((task.task_id, n.node_id))
+    return out
+
+
+def test_plan_places_as_the_rule_says_on_random_fleets():
+    import random
+
+    from marathon.orchestrator.scheduler import NodeView, TaskView, plan
+
+    rng = random.Random(7)
+    for _ in range(300):
+        nodes = [
+            NodeView(f"n{i:03d}", s := rng.randint(1, 4), rng.randint(0, s), rng.randint(0, 2), rng.random() < 0.1)
+            for i in range(rng.randint(0, 30))
+        ]
+        ids = [n.node_id for n in nodes]
+        tasks = [
+            TaskView(
+                f"t{i}",
+                float(rng.randint(0, 5)),
+                frozenset(rng.sample(ids, min(len(ids), rng.randint(0, 2))))
+                if ids and rng.random() < 0.3
+                else frozenset(),
+            )
+            for i in range(rng.randint(0, 40))
+        ]
+        assert plan(tasks, nodes) == _plan_by_looking_at_every_node(tasks, nodes)
