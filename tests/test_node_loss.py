@@ -96,3 +96,29 @@ async def test_task_fails_after_max_attempts_of_node_loss():
             final = await mt.finish(task["id"], timeout=30)
             assert final["state"] == "failed" and final["reason"] == "node_lost"
             assert "gave up after 2 attempts" in final["message"]
+
+
+async def test_a_node_refuses_an_older_attempt_than_it_has_seen():
+    """Fencing on the node: an assignment of an attempt older than one it was given already
+    (delayed, or sent by a replica that had not seen the newer one) is refused, and what runs
+    goes on."""
+    from bench.common import prepare_claude_stub
+    from marathon.protocol import messages as m
+
+    config = marathon_config(os.path.join(scratch_dir(), "data"), claude_bin=prepare_claude_stub())
+    async with run_marathon(config) as mt:
+        task = await mt.submit("sleep:30")
+        await mt.wait_state(task["id"], {"running"})
+        handle = mt.node.tasks[task["id"]]
+        sent: list = []
+
+        class Link:
+            async def send(self, msg):
+                sent.append(msg)
+
+        stale = msgspec.structs.replace(handle.spec, attempt=handle.spec.attempt - 1)
+        await mt.node._assign(Link(), m.Assign(task=stale))
+        assert len(sent) == 1 and isinstance(sent[0], m.Rejected) and "stale" in sent[0].reason
+        assert mt.node.tasks[task["id"]] is handle and not handle.stop.is_set()
+        r = await mt.client.post(f"/v1/tasks/{task['id']}/cancel")
+        assert r.status_code in (200, 202)

@@ -44,6 +44,7 @@ from marathon.protocol.blobs import BlobWriter
 from marathon.protocol.transports import client_tls, open_stream
 
 log = logging.getLogger("marathon.node")
+ATTEMPTS_KEPT = 100_000  # tasks whose newest attempt a node remembers, to refuse older ones
 OUTBOX_LIMIT = 200_000
 SEND_TIMEOUT = 60.0  # an orchestrator that reads nothing for this long is gone
 TASK_ID = re.compile(r"[0-9a-f]{12}")
@@ -103,6 +104,7 @@ class NodeService:
             )
         self._incoming: dict[tuple[str, str], BlobWriter] = {}  # (task, name) -> artifact arriving for an assignment
         self._gateway_turn = 0
+        self._attempts: collections.OrderedDict[str, int] = collections.OrderedDict()  # newest attempt seen per task
         self._free_slots = set(range(config.slots))  # slot i runs as sandbox uid sandbox_uid + i
         self._slot_freed = trio.Event()
 
@@ -335,6 +337,19 @@ class NodeService:
             await fs.send(m.Rejected(task_id=spec.task_id[:64], reason="bad task id"))
             return
         task_id, attempt = spec.task_id, spec.attempt
+        newest = self._attempts.get(task_id, 0)
+        if attempt < newest:
+            # fenced: a newer attempt of this task was assigned here already (this one was delayed,
+            # or sent by a replica that had not seen the newer one); never run an older one again
+            log.warning("task %s: refused stale attempt %d (attempt %d was assigned here)", task_id, attempt, newest)
+            await fs.send(
+                m.Rejected(task_id=task_id, reason=f"stale assignment (attempt {newest} seen)", attempt=attempt)
+            )
+            return
+        self._attempts[task_id] = attempt
+        self._attempts.move_to_end(task_id)
+        while len(self._attempts) > ATTEMPTS_KEPT:
+            self._attempts.popitem(last=False)
         previous = self.tasks.get(spec.task_id)
         if previous is not None and previous.spec.attempt == spec.attempt:
             await fs.send(m.Accepted(task_id=task_id, attempt=attempt))  # a repeated assignment
