@@ -99,6 +99,7 @@ class Fleet:
             "anthropic_base_url": "http://127.0.0.1:9",
             "bwrap": "required",
             "log_level": "debug",
+            "submit_burst": 200,  # the rate limit is not what these tests are about
         }
         self.replicas: dict[str, tuple[Proc, str, str]] = {}  # name -> (process, API url, gateway)
         self.nodes: dict[str, Proc] = {}
@@ -124,9 +125,10 @@ class Fleet:
         self.replicas[name] = (p, api, gateway)
         return self.replicas[name]
 
-    async def node(self, name: str, *via: str) -> Proc:
+    async def node(self, name: str, *via: str, **settings) -> Proc:
         gateways = ",".join(self.replicas[r][2] for r in via)
-        p = Proc(name, "node", self._env(name, orchestrator=gateways, node_name=name, slots=2), self.tmp)
+        env = self._env(name, orchestrator=gateways, node_name=name, slots=2, **settings)
+        p = Proc(name, "node", env, self.tmp)
         self.procs.append(p)
         await p.start()
         self.nodes[name] = p
@@ -227,3 +229,31 @@ async def submit(c: httpx.AsyncClient, prompt: str) -> str:
     r = await c.post("/v1/tasks", json={"prompt": prompt})
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+async def follow(c: httpx.AsyncClient, task_id: str, into: list[dict], *, after: int = 0) -> None:
+    """Read the task's event stream into ``into`` (dicts with id, event, data) until it ends or
+    the connection breaks; resumes after event ``after`` (Last-Event-ID)."""
+    headers = {"Last-Event-ID": str(after)} if after else {}
+    ev: dict = {}
+    try:
+        async with c.stream(
+            "GET",
+            f"/v1/tasks/{task_id}/events",
+            params={"follow": "1"},
+            headers=headers,
+            timeout=httpx.Timeout(10, read=None),
+        ) as r:
+            async for line in r.aiter_lines():
+                if line == "":
+                    if "id" in ev:
+                        into.append(ev)
+                    ev = {}
+                elif line.startswith("id: "):
+                    ev["id"] = int(line[4:])
+                elif line.startswith("event: "):
+                    ev["event"] = line[7:]
+                elif line.startswith("data: "):
+                    ev["data"] = line[6:]
+    except httpx.HTTPError:
+        pass  # the replica went away: resume elsewhere

@@ -12,17 +12,62 @@ PostgreSQL, Redis and etcd, and each part dying in turn.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 
 import httpx
 import pytest
 import trio
 
-from tests.fleet import Fleet, Proc, admin_key, client, cluster, finished, fleet, states_of, submit, wait_nodes
+from tests.fleet import (
+    Fleet,
+    Proc,
+    admin_key,
+    client,
+    cluster,
+    finished,
+    fleet,
+    follow,
+    states_of,
+    submit,
+    wait_nodes,
+)
+from tests import fake_anthropic as fa
+from tests.harness import claude_bin
 from tests.polling import until
 
 pytestmark = pytest.mark.slow
+
+
+async def test_thirty_tasks_through_two_replicas_on_three_nodes_run_once(pg_url, redis_server, etcd_server):
+    """The real Claude Code on three node processes; the fake upstream counts each task's requests."""
+
+    def script(body, i):
+        return fa.text("done")
+
+    async with fa.open_fake_anthropic(script) as fake, fleet(pg_url, redis_server.url, etcd_server.endpoint) as f:
+        key = await admin_key(f)
+        await f.replica("a")
+        await f.replica("b")
+        for name, via in (("n1", ("a", "b")), ("n2", ("b", "a")), ("n3", ("a", "b"))):
+            await f.node(name, *via, claude_bin=claude_bin(), anthropic_base_url=fake.url)
+        async with client(f.replicas["a"][1], key) as ca, client(f.replicas["b"][1], key) as cb:
+            await wait_nodes(ca, 3)
+            tasks = {await submit((ca, cb)[i % 2], f"task {i:02d}: say done"): i for i in range(30)}
+            done = await finished(cb, list(tasks), timeout=600)
+            assert {t["state"] for t in done.values()} == {"succeeded"}, [
+                (t["id"], t["state"], t["reason"], t["message"]) for t in done.values() if t["state"] != "succeeded"
+            ]
+            assert {t["attempt"] for t in done.values()} == {1}
+            assert len({t["node_id"] for t in done.values()}) == 3, "every node took tasks"
+            asked: dict[int, int] = {}
+            for r in fake.main_requests:
+                found = re.search(r"task (\d\d): say done", json.dumps(r.body))
+                if found:
+                    asked[int(found.group(1))] = asked.get(int(found.group(1)), 0) + 1
+            assert asked == {i: 1 for i in range(30)}, "each task ran once, with one request upstream"
 
 
 async def test_the_leader_killed_mid_run(pg_url, redis_server, etcd_server):
@@ -43,9 +88,20 @@ async def test_the_leader_killed_mid_run(pg_url, redis_server, etcd_server):
 
             await until(some_running, timeout=60, interval=0.1)
             leader = next(r for r in (await cluster(ca))["replicas"] if r["leader"])
-            dead, survivor = ("a", cb) if leader["url"] == f.replicas["a"][1] else ("b", ca)
-            await f.replicas[dead][0].kill()
-            t0 = trio.current_time()
+            dead, survivor, doomed = ("a", cb, ca) if leader["url"] == f.replicas["a"][1] else ("b", ca, cb)
+            # a client follows a task through the replica about to die
+            drip = await submit(doomed, "drip:100")
+            seen: list[dict] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow, doomed, drip, seen)
+                await until(lambda: sum(e["event"] == "text" for e in seen) >= 10, timeout=60, interval=0.05)
+                await f.replicas[dead][0].kill()
+                t0 = trio.current_time()
+            await follow(survivor, drip, seen, after=seen[-1]["id"])  # resumes with Last-Event-ID
+            assert [e["id"] for e in seen] == list(range(1, len(seen) + 1)), "every event once, in order"
+            texts = [json.loads(e["data"])["text"] for e in seen if e["event"] == "text"]
+            assert texts == [f"drop {i}" for i in range(1, 101)]
+            tasks.append(drip)
 
             async def survivor_leads() -> bool:
                 try:
