@@ -70,8 +70,9 @@ async def test_create_get_and_first_event(store):
 
 
 async def test_create_refuses_a_duplicate_id(store):
+    """A Conflict (what an Idempotency-Key's race relies on), and nothing of the second is written."""
     await store.create_task(rec(1), ev("t001"))
-    with pytest.raises(StoreError):
+    with pytest.raises(Conflict):
         await store.create_task(rec(1), ev("t001"))
     assert len(await store.events_after("t001", 0)) == 1
 
