@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,8 @@ async def _respond(stream: trio.abc.Stream, conn: h11.Connection, status: int, c
     headers = [("content-type", ctype), ("content-length", str(len(body))), ("cache-control", "no-store")]
     if status == 405:
         headers.append(("allow", "GET, HEAD"))
-    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+    reason = HTTPStatus(status).phrase.encode() if status in HTTPStatus._value2member_map_ else b""
+    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=reason)))
     if not head:
         await stream.send_all(conn.send(h11.Data(data=body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
