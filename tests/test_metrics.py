@@ -15,6 +15,7 @@ from marathon.config import load_config
 from marathon.errors import ConfigError
 from marathon.metrics import OTHER, BoundedLabel
 from marathon.orchestrator.ingest import Ingest
+from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.metrics import OrchestratorMetrics
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.tasks import TaskService, event_in
@@ -132,7 +133,7 @@ async def test_metrics_after_an_end_to_end_task():
 
 
 async def test_node_status_server_routes_and_protocol():
-    ready = {"gateway": None}
+    ready: dict[str, str | None] = {"gateway": None}
     routes = status_routes(
         "n-test", lambda: b"# HELP marathon_x x\n# TYPE marathon_x gauge\nmarathon_x 1.0\n",
         {"gateway": lambda: ready["gateway"], "broken": lambda: None},
@@ -219,7 +220,7 @@ async def test_orchestrator_metrics_from_the_store_and_the_ledger(tmp_path):
         ingest = Ingest(tasks)
         await ingest.record_events("n1", [msg])
         await ingest.record_events("n1", [msg])  # resent after a reconnect
-        moved = await tasks.move(running, "failed", reason="sandbox_failed", expect={"running"})
+        moved = await tasks.move(running, State.FAILED, reason="sandbox_failed", expect={State.RUNNING})
         assert moved is not None
 
         s = parse((await metrics.scrape()).decode())
