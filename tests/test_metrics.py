@@ -96,6 +96,7 @@ async def test_metrics_after_an_end_to_end_task():
             assert value(o, "marathon_cost_usd_total") == pytest.approx(done["cost_usd"])
             assert value(o, "marathon_api_requests_total", status="200") >= 2
             assert value(o, "marathon_gateway_connections") == 1
+            assert value(o, "marathon_scheduler_leader") == 1  # the only replica leads
             assert value(o, "marathon_node_slots", node=mt.node.node_id) == config.slots
             assert value(o, "marathon_store_operation_seconds_count", operation="create_task") == 1
             assert value(o, "marathon_store_operation_seconds_count", operation="count_tasks_by_state") >= 1

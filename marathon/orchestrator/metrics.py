@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, cast
 
@@ -88,6 +88,7 @@ class OrchestratorMetrics:
         self._store: Store | None = None
         self._nodes: NodeRegistry | None = None
         self._counts: dict[str, int] = {}
+        self.leading: Callable[[], bool] | None = None  # whether this replica schedules (its cluster's)
         r.register(ScrapeCollector(self._scrape_families))
 
     def attach(self, store: Store, nodes: NodeRegistry) -> None:
@@ -134,6 +135,10 @@ class OrchestratorMetrics:
         yield GaugeMetricFamily(
             "marathon_queue_depth", "Tasks waiting to be scheduled", value=self._counts.get(str(State.QUEUED), 0)
         )
+        if self.leading is not None:
+            yield GaugeMetricFamily(
+                "marathon_scheduler_leader", "1 while this replica leads (schedules)", value=int(self.leading())
+            )
         if self._nodes is None:
             return
         sessions = [s for s in self._nodes.sessions.values() if s.connected]

@@ -103,6 +103,7 @@ async def _serve(
     gateway = Gateway(config, tasks, nodes, secret)
     cluster = Cluster(registry, nodes, new_replica_id(), lease_ttl=config.lease_ttl)
     gateway.nodes_changed = cluster.nodes_changed
+    metrics.leading = lambda: cluster.leading
     scheduler = Scheduler(config, tasks, nodes, gateway, cluster)
     accounts = Accounts(
         timed_store,
