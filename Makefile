@@ -68,6 +68,7 @@ bench: system-deps venv build
 	$(PY) -m bench.executable
 	$(PY) -m bench.sandbox
 	$(PY) -m bench.store
+	$(PY) -m bench.metrics_scrape
 
 clean:
 	rm -rf build dist marathon.egg-info .mypy_cache .ruff_cache .pytest_cache

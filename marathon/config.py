@@ -50,6 +50,15 @@ def state_value(data_dir: str, name: str, make) -> str:
     return value
 
 
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``tcp:`` in front allowed; ``[::1]:9464`` for IPv6) -> (host, port)."""
+    addr = listen.removeprefix("tcp:")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics_listen must be HOST:PORT (e.g. 127.0.0.1:9464), not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
 def config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "marathon"
@@ -125,6 +134,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     warm_pool_target: int = -1  # VMs kept restored and ready; -1: one per slot (VM backends), 0: off
     connect_timeout: float = 30.0
     drain_timeout: float = 60.0  # on SIGTERM a node lets running tasks go on this long, then stops them
+    metrics_listen: str = ""  # HOST:PORT (e.g. 127.0.0.1:9464): the node's /metrics, /healthz, /readyz; empty: off
     anthropic_api_key: str = ""
     anthropic_base_url: str = "https://api.anthropic.com"
     github_url: str = "https://github.com"  # where owner/name repositories live (GitHub Enterprise: your host)
@@ -195,6 +205,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 )
         if not self.gateway_list():
             raise ValueError("orchestrator must name at least one gateway")
+        if self.metrics_listen:
+            try:
+                parse_listen(self.metrics_listen)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         for ep in self.etcd_endpoint_list():
             if not ep.startswith(("http://", "https://")):
                 raise ValueError(f"etcd_endpoints must be http(s)://host:port, not {ep!r}")

@@ -15,7 +15,17 @@ from tests.harness import REPO_ROOT
 
 def test_every_bench_module_imports():
     names = [m.name for m in pkgutil.iter_modules(bench.__path__)]
-    assert {"common", "control_plane", "events", "executable", "firecracker", "proxy", "repo", "vm"} <= set(names)
+    assert {
+        "common",
+        "control_plane",
+        "events",
+        "executable",
+        "firecracker",
+        "metrics_scrape",
+        "proxy",
+        "repo",
+        "vm",
+    } <= set(names)
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         assert name == "common" or callable(getattr(module, "main", None)), f"bench.{name} has no main()"
@@ -26,6 +36,14 @@ async def test_proxy_bench(capsys):
 
     await proxy.main(2)
     assert "added latency to first byte" in capsys.readouterr().out
+
+
+async def test_metrics_scrape_bench(capsys):
+    from bench import metrics_scrape
+
+    await metrics_scrape.main(50, runs=3)
+    out = capsys.readouterr().out
+    assert "ratio metrics/healthz" in out and "GET /metrics, 50 tasks" in out
 
 
 @pytest.mark.slow

@@ -136,6 +136,15 @@ async def test_list_filters_and_cursor_pagination(store):
         await store.list_tasks(cursor="garbage")
 
 
+async def test_count_tasks_by_state(store):
+    assert await store.count_tasks_by_state() == {}
+    for i, state in enumerate(["queued", "queued", "running", "succeeded", "queued"]):
+        await store.create_task(rec(i, state=state), ev(f"t{i:03d}"))
+    assert await store.count_tasks_by_state() == {"queued": 3, "running": 1, "succeeded": 1}
+    await store.update_task("t000", expect_state="queued", changes={"state": "scheduled"})
+    assert await store.count_tasks_by_state() == {"queued": 2, "scheduled": 1, "running": 1, "succeeded": 1}
+
+
 async def test_update_is_compare_and_set(store):
     await store.create_task(rec(1), ev("t001"))
     res = await store.update_task(

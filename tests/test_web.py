@@ -20,6 +20,7 @@ from tests import browser
 from tests import fake_anthropic as fa
 from tests.fake_github import open_fake_github
 from tests.harness import make_git_repo, marathon_config, run_marathon, scratch_dir
+from tests.polling import until
 
 pytestmark = pytest.mark.slow
 
@@ -351,8 +352,15 @@ async def scenario(page: Page, mt, proxy: browser.DropProxy, admin_key: str, ali
     await in_thread(reply)
     assert (await mt.task(task4))["state"] == "succeeded"
 
-    # ---- an administrator, with an API key: nodes and usage
-    def admin():
+    # ---- an administrator, with an API key: nodes (drain and undrain one) and usage
+    def row_status() -> str:
+        return p.d.execute_script("return document.querySelector('tr[data-node] td:nth-child(2)')?.textContent || ''")
+
+    def click_button(text: str) -> bool:
+        p.click(p.button(text))  # the table is redrawn every few seconds: a stale button is looked up again
+        return True
+
+    def admin_nodes():
         p.click(p.button("Log out"))
         p.until(lambda: p.all("#login-key"))
         p.by_label("API key").send_keys(admin_key)
@@ -362,7 +370,29 @@ async def scenario(page: Page, mt, proxy: browser.DropProxy, admin_key: str, ali
         p.until(lambda: p.all("tr[data-node]"))
         row = p.css("tr[data-node]").text
         assert "connected" in row and "process" in row, row
+        assert row_status() == "connected"
         p.shot("09-nodes")
+        p.until(lambda: click_button("Drain"), what="the Drain button")
+        p.until(lambda: row_status() == "draining", what="the node shown draining")
+        p.until(lambda: p.all("tr[data-node] button") and p.css("tr[data-node] button").text == "Undrain")
+        p.shot("09-node-drained")
+        p.check_console()
+
+    await in_thread(admin_nodes)
+    nodes = (await mt.client.get("/v1/nodes")).json()["nodes"]
+    assert [(n["draining"], n["drain"]) for n in nodes] == [(True, "administrator")], nodes
+    await until(lambda: mt.node.draining, timeout=10)  # the node itself was told: it takes no new tasks
+
+    def admin_undrain():
+        p.until(lambda: click_button("Undrain"), what="the Undrain button")
+        p.until(lambda: row_status() == "connected", what="the node shown taking tasks again")
+        p.check_console()
+
+    await in_thread(admin_undrain)
+    assert [n["draining"] for n in (await mt.client.get("/v1/nodes")).json()["nodes"]] == [False]
+    await until(lambda: not mt.node.draining, timeout=10)
+
+    def admin_usage():
         p.click(p.d.find_element(p.By.LINK_TEXT, "Usage"))
         p.until(lambda: p.all("svg.chart"))
         p.click(p.by_label("All users"))
@@ -376,7 +406,7 @@ async def scenario(page: Page, mt, proxy: browser.DropProxy, admin_key: str, ali
         assert origins in ([], [p.base]), origins
         p.check_console()
 
-    await in_thread(admin)
+    await in_thread(admin_usage)
 
 
 UNIT_CHECKS = r"""

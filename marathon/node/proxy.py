@@ -95,6 +95,7 @@ class MeteringProxy:
         self._base = httpx.URL(self.upstream)
         self._api_key = api_key
         self.max_body = max_body
+        self.observe: Callable[[RequestRecord], None] | None = None  # every forwarded request (metrics)
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=30.0),
             follow_redirects=False,
@@ -328,3 +329,5 @@ class MeteringProxy:
                 error=error or meter.error,
             )
             grant.on_record(rec)
+            if self.observe is not None:
+                self.observe(rec)

@@ -33,6 +33,7 @@ from marathon.logs import log_context
 from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
 from marathon.node.git import set_home as set_git_home
+from marathon.node.metrics import NodeMetrics
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
 from marathon.node.pool import WarmPool
@@ -107,6 +108,7 @@ class NodeService:
         self._attempts: collections.OrderedDict[str, int] = collections.OrderedDict()  # newest attempt seen per task
         self._free_slots = set(range(config.slots))  # slot i runs as sandbox uid sandbox_uid + i
         self._slot_freed = trio.Event()
+        self.metrics = NodeMetrics(self)
 
     # ------------------------------------------------------------------ outbox
 
@@ -426,8 +428,9 @@ class NodeService:
                 self._free_slots.discard(slot)
                 handle.slot = slot
                 outcome = await supervise(
-                    handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool
-                )
+                    handle, self.config, self.backend, self.proxy, emit_event, upload, self.cache, self.pool,
+                    metrics=self.metrics,
+                )  # fmt: skip
             finally:
                 if slot is not None:
                     self._free_slots.add(slot)
@@ -486,8 +489,13 @@ async def serve_node(
     proxy = MeteringProxy(config.anthropic_base_url, config.anthropic_api_key)
     try:
         service = NodeService(config, backend, proxy, secret)
+        proxy.observe = service.metrics.proxy_request
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
+            if config.metrics_listen:
+                from marathon.node.status import node_routes, serve_status
+
+                service.metrics.url = await nursery.start(serve_status, config.metrics_listen, node_routes(service))
             task_status.started(service)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:

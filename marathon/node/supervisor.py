@@ -30,6 +30,7 @@ from marathon.errors import (
     leaves,
 )
 from marathon.node.git import MirrorCache
+from marathon.node.metrics import NodeMetrics
 from marathon.node.pool import WarmPool
 from marathon.node.repo import Prepared, prepare, publish
 from marathon.node.proxy import MeteringProxy, ProxyGrant, RequestRecord
@@ -118,6 +119,8 @@ async def supervise(
     upload: Callable[[str, str], Awaitable[None]],
     cache: MirrorCache,
     pool: WarmPool | None = None,
+    *,
+    metrics: NodeMetrics | None = None,
 ) -> m.TaskOutcome:
     """``emit`` sends an event; ``upload(name, path)`` sends a file to the orchestrator."""
     spec = handle.spec
@@ -144,8 +147,13 @@ async def supervise(
 
         async def start_sandbox() -> None:
             """The sandbox comes up while the repository is prepared: neither waits for the other."""
+            t_start = time.perf_counter()
             warm = pool.claim() if pool is not None else None
             if warm is not None:
+                if metrics is not None:
+                    claimed = time.perf_counter() - t_start
+                    metrics.pool_claimed(claimed)
+                    metrics.sandbox_started(backend.name, "warm", claimed)
                 started["sandbox"], started["fs"] = warm.sandbox, warm.channel
                 emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}; warm, restored from a snapshot "
                                         f"{time.monotonic() - warm.ready_at:.1f}s ago"))  # fmt: skip
@@ -156,9 +164,16 @@ async def supervise(
                 )
                 emit(m.LogEvent(message=f"warm pool: {why}; booting a sandbox cold"))
             with _stop_scope(handle):
-                started["sandbox"] = await backend.create(spec.task_id, run_dir, options)
-                emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
-                started["fs"] = await connect_agent(started["sandbox"], config.connect_timeout)
+                try:
+                    started["sandbox"] = await backend.create(spec.task_id, run_dir, options)
+                    emit(m.LogEvent(message=f"sandbox: {backend.info.isolation}"))
+                    started["fs"] = await connect_agent(started["sandbox"], config.connect_timeout)
+                except Exception:
+                    if metrics is not None:
+                        metrics.sandbox_failed(backend.name)
+                    raise
+                if metrics is not None and started.get("fs") is not None:  # not when stopped half-way
+                    metrics.sandbox_started(backend.name, "cold", time.perf_counter() - t_start)
 
         async def prepare_repo() -> Prepared | m.TaskOutcome:
             emit(m.LogEvent(message=f"preparing the repository{f' {spec.request.repo}' if spec.request.repo else ''}"))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 
 import trio
-from quart import Blueprint
+from quart import Blueprint, Response
 from quart_trio import QuartTrio
 
 from marathon import __version__
+from marathon.errors import NotFound
+from marathon.metrics import CONTENT_TYPE
 from marathon.orchestrator import api_accounts, api_nodes, api_tasks
 from marathon.orchestrator.http import MAX_BODY, ApiContext, json_response, register_error_handlers
 from marathon.orchestrator.openapi import openapi_document
@@ -47,6 +49,16 @@ def _meta(ctx: ApiContext) -> Blueprint:
                 results[name] = "failed"
         ready = all(v == "ok" for v in results.values())
         return json_response({"ready": ready, "checks": results}, 200 if ready else 503)
+
+    @bp.get("/metrics")
+    async def metrics():
+        """Prometheus text format, without credentials (as Prometheus scrapes); no label
+        carries a task id, a user or anything else a caller could learn a secret from."""
+        if ctx.metrics is None:
+            raise NotFound("no metrics here")
+        with trio.fail_after(ctx.ready_timeout):
+            body = await ctx.metrics.scrape()
+        return Response(body, status=200, content_type=CONTENT_TYPE)
 
     @bp.get("/v1/openapi.json")
     async def openapi():

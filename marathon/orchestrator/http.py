@@ -29,6 +29,7 @@ from marathon.errors import (
 )
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.cluster import Cluster
+from marathon.orchestrator.metrics import OrchestratorMetrics
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.tasks import TaskService
 
@@ -68,6 +69,7 @@ class ApiContext:
     ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     ready_timeout: float = 5.0
     cluster: Cluster | None = None  # this replica among the others (/v1/cluster)
+    metrics: OrchestratorMetrics | None = None  # GET /metrics (404 without)
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:

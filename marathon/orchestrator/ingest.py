@@ -91,6 +91,9 @@ class Ingest:
         if not batch:
             return
         stored = await self.store.append_events(batch)
+        for ev, s in zip(batch, stored, strict=True):
+            if s is not None and ev.ledger is not None:  # metered once: a resent duplicate is refused above
+                self.tasks.metrics.metered(ev.ledger)
         metered = {ev.task_id for ev, s in zip(batch, stored, strict=True) if s is not None and ev.ledger is not None}
         for task_id in metered:  # live usage and cost on the task, from the ledger
             usage, usd = await self.store.ledger_totals(task_id)

@@ -74,6 +74,14 @@ def openapi_document() -> dict:
                     security=[],
                 )
             },
+            "/metrics": {
+                "get": _op(
+                    "Prometheus metrics (text format 0.0.4): tasks by state, queue depth, scheduling latency, "
+                    "task duration by outcome, tokens and cost by model, connected nodes, store latency",
+                    {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                    security=[],
+                )
+            },
             "/v1/tasks": {
                 "post": _op(
                     "Submit a task",

@@ -75,6 +75,7 @@ class Scheduler:
             )
             if moved is None:
                 continue
+            self.tasks.metrics.task_scheduled(rec.updated_at)  # queued since its last change
             session.assigned[task_id] = trio.current_time() + self.config.assign_timeout
             assign, blobs = await self.tasks.assignment(moved)
             for blob in blobs:

@@ -19,6 +19,7 @@ from marathon.orchestrator.cluster import Cluster, new_replica_id
 from marathon.orchestrator.auth import Accounts, LoginLimits
 from marathon.orchestrator.gateway import Gateway
 from marathon.orchestrator.http import ApiContext
+from marathon.orchestrator.metrics import OrchestratorMetrics
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.scheduling import Scheduler
 from marathon.orchestrator.tasks import TaskService
@@ -94,14 +95,18 @@ async def _serve(
     from hypercorn.trio import serve as hyper_serve
 
     secret = load_node_secret(config)
-    tasks = TaskService(store, bus, config)
+    metrics = OrchestratorMetrics()  # this service's own registry (GET /metrics)
+    timed_store = metrics.timed_store(store)
+    tasks = TaskService(timed_store, bus, config, metrics=metrics)
     nodes = NodeRegistry()
+    metrics.attach(timed_store, nodes)
     gateway = Gateway(config, tasks, nodes, secret)
     cluster = Cluster(registry, nodes, new_replica_id(), lease_ttl=config.lease_ttl)
     gateway.nodes_changed = cluster.nodes_changed
+    metrics.leading = lambda: cluster.leading
     scheduler = Scheduler(config, tasks, nodes, gateway, cluster)
     accounts = Accounts(
-        store,
+        timed_store,
         session_ttl=config.session_ttl,
         allow_registration=config.allow_registration,
         throttle=throttle,
@@ -129,6 +134,7 @@ async def _serve(
         submit_burst=config.submit_burst,
         ready_checks={"gateway": gateway_listening, "leader": leader_known},
         cluster=cluster,
+        metrics=metrics,
     )
     app = create_app(ctx)
 

@@ -29,6 +29,7 @@ from marathon.errors import (
     Unprocessable,
 )
 from marathon.orchestrator.lifecycle import TERMINAL, State, transition
+from marathon.orchestrator.metrics import OrchestratorMetrics
 from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
@@ -132,8 +133,9 @@ def validate_request(req: TaskRequest) -> TaskRequest:
 
 
 class TaskService:
-    def __init__(self, store: Store, bus: Bus, config: Config):
+    def __init__(self, store: Store, bus: Bus, config: Config, *, metrics: OrchestratorMetrics | None = None):
         self.store, self.bus, self.config = store, bus, config
+        self.metrics = metrics or OrchestratorMetrics()
         self.prices = merged_table(config.prices)
 
     # ------------------------------------------------------------------ reads
@@ -284,6 +286,8 @@ class TaskService:
                     f" ({reason})" if reason else "",
                     extra={"task_id": task_id},
                 )
+                if target in TERMINAL:
+                    self.metrics.task_ended(str(target), new.created_at, new.finished_at)
                 await self.bus.notify(task_topic(task_id))
                 if target in (State.QUEUED,) or target in TERMINAL:
                     await self.bus.notify(SCHED_TOPIC)

@@ -43,6 +43,11 @@ class Store(Protocol):
         oldest_first: bool = False,
     ) -> tuple[list[TaskRecord], str | None]: ...
 
+    async def count_tasks_by_state(self) -> dict[str, int]:
+        """How many tasks are in each state (states without tasks are absent): one grouped
+        query on the state index, cheap enough for every metrics scrape."""
+        ...
+
     async def update_task(
         self,
         task_id: str,

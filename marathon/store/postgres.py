@@ -257,6 +257,10 @@ class PostgresStore(PgAccountsMixin):
         nxt = encode_cursor(tasks[-1]) if len(rows) > limit else None
         return tasks, nxt
 
+    async def count_tasks_by_state(self) -> dict[str, int]:
+        rows = await self._run(lambda c: c.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+        return {state: int(n) for state, n in rows}
+
     async def update_task(self, task_id, *, expect_state, changes, event=None):
         bad = set(changes) - UPDATABLE
         if bad:

@@ -281,6 +281,12 @@ class SqliteStore(AccountsMixin):
         nxt = encode_cursor(tasks[-1]) if len(rows) > limit else None
         return tasks, nxt
 
+    async def count_tasks_by_state(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+        )
+        return {state: n for state, n in rows}
+
     async def update_task(self, task_id, *, expect_state, changes, event=None):
         bad = set(changes) - UPDATABLE
         if bad:

@@ -1,4 +1,5 @@
 // Nodes (administrators): capacity, the warm pool, draining, what runs where.  Refreshed live.
+// Drain takes a node out of scheduling (what runs there runs to its end); Undrain puts it back.
 
 import { api } from "./api.js";
 import { ago, h } from "./dom.js";
@@ -11,7 +12,25 @@ function status(n) {
   return h("span", { class: "badge s-succeeded" }, "connected");
 }
 
-function row(n) {
+function action(n, act) {
+  if (!n.connected) return h("span", { class: "muted" }, "—");
+  if (n.drain === "node") return h("span", { class: "muted" }, "shutting down");
+  const drained = n.drain === "administrator";
+  const label = drained ? "Undrain" : "Drain";
+  return h(
+    "button",
+    {
+      type: "button",
+      class: drained ? "" : "danger",
+      title: drained ? "take new tasks again" : "take no new tasks; what runs there runs to its end",
+      "aria-label": `${label} ${n.name}`,
+      on: { click: (ev) => act(n, drained ? "undrain" : "drain", ev.currentTarget) },
+    },
+    label,
+  );
+}
+
+function row(n, act) {
   const p = n.pool || {};
   return h(
     "tr",
@@ -30,13 +49,14 @@ function row(n) {
       {},
       n.tasks.length ? n.tasks.map((id, i) => [i ? ", " : "", h("a", { href: `#/tasks/${id}`, class: "mono" }, id)]) : h("span", { class: "muted" }, "—"),
     ),
+    h("td", {}, action(n, act)),
   );
 }
 
 export function nodesView(main, { signal }) {
   const tbody = h("tbody", {});
   const note = h("p", { class: "muted", role: "status", "aria-live": "polite" });
-  const cols = ["Node", "Status", "Backend", "Active / slots", "Warm", "Pool hits / misses", "Claim p50", "Address", "Last seen", "Tasks"];
+  const cols = ["Node", "Status", "Backend", "Active / slots", "Warm", "Pool hits / misses", "Claim p50", "Address", "Last seen", "Tasks", "Scheduling"];
   const numeric = new Set(["Active / slots", "Warm", "Pool hits / misses", "Claim p50"]);
   main.replaceChildren(
     h(
@@ -51,11 +71,27 @@ export function nodesView(main, { signal }) {
       ),
     ),
   );
+  const error = h("div", { class: "error", role: "alert", hidden: true });
+  main.querySelector(".panel").append(error);
+  let wake = () => {};
+  async function act(n, verb, button) {
+    button.disabled = true;
+    error.hidden = true;
+    try {
+      await api(`/v1/nodes/${encodeURIComponent(n.id)}/${verb}`, { method: "POST", signal });
+    } catch (exc) {
+      if (signal.aborted) return;
+      error.textContent = `Could not ${verb} ${n.name}: ${exc.message}`;
+      error.hidden = false;
+      button.disabled = false;
+    }
+    wake(); // show the node as it is now, without waiting for the next refresh
+  }
   (async () => {
     while (!signal.aborted) {
       try {
         const { nodes } = await api("/v1/nodes", { signal });
-        tbody.replaceChildren(...nodes.map(row));
+        tbody.replaceChildren(...nodes.map((n) => row(n, act)));
         const up = nodes.filter((n) => n.connected);
         note.textContent = nodes.length
           ? `${up.length} of ${nodes.length} connected · ${up.reduce((a, n) => a + n.slots, 0)} slots, ${up.reduce((a, n) => a + n.active, 0)} busy`
@@ -64,7 +100,13 @@ export function nodesView(main, { signal }) {
         if (signal.aborted) return;
         note.textContent = `Could not load the nodes: ${exc.message}`;
       }
-      await new Promise((r) => setTimeout(r, REFRESH_MS));
+      await new Promise((r) => {
+        const timer = setTimeout(r, REFRESH_MS);
+        wake = () => {
+          clearTimeout(timer);
+          r();
+        };
+      });
     }
   })();
 }
