@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 from collections.abc import Sequence
@@ -28,11 +29,16 @@ def describe(name: str, values: Sequence[float], unit: str = "ms", scale: float 
 
 
 def prepare_claude_stub() -> str:
-    """The stub must be readable by the sandbox uid: copy it to a traversable place."""
-    dst = "/tmp/marathon-bench-claude.sh"
-    with open(FAKE_CLAUDE) as src, open(dst, "w") as out:
-        out.write(src.read())
-    os.chmod(dst, 0o755)
+    """The stub must be readable by the sandbox uid: copy it to a traversable place, named by
+    its content (checkouts with another version of it, running at the same time, keep theirs)."""
+    with open(FAKE_CLAUDE, "rb") as src:
+        body = src.read()
+    dst = f"/tmp/marathon-bench-claude-{hashlib.sha256(body).hexdigest()[:12]}.sh"
+    tmp = f"{dst}.{os.getpid()}"
+    with open(tmp, "wb") as out:
+        out.write(body)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dst)  # whole or not at all, for a sandbox starting it right now
     return dst
 
 
