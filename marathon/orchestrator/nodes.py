@@ -31,6 +31,8 @@ class NodeSession:
     # deadlines run on trio's clock
     lost_since: float | None = None
     drain_requested: bool = False  # an administrator drains this node
+    max_slots: int | None = None  # what it was enrolled with (None: the shared secret, not capped)
+    revoked: bool = False  # an administrator revoked its credential
     acked: int = 0  # highest node_seq processed on this connection
     open_blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # artifact -> node_seq of its first chunk
     # task_id -> acknowledgement deadline on trio's clock (None once accepted)

@@ -92,6 +92,8 @@ async def serve_orchestrator(
             accounts,
             MemoryRateLimiter(clock=trio.current_time),
             set_drain=gateway.set_drain,
+            identities=gateway.identities,
+            revoke_node=gateway.revoke,
             submit_rate=config.submit_rate,
             submit_burst=config.submit_burst,
             ready_checks={"gateway": gateway_listening},

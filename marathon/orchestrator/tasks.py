@@ -169,9 +169,10 @@ class TaskService:
                         task_id=rec.id, name="bundle", offset=off, data=data, last=off + m.BLOB_CHUNK >= len(bundle)
                     )
                 )
-        # the token is decrypted here only, and only for a task with a repository (clone, push, PR)
+        # the token is decrypted here only, and only for a task that needs it (a PR, a clone from GitHub)
+        needed = repos.needs_github_token(req.repo, req.pr, self.config.github_url)
         try:
-            token = await self.store.github_token(rec.owner) if owner and owner.github_token and req.repo else None
+            token = await self.store.github_token(rec.owner) if owner and owner.github_token and needed else None
         except SecretsError as exc:  # the operator must fix the keys; the task runs without the token
             log.error("task %s: %s", rec.id, exc, extra={"task_id": rec.id})
             token = None

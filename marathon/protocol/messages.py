@@ -258,12 +258,20 @@ class Authenticate(_Msg, tag="authenticate"):
     capacity: Capacity
     running: dict[str, int] = {}  # task id -> attempt, for what the node runs or has results of
     nonce: bytes = b""  # the node's challenge to the orchestrator (mutual authentication)
+    # a node with its own key (marathon/protocol/auth.py): ``mac`` is empty, it signs the nonce
+    public_key: bytes = b""  # Ed25519, raw
+    signature: bytes = b""
+    # enrolling with a join token: its id, and an HMAC keyed with the token's hash (never the token)
+    join_id: str = ""
+    join_mac: bytes = b""
 
 
 class Welcome(_Msg, tag="welcome"):
     node_id: str
     heartbeat_interval: float
     mac: bytes = b""  # the orchestrator's answer to the node's nonce
+    server_key: bytes = b""  # on enrolment: what the orchestrator proves itself with from then on
+    max_slots: int = 0  # the enrolled maximum (0: none); slots and warm sandboxes are capped at it
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -339,6 +347,9 @@ class TaskBlob(_Msg, tag="task_blob"):
     data: bytes
     last: bool = False
     attempt: int = 0
+    # on the last chunk: the whole artifact's size and SHA-256, checked before it is stored
+    size: int = -1
+    sha256: bytes = b""
 
 
 class TaskResult(_Msg, tag="task_result"):

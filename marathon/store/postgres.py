@@ -36,6 +36,7 @@ from marathon.store.postgres_accounts import (
     ledger_values,
     reseal_tokens,
 )
+from marathon.store.node_identity import NodeIdentityMixin
 from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
@@ -86,7 +87,7 @@ class _Call:
                     log.debug("cancelling a query failed: %s", exc)
 
 
-class PostgresStore(PgAccountsMixin):
+class PostgresStore(PgAccountsMixin, NodeIdentityMixin):
     def __init__(
         self,
         url: str,
@@ -190,6 +191,14 @@ class PostgresStore(PgAccountsMixin):
             raise StoreUnavailable(f"postgresql: {exc}".strip()) from None
         except psycopg.Error as exc:
             raise StoreError(f"postgresql: {exc}".strip()) from None
+
+    async def _nid_query(self, sql: str, args: tuple[Any, ...]) -> list[tuple]:
+        q = sql.replace("?", "%s")
+        return await self._run(lambda c: c.execute(q, args).fetchall())
+
+    async def _nid_exec(self, sql: str, args: tuple[Any, ...]) -> int:
+        q = sql.replace("?", "%s")
+        return await self._run(lambda c: c.execute(q, args).rowcount, transaction=True)
 
     # ------------------------------------------------------------------ tasks
 
