@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import hmac
 import itertools
 import logging
@@ -475,11 +476,13 @@ class NodeService:
                 self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
             async def upload(name: str, path: str) -> None:
+                digest = hashlib.sha256()
                 async with await trio.open_file(path, "rb") as f:
                     offset = 0
                     while True:
                         data = await f.read(m.BLOB_CHUNK)
                         last = len(data) < m.BLOB_CHUNK
+                        digest.update(data)
                         self.emit(
                             m.TaskBlob(
                                 task_id=task_id,
@@ -489,6 +492,8 @@ class NodeService:
                                 data=data,
                                 last=last,
                                 attempt=attempt,
+                                size=offset + len(data) if last else -1,
+                                sha256=digest.digest() if last else b"",
                             )
                         )
                         offset += len(data)

@@ -24,6 +24,7 @@ from marathon.orchestrator.lifecycle import State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.reconcile import Adopt, Fail, Keep, NodeAction, Requeue, SendCancel, reconcile_node
 from marathon.orchestrator.tasks import SCHED_TOPIC, TaskService, active_task
+from marathon.orchestrator.uploads import SessionUploads, clear_uploads
 from marathon.protocol import messages as m
 from marathon.orchestrator.identity import Admission, NodeIdentities, capped
 from marathon.protocol.auth import orchestrator_mac
@@ -60,6 +61,7 @@ class Gateway:
         tls = None
         if self.config.gateway_listen.startswith("tls:"):
             tls = server_tls(self.config.gateway_tls_cert, self.config.gateway_tls_key)
+        await trio.to_thread.run_sync(clear_uploads, self.config.data_dir)
         listeners = await open_listeners(self.config.gateway_listen, tls=tls)
         addrs = [listener_address(lis) for lis in listeners]
         log.info("node gateway listening on %s", ", ".join(addrs))
@@ -117,6 +119,8 @@ class Gateway:
         finally:
             if authenticating:
                 self.unauthenticated -= 1
+            if session is not None:
+                session.uploads.close()  # what it left half-sent: it sends it again from the start
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
                 if session.revoked:  # as a lost node whose grace is over: its tasks are given back now
@@ -149,6 +153,7 @@ class Gateway:
     ) -> NodeSession:
         capacity = capped(auth.capacity, admission.max_slots)
         session = NodeSession(auth.node_id, auth.name, fs, capacity, peer=peer, max_slots=admission.max_slots)
+        session.uploads = SessionUploads(self.config.data_dir, self.config.max_artifact)
         old = self.nodes.attach(session)
         if old is not None and old.stream is not None and old.stream is not fs:
             await old.stream.aclose()
@@ -290,9 +295,10 @@ class Gateway:
                     )
             case m.TaskBlob():
                 key = (msg.task_id, msg.name)
-                if msg.offset == 0:
-                    session.open_blobs[key] = msg.node_seq
-                if await self.ingest.record_blob(nid, msg) or msg.last:
+                await self.ingest.record_blob(nid, session.uploads, msg)
+                if (msg.task_id, msg.attempt, msg.name) in session.uploads.open:
+                    session.open_blobs.setdefault(key, msg.node_seq)  # not acknowledged before it is stored
+                else:  # stored, refused or dropped
                     session.open_blobs.pop(key, None)
                 session.acked = max(session.acked, msg.node_seq)
             case m.TaskResult():
