@@ -325,3 +325,35 @@ async def test_join_token_and_revoke_are_for_administrators(orchestrator):
     async with httpx.AsyncClient(base_url=mt.url, trust_env=False, headers=user) as client:
         assert (await client.post("/v1/nodes/join-tokens", json={})).status_code == 403
         assert (await client.post("/v1/nodes/x/revoke")).status_code == 403
+
+
+async def test_nodes_list_shows_users_only_their_own_tasks_and_no_addresses(orchestrator):
+    mt = orchestrator
+    node = KeyNode(mt.gateway, "n-shared", token=await join_token(mt, max_slots=2))
+    await node.connect(slots=2)
+    await mt.info.accounts.register("alice@example.com", "a long enough password", by_admin=True)
+    await mt.info.accounts.register("bob@example.com", "a long enough password", by_admin=True)
+
+    async def login(email: str) -> httpx.AsyncClient:
+        r = await mt.client.post("/v1/auth/login", json={"email": email, "password": "a long enough password"})
+        assert r.status_code == 200, r.text
+        return httpx.AsyncClient(
+            base_url=mt.url, trust_env=False, headers={"Authorization": f"Bearer {r.json()['token']}"}
+        )
+
+    async with await login("alice@example.com") as alice, await login("bob@example.com") as bob:
+        r = await alice.post("/v1/tasks", json={"prompt": "alice's"})
+        a_task = r.json()["id"]
+        r = await bob.post("/v1/tasks", json={"prompt": "bob's"})
+        b_task = r.json()["id"]
+        for _ in range(2):
+            assign = await node.expect(m.Assign)
+            await node.fs.send(m.Accepted(task_id=assign.task.task_id, attempt=1))
+        admin_view = (await node_list(mt))["n-shared"]
+        assert sorted(admin_view["tasks"]) == sorted([a_task, b_task]) and admin_view["peer"].startswith("127.0.0.1:")
+        a_view = {n["id"]: n for n in (await alice.get("/v1/nodes")).json()["nodes"]}["n-shared"]
+        assert a_view["tasks"] == [a_task] and "peer" not in a_view
+        assert a_view["slots"] == 2 and a_view["active"] == 2  # capacity is for everyone
+        b_view = {n["id"]: n for n in (await bob.get("/v1/nodes")).json()["nodes"]}["n-shared"]
+        assert b_view["tasks"] == [b_task] and "peer" not in b_view
+    await node.close()

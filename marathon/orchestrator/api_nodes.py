@@ -15,8 +15,22 @@ def blueprint(ctx: ApiContext) -> Blueprint:
 
     @bp.get("/v1/nodes")
     async def nodes():
-        await principal(ctx)
-        return json_response({"nodes": [s.public() for s in ctx.nodes.sessions.values()]})
+        """Administrators see everything; other users capacity, and of the tasks only their own
+        (never another user's task ids, nor the nodes' addresses)."""
+        p = await principal(ctx)
+        out = []
+        for s in list(ctx.nodes.sessions.values()):
+            view = s.public()
+            if not p.admin:
+                view.pop("peer", None)
+                mine = []
+                for task_id in view["tasks"]:
+                    rec = await ctx.tasks.store.get_task(task_id)
+                    if rec is not None and rec.owner == p.user:
+                        mine.append(task_id)
+                view["tasks"] = mine
+            out.append(view)
+        return json_response({"nodes": out})
 
     async def set_drain(node: str, draining: bool):
         await administrator(ctx, "drain or undrain a node")

@@ -119,7 +119,13 @@ def openapi_document() -> dict:
                     ],
                 )
             },
-            "/v1/nodes": {"get": _op("Connected nodes", {"200": {"description": "nodes"}})},
+            "/v1/nodes": {
+                "get": _op(
+                    "Nodes and their capacity; administrators also see every node's tasks and address, "
+                    "other users only their own tasks and no addresses",
+                    {"200": {"description": "nodes"}, "401": _ERR},
+                )
+            },
             "/v1/nodes/{node}/drain": {
                 "post": _op(
                     "Drain a node (administrators): it takes no new tasks; what runs there runs to its end",
