@@ -357,3 +357,25 @@ async def test_nodes_list_shows_users_only_their_own_tasks_and_no_addresses(orch
         b_view = {n["id"]: n for n in (await bob.get("/v1/nodes")).json()["nodes"]}["n-shared"]
         assert b_view["tasks"] == [b_task] and "peer" not in b_view
     await node.close()
+
+
+async def test_an_enrolment_whose_answer_was_lost_completes_on_the_next_try_and_revoked_ids_can_rejoin(orchestrator):
+    mt = orchestrator
+    token = await join_token(mt)
+    node = KeyNode(mt.gateway, "n-retry", token=token)
+    first = await node.connect()
+    assert len(first.server_key) == 32
+    await node.close()
+    node.server_key = b""  # as if the Welcome never arrived: the same key and the same (spent) token again
+    again = await node.connect()
+    assert again.server_key == first.server_key
+    await node.close()
+    # but the spent token enrols no other key under that id
+    with pytest.raises(RuntimeError, match="enrolled with another key"):
+        await KeyNode(mt.gateway, "n-retry", token=token).connect()
+    # revoked, then enrolled again with a new token (an administrator's consent)
+    assert (await mt.client.post("/v1/nodes/n-retry/revoke")).json()["revoked"] is True
+    fresh = KeyNode(mt.gateway, "n-retry", token=await join_token(mt))
+    await fresh.connect()
+    assert _connected_now(mt, "n-retry")
+    await fresh.close()
