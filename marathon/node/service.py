@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import hmac
 import itertools
 import logging
@@ -42,7 +41,7 @@ from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
 from marathon.protocol.auth import join_mac, new_private_key, node_mac, node_signature, orchestrator_mac, public_key
 from marathon.protocol.auth import split_token, token_hash
-from marathon.protocol.blobs import BlobWriter
+from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol.transports import client_tls, open_stream
 
 log = logging.getLogger("marathon.node")
@@ -423,7 +422,7 @@ class NodeService:
             d = os.path.join(self.config.data_dir, "incoming")
             os.makedirs(d, mode=0o700, exist_ok=True)
             self._incoming[key] = BlobWriter(os.path.join(d, f"{msg.task_id}.{msg.name}"))
-        self._incoming[key].add(msg.offset, msg.data, msg.last)
+        self._incoming[key].add(msg)
 
     async def _assign(self, fs: FramedStream[m.ToNode], assign: m.Assign) -> None:
         spec = assign.task
@@ -476,29 +475,10 @@ class NodeService:
                 self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
             async def upload(name: str, path: str) -> None:
-                digest = hashlib.sha256()
-                async with await trio.open_file(path, "rb") as f:
-                    offset = 0
-                    while True:
-                        data = await f.read(m.BLOB_CHUNK)
-                        last = len(data) < m.BLOB_CHUNK
-                        digest.update(data)
-                        self.emit(
-                            m.TaskBlob(
-                                task_id=task_id,
-                                node_seq=self.next_seq(),
-                                name=name,
-                                offset=offset,
-                                data=data,
-                                last=last,
-                                attempt=attempt,
-                                size=offset + len(data) if last else -1,
-                                sha256=digest.digest() if last else b"",
-                            )
-                        )
-                        offset += len(data)
-                        if last:
-                            return
+                async for p in chunks(path):
+                    self.emit(
+                        m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), attempt=attempt, name=name, **p.fields())
+                    )
 
             slot = None
             try:

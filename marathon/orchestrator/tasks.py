@@ -23,6 +23,7 @@ from marathon.orchestrator.lifecycle import TERMINAL, State, transition
 from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
+from marathon.protocol.blobs import chunks
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
 from marathon.units import parse_size
 
@@ -162,13 +163,7 @@ class TaskService:
         spec = msgspec.structs.replace(spec, trusted_repo=bool(owner and owner.admin))
         blobs = []
         if bundle is not None:
-            for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):
-                data = bundle[off : off + m.BLOB_CHUNK]
-                blobs.append(
-                    m.AssignBlob(
-                        task_id=rec.id, name="bundle", offset=off, data=data, last=off + m.BLOB_CHUNK >= len(bundle)
-                    )
-                )
+            blobs = [m.AssignBlob(task_id=rec.id, name="bundle", **p.fields()) async for p in chunks(bundle)]
         # the token is decrypted here only, and only for a task that needs it (a PR, a clone from GitHub)
         needed = repos.needs_github_token(req.repo, req.pr, self.config.github_url)
         try:

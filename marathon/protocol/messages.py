@@ -226,6 +226,21 @@ def stopped_state(reason: str) -> str:
     return STOP_STATES.get(reason, "cancelled")
 
 
+class Chunk(_Msg, kw_only=True):
+    """One chunk of a file sent in order (``marathon/protocol/blobs.py`` cuts and reassembles
+    them).  Every chunk message is one of these plus where it goes: ``AssignBlob`` (orchestrator
+    -> node, a task's), ``TaskBlob`` (node -> orchestrator, a task attempt's, in the outbox),
+    ``Blob`` (node <-> agent).  The last chunk states the whole file's size and SHA-256, and the
+    receiver checks them before it takes the file (-1 and empty: not stated, from older peers)."""
+
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
+    size: int = -1
+    sha256: bytes = b""
+
+
 # --------------------------------------------------------------------------- common
 
 
@@ -291,15 +306,11 @@ class Assign(_Msg, tag="assign"):
     github_token: str | None = None  # stays on the node: pushes and the PR; never sent to the agent
 
 
-class AssignBlob(_Msg, tag="assign_blob"):
+class AssignBlob(Chunk, tag="assign_blob", kw_only=True):
     """A chunk of an artifact the node needs for an assignment (a resumed task's bundle),
     sent before the Assign."""
 
     task_id: str
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
 
 
 class Accepted(_Msg, tag="accepted"):
@@ -337,19 +348,12 @@ class TaskEvent(_Msg, tag="task_event"):
     attempt: int = 0
 
 
-class TaskBlob(_Msg, tag="task_blob"):
+class TaskBlob(Chunk, tag="task_blob", kw_only=True):
     """A chunk of a task's artifact (the result bundle), before its TaskResult."""
 
     task_id: str
     node_seq: int
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
     attempt: int = 0
-    # on the last chunk: the whole artifact's size and SHA-256, checked before it is stored
-    size: int = -1
-    sha256: bytes = b""
 
 
 class TaskResult(_Msg, tag="task_result"):
@@ -419,14 +423,9 @@ class AgentResult(_Msg, tag="result"):
     outcome: TaskOutcome
 
 
-class Blob(_Msg, tag="blob"):
+class Blob(Chunk, tag="blob", kw_only=True):
     """A chunk of a file between node and agent: "repo" (the bundle the workspace starts from)
     after Start, "result" (the work as a bundle) before AgentResult."""
-
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
 
 
 class CancelRun(_Msg, tag="cancel_run"):
