@@ -88,7 +88,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     etcd_prefix: str = "/marathon/"
     lease_ttl: float = 10.0  # seconds a replica's or node's record outlives its last keepalive
     leader_ttl: float = 10.0  # seconds a dead scheduler leader keeps the lead at most
-    node_secret: str = ""
+    node_secret: str = ""  # shared by all nodes: embedded mode and single-operator setups (full trust)
+    node_max_slots: int = 8  # default cap on an enrolled node's slots (`marathon nodes join-token --max-slots`)
+    handshake_timeout: float = 10.0  # seconds a node connection gets to authenticate
+    gateway_max_unauthenticated: int = 64  # node connections still authenticating; more are closed at once
     # users' GitHub tokens are encrypted at rest (AES-256-GCM) with this key: 32 bytes, base64url
     # (`marathon admin new-secrets-key`); empty: one is generated into <data_dir>/secrets_key (0600).
     # Several orchestrator replicas need the same key.  Rotation: README, "Rotating the secrets key".
@@ -107,6 +110,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     orchestrator: str = "tcp:127.0.0.1:8601"
     node_name: str = msgspec.field(default_factory=socket.gethostname)
     node_id: str = ""
+    join_token: str = ""  # enrol with this one-time token (`marathon nodes join-token`); then the node's own key
     slots: int = 2
     sandbox: str = "process"  # process | qemu | firecracker
     bwrap: str = "auto"  # auto | required | off
@@ -182,6 +186,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("login_account_failures, login_client_failures and register_attempts must be at least 1")
         if self.login_window <= 0 or self.register_window <= 0:
             raise ValueError("login_window and register_window must be positive (seconds)")
+        if self.node_max_slots < 1 or self.gateway_max_unauthenticated < 1 or self.handshake_timeout <= 0:
+            raise ValueError(
+                "node_max_slots and gateway_max_unauthenticated must be at least 1, handshake_timeout positive"
+            )
         if self.store_pool_size < 1:
             raise ValueError("store_pool_size must be at least 1")
         for name in ("lease_ttl", "leader_ttl"):
@@ -230,7 +238,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def redacted(self) -> dict[str, Any]:
         out = msgspec.structs.asdict(self)
-        for key in ("token", "node_secret", "anthropic_api_key", "secrets_key", "secrets_old_keys"):
+        for key in ("token", "node_secret", "join_token", "anthropic_api_key", "secrets_key", "secrets_old_keys"):
             if out.get(key):
                 out[key] = "***"
         for key in ("store", "redis_url"):  # URLs may carry a password

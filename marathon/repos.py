@@ -95,3 +95,20 @@ async def check_remote(url: str, allow: list[str] | tuple[str, ...] = ()) -> lis
             "only administrators (or hosts in repo_hosts) may use such repositories"
         )
     return addrs
+
+
+def needs_github_token(repo: str | None, pr: bool, github_url: str) -> bool:
+    """Whether a task's assignment carries its owner's GitHub token: for a pull request
+    (push and open it), or for a clone from the GitHub host (the repository may be private).
+    Never for a task without a repository, on the node's disk, or on another host."""
+    if not repo:
+        return False
+    if pr:
+        return True
+    kind = classify(repo)
+    if kind == "github":
+        return True
+    if kind != "url":
+        return False
+    gh = (urlparse(github_url).hostname or "").lower()
+    return bool(gh) and url_host(repo)[0].lower() == gh

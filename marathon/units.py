@@ -26,4 +26,17 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
-__all__ = ["format_size", "parse_size"]
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (e.g. 90s, 15m, 1h, 7d)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+__all__ = ["format_size", "parse_duration", "parse_size"]

@@ -162,3 +162,49 @@ def test_tunnel_window_violation_is_protocol_error():
     mux.feed(m.TunnelOpen(conn=2))
     with pytest.raises(ProtocolError, match="window"):
         mux.feed(m.TunnelData(conn=2, data=b"x" * 11))
+
+
+@pytest.mark.parametrize("length", [0, 1, 4096, 3 * 4096, 3 * 4096 + 7])
+async def test_one_chunker_and_one_reassembler_for_files_and_bytes(tmp_path, length):
+    import hashlib
+    import os
+
+    from marathon.protocol.blobs import BlobWriter, chunks
+
+    data = os.urandom(length)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    from_file = [p async for p in chunks(str(src), size=4096)]
+    from_bytes = [p async for p in chunks(data, size=4096)]
+    assert from_file == from_bytes  # the same pieces, whatever the source
+    assert [p.last for p in from_file] == [False] * (len(from_file) - 1) + [True]
+    assert all(p.data for p in from_file) or length == 0  # no trailing empty piece at exact multiples
+    assert from_file[-1].size == length and from_file[-1].sha256 == hashlib.sha256(data).digest()
+    # every chunk message is one Chunk: the reassembler takes them all
+    for kind in (m.Blob, m.TaskBlob, m.AssignBlob):
+        extra = (
+            {"task_id": "t", "node_seq": 1} if kind is m.TaskBlob else {"task_id": "t"} if kind is m.AssignBlob else {}
+        )
+        w = BlobWriter(str(tmp_path / f"out-{kind.__name__}"))
+        msgs = [kind(name="x", **extra, **p.fields()) for p in from_file]
+        done = [w.add(msg) for msg in msgs + msgs[:1]]  # a resend at the end is ignored
+        assert done[-2] and (tmp_path / f"out-{kind.__name__}").read_bytes() == data
+
+
+async def test_the_reassembler_refuses_a_file_that_is_not_what_the_sender_stated(tmp_path):
+    from marathon.protocol.blobs import BlobWriter, chunks
+
+    pieces = [p async for p in chunks(b"a" * 10000, size=4096)]
+    w = BlobWriter(str(tmp_path / "out"))
+    w.add(m.Blob(name="x", **pieces[0].fields()))
+    w.add(m.Blob(name="x", **pieces[1].fields()))
+    forged = m.Blob(name="x", **{**pieces[2].fields(), "sha256": b"\0" * 32})
+    with pytest.raises(ProtocolError, match="SHA-256"):
+        w.add(forged)
+    assert w.refused and not w.done and (tmp_path / "out").read_bytes() == b""
+    short = BlobWriter(str(tmp_path / "short"))
+    with pytest.raises(ProtocolError, match="the sender said 5"):
+        short.add(m.Blob(name="x", offset=0, data=b"abc", last=True, size=5))
+    gap = BlobWriter(str(tmp_path / "gap"))
+    with pytest.raises(ProtocolError, match="expected 0"):
+        gap.add(m.Blob(name="x", offset=4096, data=b"abc"))

@@ -110,13 +110,13 @@ async def test_the_database_holds_no_token_and_tasks_still_get_it(backend, tmp_p
             await store.set_github_token(uid, token)
         for uid, token in TOKENS.items():
             assert await store.github_token(uid) == token
-        for i, repo in enumerate(["acme/api", None]):
+        repos = ["acme/api", None, "https://git.example.org/acme/api.git", "/srv/repo", "https://github.com/a/b"]
+        for i, repo in enumerate(repos):
             await store.create_task(task(i, "u1", repo), EventIn(f"t{i}", "state", b"{}"))
         service = TaskService(store, MemoryBus(), config)
-        with_repo, _ = await service.assignment(await service.get("t0"))
-        without, _ = await service.assignment(await service.get("t1"))
-        assert with_repo.github_token == TOKENS["u1"]
-        assert without.github_token is None  # no repository: nothing to clone or push, no token
+        got = [(await service.assignment(await service.get(f"t{i}")))[0].github_token for i in range(len(repos))]
+        # a clone from GitHub may need it; no repository, another host or a local path: no token
+        assert got == [TOKENS["u1"], None, None, None, TOKENS["u1"]]
     finally:
         await store.close()
     data = raw()
@@ -242,3 +242,16 @@ async def test_the_orchestrator_refuses_to_start_with_a_wrong_key(tmp_path):
     assert res.returncode == 2, err
     assert "secrets are encrypted with key id" in err and "Traceback" not in err
     assert env["MARATHON_SECRETS_KEY"] not in err
+
+
+def test_only_tasks_that_need_it_get_the_github_token():
+    from marathon.repos import needs_github_token
+
+    gh = "https://github.com"
+    assert needs_github_token("https://git.example.org/a/b", True, gh)  # --pr: push and open it
+    assert needs_github_token("acme/api", False, gh)  # a clone from GitHub (maybe private)
+    assert needs_github_token("git@github.com:acme/api.git", False, gh)
+    assert needs_github_token("https://ghe.corp/acme/api", False, "https://ghe.corp")
+    assert not needs_github_token("https://git.example.org/a/b", False, gh)
+    assert not needs_github_token("/srv/repo", False, gh)
+    assert not needs_github_token(None, False, gh)

@@ -3,6 +3,7 @@
 
 import os
 
+import msgspec
 import pytest
 import trio
 
@@ -368,3 +369,34 @@ async def test_survives_reopen(store_url, tmp_path):
     assert got is not None and got.id == "t001"
     assert len(await s.events_after("t001", 0)) == 1
     await s.close()
+
+
+async def test_join_tokens_are_spent_once_and_node_ids_stay_bound(store):
+    from marathon.store.models import JoinToken, NodeCredential
+
+    await store.create_join_token(JoinToken(id="t1", token_hash="h1", created_at=1.0, expires_at=2e9, max_slots=2))
+    await store.create_join_token(JoinToken(id="t2", token_hash="h2", created_at=1.0, expires_at=5.0, max_slots=2))
+    assert (await store.get_join_token("t1")).token_hash == "h1"
+    assert await store.get_join_token("nope") is None
+    results = []
+
+    async def spend(node):
+        results.append(await store.use_join_token("t1", node, 100.0))
+
+    async with trio.open_nursery() as nursery:
+        for n in ("a", "b", "c"):
+            nursery.start_soon(spend, n)
+    assert sorted(results) == [False, False, True]
+    assert (await store.get_join_token("t1")).used_by in {"a", "b", "c"}
+    assert not await store.use_join_token("t2", "a", 100.0)  # expired
+
+    cred = NodeCredential(node_id="n1", public_key="aa", server_key="bb", max_slots=2, created_at=1.0)
+    assert await store.enroll_node(cred)
+    assert not await store.enroll_node(msgspec.structs.replace(cred, public_key="cc"))  # taken
+    assert (await store.get_node_credential("n1")).public_key == "aa"
+    assert await store.revoke_node_credential("n1", 50.0)
+    assert not await store.revoke_node_credential("n1", 51.0)
+    assert (await store.get_node_credential("n1")).revoked_at == 50.0
+    assert await store.enroll_node(msgspec.structs.replace(cred, public_key="cc"))  # re-enrolled after a revoke
+    again = await store.get_node_credential("n1")
+    assert again.public_key == "cc" and again.revoked_at is None

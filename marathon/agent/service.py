@@ -167,7 +167,7 @@ async def run_task(config: Config, fs: FramedStream, start: m.Start) -> None:
                 if isinstance(msg, (m.TunnelData, m.TunnelAck, m.TunnelClose, m.TunnelOpen)):
                     mux.feed(msg)
                 elif isinstance(msg, m.Blob) and msg.name == "repo":
-                    if received.add(msg.offset, msg.data, msg.last):
+                    if received.add(msg):
                         repo_ready.set()
                 elif isinstance(msg, m.CancelRun):
                     log.info("agent: cancel requested (%s)", msg.reason)

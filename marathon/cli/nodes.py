@@ -64,3 +64,55 @@ def nodes_undrain(node: str, *, url: Url = None) -> int:
     n = api_client(url).post(f"/v1/nodes/{node}/undrain")
     print(f"node {n['name']} ({n['id']}) takes tasks again")
     return 0
+
+
+@nodes.command(name="join-token")
+def nodes_join_token(*, ttl: str = "1h", max_slots: int | None = None, url: Url = None) -> int:
+    """Make a one-time token a new node enrols with (administrators).
+
+    Start the node with it (MARATHON_JOIN_TOKEN or join_token in its marathon.toml): at its
+    first connection it gets its own credential, kept in its data dir; the token is spent.
+
+    Parameters
+    ----------
+    ttl
+        How long the token can be used: 90s, 15m, 1h, 7d.
+    max_slots
+        The most slots (and warm sandboxes) the orchestrator believes this node has, whatever
+        it claims (default: the orchestrator's node_max_slots).
+    """
+    from marathon.cli.app import fail
+    from marathon.units import parse_duration
+
+    try:
+        seconds = parse_duration(ttl)
+    except ValueError as exc:
+        return fail(str(exc), 2)
+    body: dict = {"ttl": seconds}
+    if max_slots is not None:
+        body["max_slots"] = max_slots
+    res = api_client(url).post("/v1/nodes/join-tokens", body)
+    import time
+
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(res["expires_at"]))
+    print(res["token"])
+    import sys
+
+    print(f"one use, until {until}; the node gets at most {res['max_slots']} slot(s)", file=sys.stderr)
+    return 0
+
+
+@nodes.command(name="revoke")
+def nodes_revoke(node: str, *, url: Url = None) -> int:
+    """Revoke NODE's credential (administrators): it is disconnected at once and refused from
+    then on; its tasks are queued again (or fail) as a lost node's.
+
+    Parameters
+    ----------
+    node
+        The node's id, or its name when no other node has it.
+    """
+    res = api_client(url).post(f"/v1/nodes/{node}/revoke")
+    what = "credential revoked" if res["revoked"] else "no credential of its own (node secret): disconnected"
+    print(f"node {res['id']}: {what}")
+    return 0

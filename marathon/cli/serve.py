@@ -28,6 +28,7 @@ def setup_logging(config: Config, role: str) -> None:
         secrets=[
             config.anthropic_api_key,
             config.node_secret,
+            config.join_token,
             config.token,
             config.secrets_key,
             *config.secrets_old_key_list(),
@@ -177,8 +178,13 @@ async def serve_role(role: str, config: Config, listen: str | None = None, *, ta
                 secret = config.node_secret
             elif await trio.Path(config.data_dir, "node_secret").exists():
                 secret = load_node_secret(config)
+            elif config.join_token or await trio.Path(config.data_dir, "node_credential").exists():
+                secret = ""  # the node's own key (enrolled with a join token)
             else:
-                raise ConfigError("a node needs the orchestrator's node secret: set MARATHON_NODE_SECRET")
+                raise ConfigError(
+                    "a node needs a join token (MARATHON_JOIN_TOKEN, from `marathon nodes join-token`) "
+                    "or the orchestrator's node secret (MARATHON_NODE_SECRET)"
+                )
             cgroups = detect_cgroups(node_config)
             backend = make_backend(node_config, cgroups)
             log.info("sandbox backend %s: %s", backend.name, backend.info.isolation)

@@ -28,7 +28,7 @@ import trio
 
 from marathon import __version__
 from marathon.config import Config, state_value
-from marathon.errors import AuthError, ConnectionClosed, ProtocolError, describe
+from marathon.errors import AuthError, ConfigError, ConnectionClosed, ProtocolError, describe
 from marathon.logs import log_context
 from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
@@ -40,12 +40,14 @@ from marathon.node.pool import WarmPool
 from marathon.node.supervisor import TaskHandle, connect_agent, supervise
 from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
-from marathon.protocol.auth import node_mac, orchestrator_mac
-from marathon.protocol.blobs import BlobWriter
+from marathon.protocol.auth import join_mac, new_private_key, node_mac, node_signature, orchestrator_mac, public_key
+from marathon.protocol.auth import split_token, token_hash
+from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol.transports import client_tls, open_stream
 
 log = logging.getLogger("marathon.node")
 ATTEMPTS_KEPT = 100_000  # tasks whose newest attempt a node remembers, to refuse older ones
+
 OUTBOX_LIMIT = 200_000
 SEND_TIMEOUT = 60.0  # an orchestrator that reads nothing for this long is gone
 TASK_ID = re.compile(r"[0-9a-f]{12}")
@@ -72,10 +74,69 @@ def load_node_id(config: Config) -> str:
     return config.node_id or state_value(config.data_dir, "node_id", lambda: f"n-{uuid.uuid4().hex[:12]}")
 
 
+CREDENTIAL_FILE = "node_credential"
+
+
+class NodeCredential(msgspec.Struct):
+    """This node's own identity, in ``<data_dir>/node_credential`` (0600): the private key it
+    signs its handshakes with (the orchestrator has only the public half) and the key the
+    orchestrator proves itself with (``server_key``, empty until enrolment completes)."""
+
+    node_id: str
+    private_key: bytes
+    server_key: bytes = b""
+
+
+def credential_path(config: Config) -> str:
+    return os.path.join(config.data_dir, CREDENTIAL_FILE)
+
+
+def load_credential(config: Config) -> NodeCredential | None:
+    try:
+        with open(credential_path(config), "rb") as f:
+            return msgspec.json.decode(f.read(), type=NodeCredential)
+    except FileNotFoundError:
+        return None
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(
+            f"{credential_path(config)}: unreadable node credential ({exc}); remove it and join again"
+        ) from None
+
+
+def save_credential(config: Config, cred: NodeCredential) -> None:
+    """Written whole (a temporary file renamed over it), mode 0600 from the start."""
+    path = credential_path(config)
+    os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgspec.json.encode(cred))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class NodeService:
     def __init__(self, config: Config, backend: SandboxBackend, proxy: MeteringProxy, secret: str):
         self.config, self.backend, self.proxy, self.secret = config, backend, proxy, secret
         self.node_id = load_node_id(config)
+        self.credential = load_credential(config)
+        if self.credential is not None and self.credential.node_id != self.node_id:
+            raise ConfigError(
+                f"{credential_path(config)} is the credential of node {self.credential.node_id}, not of {self.node_id}"
+            )
+        if self.credential is None and config.join_token:
+            # made before the first handshake: if the orchestrator's answer is lost, the same key
+            # (the one the token enrolled) is presented again
+            self.credential = NodeCredential(self.node_id, new_private_key())
+            save_credential(config, self.credential)
+        if self.credential is None and not secret:
+            raise ConfigError("a node needs a join token (MARATHON_JOIN_TOKEN) or the node secret")
         self.tasks: dict[str, TaskHandle] = {}
         self.draining = False  # no new tasks: told to drain, or shutting down
         self.shutting_down = False
@@ -234,16 +295,7 @@ class NodeService:
                 if not isinstance(challenge, m.Challenge):
                     raise ProtocolError(f"expected challenge, got {type(challenge).__name__}")
                 nonce = secrets.token_bytes(32)
-                await fs.send(
-                    m.Authenticate(
-                        node_id=self.node_id,
-                        name=self.config.node_name,
-                        mac=node_mac(self.secret, challenge.nonce, self.node_id),
-                        capacity=self.capacity(),
-                        running=self.running(include_outbox=True),
-                        nonce=nonce,
-                    )
-                )
+                await fs.send(self._authenticate(challenge.nonce, nonce))
                 welcome = await fs.receive()
             if isinstance(welcome, m.Error):
                 if welcome.code == AuthError.code:
@@ -251,8 +303,7 @@ class NodeService:
                 raise ProtocolError(f"{welcome.code}: {welcome.message}")
             if not isinstance(welcome, m.Welcome):
                 raise ProtocolError(f"expected welcome, got {type(welcome).__name__}")
-            if not hmac.compare_digest(welcome.mac, orchestrator_mac(self.secret, nonce, self.node_id)):
-                raise AuthError(f"{address} did not prove the node secret: not our orchestrator")
+            self._check_welcome(welcome, nonce)
             log.info("connected to the orchestrator at %s as %s", address, self.node_id)
             self._link = fs
             self.connected.set()
@@ -263,6 +314,58 @@ class NodeService:
                 nursery.cancel_scope.cancel()
         finally:
             await fs.aclose()
+
+    def _authenticate(self, challenge: bytes, nonce: bytes) -> m.Authenticate:
+        """Our proof: a signature with our own key (and, until enrolment completes, the join
+        token's proof), or else the shared secret's HMAC."""
+        auth = m.Authenticate(
+            node_id=self.node_id,
+            name=self.config.node_name,
+            mac=b"",
+            capacity=self.capacity(),
+            running=self.running(include_outbox=True),
+            nonce=nonce,
+        )
+        cred = self.credential
+        if cred is None:
+            return msgspec.structs.replace(auth, mac=node_mac(self.secret, challenge, self.node_id))
+        pub = public_key(cred.private_key)
+        auth = msgspec.structs.replace(
+            auth, public_key=pub, signature=node_signature(cred.private_key, challenge, self.node_id)
+        )
+        if not cred.server_key:  # enrolling (or the orchestrator's answer to it was lost)
+            parts = split_token(self.config.join_token)
+            if parts is None:
+                raise ConfigError("join_token is not a join token (mjt_…): make one with `marathon nodes join-token`")
+            auth = msgspec.structs.replace(
+                auth, join_id=parts[0], join_mac=join_mac(self.config.join_token, challenge, self.node_id, pub)
+            )
+        return auth
+
+    def _check_welcome(self, welcome: m.Welcome, nonce: bytes) -> None:
+        """The orchestrator's proof: the shared secret, the key it gave us at enrolment, or
+        (enrolling) the join token's hash; a key given at enrolment is kept from now on."""
+        cred = self.credential
+        if cred is None:
+            key, what = self.secret, "the node secret"
+        elif cred.server_key:
+            key, what = cred.server_key.hex(), "this node's enrolment"
+        else:
+            key, what = token_hash(self.config.join_token), "the join token"
+        if not hmac.compare_digest(welcome.mac, orchestrator_mac(key, nonce, self.node_id)):
+            raise AuthError(f"{self.gateway} did not prove {what}: not our orchestrator")
+        if cred is not None and not cred.server_key:
+            if len(welcome.server_key) != 32:
+                raise ProtocolError("the orchestrator enrolled this node without a key to prove itself with")
+            self.credential = msgspec.structs.replace(cred, server_key=welcome.server_key)
+            save_credential(self.config, self.credential)
+            log.info("enrolled with the join token: credential kept in %s", credential_path(self.config))
+        if welcome.max_slots and welcome.max_slots < self.config.slots:
+            log.warning(
+                "this node has %d slots, but it is enrolled for at most %d: it gets no more tasks than that",
+                self.config.slots,
+                welcome.max_slots,
+            )
 
     async def _heartbeat(self, fs: FramedStream, interval: float) -> None:
         while True:
@@ -331,7 +434,7 @@ class NodeService:
             d = os.path.join(self.config.data_dir, "incoming")
             os.makedirs(d, mode=0o700, exist_ok=True)
             self._incoming[key] = BlobWriter(os.path.join(d, f"{msg.task_id}.{msg.name}"))
-        self._incoming[key].add(msg.offset, msg.data, msg.last)
+        self._incoming[key].add(msg)
 
     async def _assign(self, fs: FramedStream[m.ToNode], assign: m.Assign) -> None:
         spec = assign.task
@@ -397,25 +500,10 @@ class NodeService:
                 self.emit(m.TaskEvent(task_id=task_id, node_seq=self.next_seq(), event=ev, attempt=attempt))
 
             async def upload(name: str, path: str) -> None:
-                async with await trio.open_file(path, "rb") as f:
-                    offset = 0
-                    while True:
-                        data = await f.read(m.BLOB_CHUNK)
-                        last = len(data) < m.BLOB_CHUNK
-                        self.emit(
-                            m.TaskBlob(
-                                task_id=task_id,
-                                node_seq=self.next_seq(),
-                                name=name,
-                                offset=offset,
-                                data=data,
-                                last=last,
-                                attempt=attempt,
-                            )
-                        )
-                        offset += len(data)
-                        if last:
-                            return
+                async for p in chunks(path):
+                    self.emit(
+                        m.TaskBlob(task_id=task_id, node_seq=self.next_seq(), attempt=attempt, name=name, **p.fields())
+                    )
 
             slot = None
             try:

@@ -440,7 +440,7 @@ async def _drive(
                     emit(ev)
                 elif isinstance(msg, m.Blob) and msg.name == "result":
                     try:
-                        result.add(msg.offset, msg.data, msg.last)
+                        result.add(msg)
                     except ProtocolError as exc:  # too large, or out of order: the task goes on without it
                         log.warning("task %s: result bundle refused: %s", spec.task_id, exc)
                         result.refused = result.refused or str(exc)

@@ -1,5 +1,10 @@
-"""Node gateway: nodes dial in over TCP, prove the shared secret, then exchange
-heartbeats, assignments, events and results.  One bad node never affects another."""
+"""Node gateway: nodes dial in over TCP, prove who they are (their own enrolled key, a join
+token, or the shared secret: ``identity``), then exchange heartbeats, assignments, events and
+results.  One bad node never affects another.
+
+Before a node has authenticated, what it can make us hold is small: frames of at most
+PREAUTH_MAX_FRAME, ``handshake_timeout`` to get through, and at most
+``gateway_max_unauthenticated`` such connections at once (more are closed at once)."""
 
 from __future__ import annotations
 
@@ -20,14 +25,18 @@ from marathon.orchestrator.lifecycle import TERMINAL, State
 from marathon.orchestrator.nodes import NodeRegistry, NodeSession
 from marathon.orchestrator.reconcile import Adopt, Fail, Keep, NodeAction, Requeue, SendCancel, reconcile_node
 from marathon.orchestrator.tasks import CANCEL_TOPIC, SCHED_TOPIC, TaskService, active_task
+from marathon.orchestrator.uploads import SessionUploads, clear_uploads
 from marathon.protocol import messages as m
-from marathon.protocol.auth import orchestrator_mac, verify_node_mac
-from marathon.protocol.framing import FramedStream
+from marathon.orchestrator.identity import Admission, NodeIdentities, capped
+from marathon.protocol.auth import orchestrator_mac
+from marathon.protocol.framing import DEFAULT_MAX_FRAME, FramedStream
 from marathon.protocol.transports import listener_address, open_listeners, server_tls
 from marathon.store import TaskRecord
 
 log = logging.getLogger("marathon.gateway")
 SEND_TIMEOUT = 60.0  # a node that reads nothing for this long is dropped (it reconnects)
+PREAUTH_MAX_FRAME = 64 * 1024  # largest frame from a node that has not authenticated yet
+REFUSAL_LOG_INTERVAL = 10.0  # connections over the cap are logged at most this often
 
 
 def _peer(stream) -> str:
@@ -42,7 +51,11 @@ def _peer(stream) -> str:
 class Gateway:
     def __init__(self, config: Config, tasks: TaskService, nodes: NodeRegistry, secret: str):
         self.config, self.tasks, self.nodes, self.secret = config, tasks, nodes, secret
+        self.identities = NodeIdentities(tasks.store, secret, default_max_slots=config.node_max_slots)
         self.ingest = Ingest(tasks)
+        self.unauthenticated = 0  # connections still in their handshake
+        self.refused_over_cap = 0
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL
         self.cancel_deadlines: dict[str, float] = {}  # task id -> when a cancel is taken as done (trio clock)
         self.nodes_changed: Callable[[], None] = lambda: None  # a node came, went, or its capacity changed
 
@@ -50,6 +63,7 @@ class Gateway:
         tls = None
         if self.config.gateway_listen.startswith("tls:"):
             tls = server_tls(self.config.gateway_tls_cert, self.config.gateway_tls_key)
+        await trio.to_thread.run_sync(clear_uploads, self.config.data_dir)
         listeners = await open_listeners(self.config.gateway_listen, tls=tls)
         addrs = [listener_address(lis) for lis in listeners]
         log.info("node gateway listening on %s", ", ".join(addrs))
@@ -78,11 +92,32 @@ class Gateway:
                 await watch.wait()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
+        if self.unauthenticated >= self.config.gateway_max_unauthenticated:
+            self.refused_over_cap += 1
+            if trio.current_time() - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+                self._refusal_logged = trio.current_time()
+                log.warning(
+                    "node gateway: %d connections are authenticating already (gateway_max_unauthenticated): "
+                    "closing new ones (%d so far)",
+                    self.unauthenticated,
+                    self.refused_over_cap,
+                )
+            await trio.aclose_forcefully(stream)
+            return
+        self.unauthenticated += 1
+        authenticating = True
         peer = _peer(stream)
-        fs: FramedStream[m.FromNode] = FramedStream(stream, m.FromNode, send_timeout=SEND_TIMEOUT)
+        fs: FramedStream[m.FromNode] = FramedStream(
+            stream, m.FromNode, send_timeout=SEND_TIMEOUT, max_frame=PREAUTH_MAX_FRAME
+        )
         session: NodeSession | None = None
         try:
-            session = await self._handshake(fs, peer)
+            with trio.fail_after(self.config.handshake_timeout):
+                auth, admission = await self._authenticate(fs)
+            self.unauthenticated -= 1
+            authenticating = False
+            fs.max_frame = DEFAULT_MAX_FRAME
+            session = await self._attach(fs, peer, auth, admission)
             with log_context(node_id=session.node_id):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.write_queued)
@@ -98,14 +133,22 @@ class Gateway:
             log.info("node connection from %s closed: %s", peer, describe(group))
         except* trio.TooSlowError:
             log.warning("node connection from %s timed out", peer)
-            await fs.send_error("timeout", "no heartbeat within node_timeout")
+            await fs.send_error(
+                "timeout", "no heartbeat within node_timeout" if session else "no handshake within handshake_timeout"
+            )
         except* Exception as group:  # a store error or a bug ends this node's connection, not the orchestrator
             log.error("node connection from %s failed", peer, exc_info=group)
             await fs.send_error("internal", f"orchestrator error: {type(leaves(group)[0]).__name__}")
         finally:
+            if authenticating:
+                self.unauthenticated -= 1
+            if session is not None:
+                session.uploads.close()  # what it left half-sent: it sends it again from the start
             if session is not None and self.nodes.get(session.node_id) is session:
                 self.nodes.detach(session)
                 self.nodes_changed()
+                if session.revoked:  # as a lost node whose grace is over: its tasks are given back now
+                    session.lost_since = trio.current_time() - self.config.node_grace
                 log.warning(
                     "node %s (%s) disconnected; its tasks wait %.0fs for it",
                     session.name,
@@ -115,21 +158,26 @@ class Gateway:
                 await self.tasks.bus.notify(SCHED_TOPIC)
             await fs.aclose()
 
-    async def _handshake(self, fs: FramedStream[m.FromNode], peer: str) -> NodeSession:
+    async def _authenticate(self, fs: FramedStream[m.FromNode]) -> tuple[m.Authenticate, Admission]:
+        """Hello, Challenge, Authenticate: who the node is (``identity.NodeIdentities.admit``)."""
         hello = await fs.handshake("orchestrator", __version__, initiator=False, timeout=self.config.connect_timeout)
         if hello.role != "node":
             raise ProtocolError(f"expected a node, got role {hello.role!r}")
         nonce = secrets.token_bytes(32)
         await fs.send(m.Challenge(nonce=nonce))
-        with trio.fail_after(self.config.connect_timeout):
-            auth = await fs.receive()
+        auth = await fs.receive()
         if not isinstance(auth, m.Authenticate):
             raise ProtocolError(f"expected authenticate, got {type(auth).__name__}")
         if not auth.node_id or len(auth.node_id) > 128:
             raise ProtocolError("bad node id")
-        if not verify_node_mac(self.secret, nonce, auth.node_id, auth.mac):
-            raise AuthError(f"node {auth.name!r} ({auth.node_id}) presented a wrong node secret")
-        session = NodeSession(auth.node_id, auth.name, fs, auth.capacity, peer=peer)
+        return auth, await self.identities.admit(auth, nonce)
+
+    async def _attach(
+        self, fs: FramedStream[m.FromNode], peer: str, auth: m.Authenticate, admission: Admission
+    ) -> NodeSession:
+        capacity = capped(auth.capacity, admission.max_slots)
+        session = NodeSession(auth.node_id, auth.name, fs, capacity, peer=peer, max_slots=admission.max_slots)
+        session.uploads = SessionUploads(self.config.data_dir, self.config.max_artifact)
         old = self.nodes.attach(session)
         self.nodes_changed()
         try:  # attached: until the handshake is through, a failure must detach it again
@@ -139,15 +187,23 @@ class Gateway:
                 m.Welcome(
                     node_id=auth.node_id,
                     heartbeat_interval=self.config.heartbeat_interval,
-                    mac=orchestrator_mac(self.secret, auth.nonce, auth.node_id),
+                    mac=orchestrator_mac(admission.proof_key, auth.nonce, auth.node_id),
+                    server_key=admission.server_key,
+                    max_slots=admission.max_slots or 0,
                 )
             )
             log.info(
-                "node %s (%s) connected from %s: %d slots, backend %s%s",
+                "node %s (%s) connected from %s (%s): %d slots%s, backend %s%s",
                 auth.name,
                 auth.node_id,
                 peer,
-                auth.capacity.slots,
+                {"secret": "node secret", "credential": "its own key", "join": "enrolled now with a join token"}[
+                    admission.mode
+                ],
+                capacity.slots,
+                f" (claimed {auth.capacity.slots}, enrolled for at most {admission.max_slots})"
+                if capacity.slots != auth.capacity.slots
+                else "",
                 auth.capacity.backend,
                 "; draining" if session.draining else "",
             )
@@ -233,7 +289,7 @@ class Gateway:
         match msg:
             case m.Heartbeat():
                 before = session.view()
-                session.capacity = msg.capacity
+                session.capacity = capped(msg.capacity, session.max_slots)
                 await session.send(m.HeartbeatAck(acked=self.ack_point(session)))
                 if session.view() != before:  # a slot freed, a sandbox warmed, a drain began or ended
                     self.nodes_changed()
@@ -271,9 +327,10 @@ class Gateway:
                     )
             case m.TaskBlob():
                 key = (msg.task_id, msg.name)
-                if msg.offset == 0:
-                    session.open_blobs[key] = msg.node_seq
-                if await self.ingest.record_blob(nid, msg) or msg.last:
+                await self.ingest.record_blob(nid, session.uploads, msg)
+                if (msg.task_id, msg.attempt, msg.name) in session.uploads.open:
+                    session.open_blobs.setdefault(key, msg.node_seq)  # not acknowledged before it is stored
+                else:  # stored, refused or dropped
                     session.open_blobs.pop(key, None)
                 session.acked = max(session.acked, msg.node_seq)
             case m.TaskResult():
@@ -296,6 +353,23 @@ class Gateway:
         self.cancel_deadlines[task_id] = trio.current_time() + self.config.assign_timeout
         await self.tasks.bus.notify(SCHED_TOPIC)  # the scheduler wakes at the new deadline
         return True
+
+    async def revoke(self, node_id: str) -> bool:
+        """An administrator revokes a node's credential: it is refused from now on, its
+        connection is cut, and its tasks are given back as a lost node's (no grace).  False
+        when the node had no credential to revoke."""
+        revoked = await self.identities.revoke(node_id)
+        session = self.nodes.get(node_id)
+        if session is not None:
+            session.revoked = True
+            if session.connected and session.stream is not None:
+                await session.stream.send_error(AuthError.code, "this node was revoked by an administrator")
+                await session.stream.aclose()  # its reader ends; the handler detaches it
+            elif session.lost_since is not None:
+                session.lost_since = min(session.lost_since, trio.current_time() - self.config.node_grace)
+        log.warning("node %s revoked by an administrator", node_id)
+        await self.tasks.bus.notify(SCHED_TOPIC)
+        return revoked
 
     async def set_drain(self, node_id: str, draining: bool) -> None:
         """An administrator drains a node (it takes no new tasks; what runs there goes on) or

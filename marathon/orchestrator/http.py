@@ -30,6 +30,7 @@ from marathon.errors import (
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.cluster import Cluster
 from marathon.orchestrator.metrics import OrchestratorMetrics
+from marathon.orchestrator.identity import NodeIdentities
 from marathon.orchestrator.nodes import NodeRegistry
 from marathon.orchestrator.tasks import TaskService
 
@@ -60,6 +61,9 @@ class ApiContext:
     limiter: RateLimiter
     # set_drain(node_id, draining): tell a node to take no new tasks (or to take them again)
     set_drain: Callable[[str, bool], Awaitable[None]] | None = None
+    # node identities: join tokens, and revoke(node_id) -> whether it had a credential
+    identities: NodeIdentities | None = None
+    revoke_node: Callable[[str], Awaitable[bool]] | None = None
     submit_rate: float = 60.0  # per minute
     submit_burst: int = 20
     keepalive: float = 15.0

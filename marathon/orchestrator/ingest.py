@@ -3,13 +3,17 @@ the ledger), artifacts sent in chunks, and outcomes — written to the store in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 
 import msgspec
+import trio
 
 from marathon.orchestrator.lifecycle import ACTIVE, State
 from marathon.orchestrator.tasks import TaskService, event_in, task_topic
+from marathon.orchestrator.uploads import SessionUploads
 from marathon.pricing import cost, price_for
 from marathon.protocol import messages as m
 from marathon.store import EventIn, TaskRecord
@@ -19,12 +23,16 @@ log = logging.getLogger("marathon.orchestrator")
 NODE_SHUTDOWN = m.NODE_SHUTDOWN
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Ingest:
     def __init__(self, tasks: TaskService):
         self.tasks = tasks
         self.store, self.bus, self.config = tasks.store, tasks.bus, tasks.config
         self._unpriced_warned: set[str] = set()
-        self._blobs: dict[tuple[str, str], bytearray] = {}
 
     def price(self, task_id: str, owner: str, ev: m.ApiRequestEvent) -> tuple[m.ApiRequestEvent, LedgerRow]:
         price, known = price_for(ev.model, self.tasks.prices, self.config.price_fallback)
@@ -101,40 +109,38 @@ class Ingest:
         for task_id in {s.task_id for s in stored if s is not None}:
             await self.bus.notify(task_topic(task_id))
 
-    async def record_blob(self, node_id: str, msg: m.TaskBlob) -> bool:
-        """Reassemble an artifact the node sends in chunks; stored whole when the last arrives
-        (then True)."""
-        key = (msg.task_id, msg.name)
+    async def record_blob(self, node_id: str, uploads: SessionUploads, msg: m.TaskBlob) -> bool:
+        """A chunk of an artifact the node uploads, written to its file as it arrives; the
+        artifact is stored when its last chunk is in and checks out (then True).  Only for a
+        task (and attempt) assigned to this node: anything else is refused at its first chunk."""
         if msg.name != "bundle":
-            log.warning("task %s: unexpected artifact %r from node %s", msg.task_id, msg.name[:40], node_id)
+            log.warning("task %s: unexpected artifact %r from node %s", msg.task_id[:40], msg.name[:40], node_id)
             return False
-        buf = self._blobs.get(key)
-        if buf is None or msg.offset == 0:
-            buf = self._blobs[key] = bytearray()
-        if msg.offset != len(buf):
-            if msg.offset < len(buf):
-                return False  # a resend after a reconnect
-            log.warning(
-                "task %s: %s chunk at %d, expected %d; dropping the artifact",
-                msg.task_id,
-                msg.name,
-                msg.offset,
-                len(buf),
-            )
-            self._blobs.pop(key, None)
+        if msg.offset == 0:
+            rec = await self.store.get_task(msg.task_id)
+            if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt or State(rec.state) not in ACTIVE:
+                log.warning(
+                    "node %s uploads a %s for task %s attempt %d, which is not assigned to it: refused",
+                    node_id,
+                    msg.name,
+                    msg.task_id[:40],
+                    msg.attempt,
+                )
+                uploads.drop((msg.task_id, msg.attempt, msg.name))
+                return False
+            uploads.start(msg)
+        path = uploads.add(msg)
+        if path is None:
             return False
-        buf += msg.data
-        if len(buf) > self.config.max_artifact:
-            log.warning("task %s: %s is larger than max_artifact; dropped", msg.task_id, msg.name)
-            self._blobs.pop(key, None)
-            return False
-        if not msg.last:
-            return False
-        self._blobs.pop(key, None)
-        rec = await self.store.get_task(msg.task_id)
-        if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
-            return False
-        await self.store.put_artifact(msg.task_id, msg.name, bytes(buf))
+        try:
+            rec = await self.store.get_task(msg.task_id)
+            if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
+                return False
+            data = await trio.to_thread.run_sync(_read, path)
+            await self.store.put_artifact(msg.task_id, msg.name, data)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         return True
 
     async def record_outcome(self, node_id: str, msg: m.TaskResult) -> TaskRecord | None:

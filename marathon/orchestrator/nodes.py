@@ -10,6 +10,7 @@ import trio
 from marathon.errors import ConnectionClosed
 from marathon.orchestrator.reconcile import SessionView
 from marathon.orchestrator.scheduler import NodeView
+from marathon.orchestrator.uploads import SessionUploads
 from marathon.protocol import messages as m
 from marathon.protocol.framing import FramedStream
 
@@ -31,8 +32,11 @@ class NodeSession:
     # deadlines run on trio's clock
     lost_since: float | None = None
     drain_requested: bool = False  # an administrator drains this node
+    max_slots: int | None = None  # what it was enrolled with (None: the shared secret, not capped)
+    revoked: bool = False  # an administrator revoked its credential
     acked: int = 0  # highest node_seq processed on this connection
     open_blobs: dict[tuple[str, str], int] = field(default_factory=dict)  # artifact -> node_seq of its first chunk
+    uploads: SessionUploads = field(default_factory=lambda: SessionUploads("", 0))  # the gateway sets its own
     # task_id -> acknowledgement deadline on trio's clock (None once accepted)
     assigned: dict[str, float | None] = field(default_factory=dict)
     # what we send goes through a queue and one writer per connection: a node that stops

@@ -7,6 +7,7 @@ from functools import lru_cache
 import msgspec
 
 from marathon import __version__
+from marathon.orchestrator.identity import JoinTokenCreated, JoinTokenRequest
 from marathon.store import TaskRecord, TaskRequest
 
 
@@ -46,7 +47,7 @@ _NODE = {"description": "the node", "content": {"application/json": {"schema": {
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
     _, components = msgspec.json.schema_components(
-        [TaskRequest, TaskRecord], ref_template="#/components/schemas/{name}"
+        [TaskRequest, TaskRecord, JoinTokenRequest, JoinTokenCreated], ref_template="#/components/schemas/{name}"
     )
     components["Error"] = {
         "type": "object",
@@ -126,11 +127,63 @@ def openapi_document() -> dict:
                     ],
                 )
             },
-            "/v1/nodes": {"get": _op("Connected nodes", {"200": {"description": "nodes"}})},
+            "/v1/nodes": {
+                "get": _op(
+                    "Nodes and their capacity; administrators also see every node's tasks and address, "
+                    "other users only their own tasks and no addresses",
+                    {"200": {"description": "nodes"}, "401": _ERR},
+                )
+            },
             "/v1/nodes/{node}/drain": {
                 "post": _op(
                     "Drain a node (administrators): it takes no new tasks; what runs there runs to its end",
                     {"200": _NODE, "401": _ERR, "403": _ERR, "404": _ERR},
+                    parameters=_NODE_ID,
+                )
+            },
+            "/v1/nodes/join-tokens": {
+                "post": _op(
+                    "Make a one-time join token a new node enrols with (administrators); shown once",
+                    {
+                        "201": {
+                            "description": "the token",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/JoinTokenCreated"}}
+                            },
+                        },
+                        "400": _ERR,
+                        "401": _ERR,
+                        "403": _ERR,
+                    },
+                    requestBody={
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JoinTokenRequest"}}}
+                    },
+                )
+            },
+            "/v1/nodes/{node}/revoke": {
+                "post": _op(
+                    "Revoke a node's credential (administrators): it is disconnected at once and refused from "
+                    "then on; its tasks go back as a lost node's",
+                    {
+                        "200": {
+                            "description": "revoked",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "id": {"type": "string"},
+                                            "revoked": {"type": "boolean", "description": "it had a credential"},
+                                            "disconnected": {"type": "boolean"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "401": _ERR,
+                        "403": _ERR,
+                        "404": _ERR,
+                    },
                     parameters=_NODE_ID,
                 )
             },

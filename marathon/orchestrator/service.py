@@ -130,6 +130,8 @@ async def _serve(
         accounts,
         limiter,
         set_drain=gateway.set_drain,
+        identities=gateway.identities,
+        revoke_node=gateway.revoke,
         submit_rate=config.submit_rate,
         submit_burst=config.submit_burst,
         ready_checks={"gateway": gateway_listening, "leader": leader_known},

@@ -33,6 +33,7 @@ from marathon.orchestrator.metrics import OrchestratorMetrics
 from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
+from marathon.protocol.blobs import chunks
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
 from marathon.units import parse_size
 
@@ -171,16 +172,11 @@ class TaskService:
         )
         blobs = []
         if bundle is not None:
-            for off in range(0, max(len(bundle), 1), m.BLOB_CHUNK):
-                data = bundle[off : off + m.BLOB_CHUNK]
-                blobs.append(
-                    m.AssignBlob(
-                        task_id=rec.id, name="bundle", offset=off, data=data, last=off + m.BLOB_CHUNK >= len(bundle)
-                    )
-                )
-        # the token is decrypted here only, and only for a task with a repository (clone, push, PR)
+            blobs = [m.AssignBlob(task_id=rec.id, name="bundle", **p.fields()) async for p in chunks(bundle)]
+        # the token is decrypted here only, and only for a task that needs it (a PR, a clone from GitHub)
+        needed = repos.needs_github_token(req.repo, req.pr, self.config.github_url)
         try:
-            token = await self.store.github_token(rec.owner) if owner and owner.github_token and req.repo else None
+            token = await self.store.github_token(rec.owner) if owner and owner.github_token and needed else None
         except SecretsError as exc:  # the operator must fix the keys; the task runs without the token
             log.error("task %s: %s", rec.id, exc, extra={"task_id": rec.id})
             token = None

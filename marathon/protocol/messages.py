@@ -258,6 +258,21 @@ def stopped_state(reason: str) -> str:
     return STOP_STATES.get(reason, State.CANCELLED)
 
 
+class Chunk(_Msg, kw_only=True):
+    """One chunk of a file sent in order (``marathon/protocol/blobs.py`` cuts and reassembles
+    them).  Every chunk message is one of these plus where it goes: ``AssignBlob`` (orchestrator
+    -> node, a task's), ``TaskBlob`` (node -> orchestrator, a task attempt's, in the outbox),
+    ``Blob`` (node <-> agent).  The last chunk states the whole file's size and SHA-256, and the
+    receiver checks them before it takes the file (-1 and empty: not stated, from older peers)."""
+
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
+    size: int = -1
+    sha256: bytes = b""
+
+
 # --------------------------------------------------------------------------- common
 
 
@@ -290,12 +305,20 @@ class Authenticate(_Msg, tag="authenticate"):
     capacity: Capacity
     running: dict[str, int] = {}  # task id -> attempt, for what the node runs or has results of
     nonce: bytes = b""  # the node's challenge to the orchestrator (mutual authentication)
+    # a node with its own key (marathon/protocol/auth.py): ``mac`` is empty, it signs the nonce
+    public_key: bytes = b""  # Ed25519, raw
+    signature: bytes = b""
+    # enrolling with a join token: its id, and an HMAC keyed with the token's hash (never the token)
+    join_id: str = ""
+    join_mac: bytes = b""
 
 
 class Welcome(_Msg, tag="welcome"):
     node_id: str
     heartbeat_interval: float
     mac: bytes = b""  # the orchestrator's answer to the node's nonce
+    server_key: bytes = b""  # on enrolment: what the orchestrator proves itself with from then on
+    max_slots: int = 0  # the enrolled maximum (0: none); slots and warm sandboxes are capped at it
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -315,15 +338,11 @@ class Assign(_Msg, tag="assign"):
     github_token: str | None = None  # stays on the node: pushes and the PR; never sent to the agent
 
 
-class AssignBlob(_Msg, tag="assign_blob"):
+class AssignBlob(Chunk, tag="assign_blob", kw_only=True):
     """A chunk of an artifact the node needs for an assignment (a resumed task's bundle),
     sent before the Assign."""
 
     task_id: str
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
 
 
 class Accepted(_Msg, tag="accepted"):
@@ -361,15 +380,11 @@ class TaskEvent(_Msg, tag="task_event"):
     attempt: int = 0
 
 
-class TaskBlob(_Msg, tag="task_blob"):
+class TaskBlob(Chunk, tag="task_blob", kw_only=True):
     """A chunk of a task's artifact (the result bundle), before its TaskResult."""
 
     task_id: str
     node_seq: int
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
     attempt: int = 0
 
 
@@ -440,14 +455,9 @@ class AgentResult(_Msg, tag="result"):
     outcome: TaskOutcome
 
 
-class Blob(_Msg, tag="blob"):
+class Blob(Chunk, tag="blob", kw_only=True):
     """A chunk of a file between node and agent: "repo" (the bundle the workspace starts from)
     after Start, "result" (the work as a bundle) before AgentResult."""
-
-    name: str
-    offset: int
-    data: bytes
-    last: bool = False
 
 
 class CancelRun(_Msg, tag="cancel_run"):

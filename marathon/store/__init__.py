@@ -13,7 +13,9 @@ from marathon.protocol.messages import Usage
 from marathon.store.models import (
     ApiKey,
     EventIn,
+    JoinToken,
     LedgerRow,
+    NodeCredential,
     Session,
     StoredEvent,
     TaskRecord,
@@ -107,6 +109,23 @@ class Store(Protocol):
     async def find_session(self, token_hash: str) -> tuple[Session, User] | None: ...
 
     async def revoke_session(self, token_hash: str) -> None: ...
+
+    # node identities (marathon/store/node_identity.py)
+    async def create_join_token(self, token: JoinToken) -> None: ...
+
+    async def get_join_token(self, token_id: str) -> JoinToken | None: ...
+
+    async def use_join_token(self, token_id: str, node_id: str, now: float) -> bool:
+        """Spend an unused, unexpired token, atomically."""
+        ...
+
+    async def enroll_node(self, cred: NodeCredential) -> bool:
+        """Bind a node id to its key; False when it is bound to one not revoked."""
+        ...
+
+    async def get_node_credential(self, node_id: str) -> NodeCredential | None: ...
+
+    async def revoke_node_credential(self, node_id: str, now: float) -> bool: ...
 
     async def close(self) -> None: ...
 

@@ -167,3 +167,28 @@ class UsageBucket(msgspec.Struct, kw_only=True):
     cost_usd: float = 0.0
     compute_s: float = 0.0
     tasks: int = 0
+
+
+class JoinToken(msgspec.Struct, kw_only=True):
+    """A one-time token an administrator makes for enrolling one node; only its hash is kept."""
+
+    id: str  # the token's public part (``mjt_<id>.<secret>``)
+    token_hash: str  # sha256 of the whole token
+    created_at: float
+    expires_at: float
+    max_slots: int  # the enrolled node's slots (and warm sandboxes) are capped at this
+    created_by: str = ""
+    used_at: float | None = None
+    used_by: str | None = None  # the node id it enrolled
+
+
+class NodeCredential(msgspec.Struct, kw_only=True):
+    """A node's own identity: the public half of the key it signs its handshakes with (the
+    private half never leaves the node), bound to its node id."""
+
+    node_id: str
+    public_key: str  # hex, Ed25519
+    server_key: str  # hex: what the orchestrator proves itself to the node with
+    max_slots: int
+    created_at: float
+    revoked_at: float | None = None

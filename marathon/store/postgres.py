@@ -31,6 +31,7 @@ from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
 from marathon.store.ledger_sql import LEDGER_COLS, TOTALS_SELECT, ledger_values, totals
 from marathon.store.postgres_accounts import PgAccountsMixin, ledger_placeholders, reseal_tokens
+from marathon.store.node_identity import NodeIdentityMixin
 from marathon.store.postgres_schema import migrate
 from marathon.store.sqlite import _FIELDS, _JSON_FIELDS, _row_to_task, decode_cursor, encode_cursor
 
@@ -90,7 +91,7 @@ class _Call:
                     log.debug("cancelling a query failed: %s", exc)
 
 
-class PostgresStore(PgAccountsMixin):
+class PostgresStore(PgAccountsMixin, NodeIdentityMixin):
     def __init__(
         self,
         url: str,
@@ -194,6 +195,14 @@ class PostgresStore(PgAccountsMixin):
             raise StoreUnavailable(f"postgresql: {exc}".strip()) from None
         except psycopg.Error as exc:
             raise StoreError(f"postgresql: {exc}".strip()) from None
+
+    async def _nid_query(self, sql: str, args: tuple[Any, ...]) -> list[tuple]:
+        q = sql.replace("?", "%s")
+        return await self._run(lambda c: c.execute(q, args).fetchall())
+
+    async def _nid_exec(self, sql: str, args: tuple[Any, ...]) -> int:
+        q = sql.replace("?", "%s")
+        return await self._run(lambda c: c.execute(q, args).rowcount, transaction=True)
 
     # ------------------------------------------------------------------ tasks
 

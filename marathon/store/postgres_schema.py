@@ -13,6 +13,7 @@ import time
 import psycopg
 
 from marathon.errors import StoreError
+from marathon.store.node_identity import POSTGRES_MIGRATION as NODE_MIGRATION
 
 # pg_advisory_xact_lock keys (bigint); any constant unlikely to collide with other software
 MIGRATION_LOCK = 0x6D61726174686F6E  # "marathon"
@@ -100,6 +101,7 @@ CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);
         "attempts given back by nodes shutting down",
         "ALTER TABLE tasks ADD COLUMN free_attempts integer NOT NULL DEFAULT 0;",
     ),
+    ("node identities: join tokens and enrolled nodes", NODE_MIGRATION),
 ]
 
 

@@ -16,6 +16,8 @@ from marathon.protocol.messages import Usage
 from marathon.store.models import UPDATABLE, EventIn, StoredEvent, TaskRecord
 from marathon.secretbox import SecretBox
 from marathon.store.ledger_sql import TOTALS_SELECT, totals
+from marathon.store.node_identity import SQLITE_SCHEMA as NODE_SCHEMA
+from marathon.store.node_identity import NodeIdentityMixin
 from marathon.store.sqlite_accounts import AccountsMixin, insert_ledger, reseal_tokens
 
 T = TypeVar("T")
@@ -141,7 +143,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise StoreError(f"bad cursor {cursor!r}") from None
 
 
-class SqliteStore(AccountsMixin):
+class SqliteStore(AccountsMixin, NodeIdentityMixin):
     def __init__(self, path: str, *, secrets: SecretBox | None = None):
         self.path = path
         self.secrets = secrets
@@ -175,6 +177,7 @@ class SqliteStore(AccountsMixin):
         self._writer = self._connect()
         self._writer.execute("PRAGMA secure_delete=ON")  # what is overwritten or deleted is zeroed in the file
         self._writer.executescript(SCHEMA)
+        self._writer.executescript(NODE_SCHEMA)
         add_missing_columns(self._writer)
         if self.secrets is not None:
             reseal_tokens(self._writer, self.secrets, rotate=False)
@@ -230,6 +233,12 @@ class SqliteStore(AccountsMixin):
             return await trio.to_thread.run_sync(run, limiter=self._rlimit)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _nid_query(self, sql: str, args: tuple[Any, ...]) -> list[tuple]:
+        return await self._read(lambda c: c.execute(sql, args).fetchall())
+
+    async def _nid_exec(self, sql: str, args: tuple[Any, ...]) -> int:
+        return await self._write(lambda c: c.execute(sql, args).rowcount)
 
     # ------------------------------------------------------------------ tasks
 
