@@ -74,7 +74,7 @@ def detect_cgroups(config: Config):
     """Which limits this node can enforce; ``limits = required`` refuses to start without memory and pids."""
     from marathon.errors import ConfigError
     from marathon.node.cgroups import Cgroups
-    from marathon.node.service import load_node_id
+    from marathon.node.identity import load_node_id
 
     cgroups = Cgroups.detect(load_node_id(config), prefer="off" if config.limits == "off" else "auto")
     if config.limits == "required" and not {"memory", "pids"} <= set(cgroups.enforced):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hmac
 import itertools
 import logging
 import os
@@ -18,7 +17,6 @@ import random
 import re
 import secrets
 import shutil
-import uuid
 from collections.abc import Callable
 from typing import assert_never
 
@@ -27,12 +25,21 @@ import msgspec
 import trio
 
 from marathon import __version__
-from marathon.config import Config, state_value
+from marathon.config import Config
 from marathon.errors import AuthError, ConfigError, ConnectionClosed, ProtocolError, describe
 from marathon.logs import log_context
 from marathon.node.disk import reap_mounts
 from marathon.node.git import MirrorCache
 from marathon.node.git import set_home as set_git_home
+from marathon.node.identity import (
+    NodeCredential,
+    check_welcome,
+    credential_path,
+    load_credential,
+    load_node_id,
+    prove,
+    save_credential,
+)
 from marathon.node.metrics import NodeMetrics
 from marathon.node.proxy import MeteringProxy
 from marathon.node.sandbox import SandboxBackend
@@ -40,8 +47,7 @@ from marathon.node.pool import WarmPool
 from marathon.node.supervisor import TaskHandle, connect_agent, supervise
 from marathon.protocol.framing import FramedStream
 from marathon.protocol import messages as m
-from marathon.protocol.auth import join_mac, new_private_key, node_mac, node_signature, orchestrator_mac, public_key
-from marathon.protocol.auth import split_token, token_hash
+from marathon.protocol.auth import new_private_key
 from marathon.protocol.blobs import BlobWriter, chunks
 from marathon.protocol.transports import client_tls, open_stream
 
@@ -68,57 +74,6 @@ def next_backoff(backoff: float) -> float:
 def jittered(backoff: float, r: float) -> float:
     """Spread reconnects (``r`` uniform in [0, 1)): between half and one and a half times ``backoff``."""
     return backoff * (0.5 + r)
-
-
-def load_node_id(config: Config) -> str:
-    return config.node_id or state_value(config.data_dir, "node_id", lambda: f"n-{uuid.uuid4().hex[:12]}")
-
-
-CREDENTIAL_FILE = "node_credential"
-
-
-class NodeCredential(msgspec.Struct):
-    """This node's own identity, in ``<data_dir>/node_credential`` (0600): the private key it
-    signs its handshakes with (the orchestrator has only the public half) and the key the
-    orchestrator proves itself with (``server_key``, empty until enrolment completes)."""
-
-    node_id: str
-    private_key: bytes
-    server_key: bytes = b""
-
-
-def credential_path(config: Config) -> str:
-    return os.path.join(config.data_dir, CREDENTIAL_FILE)
-
-
-def load_credential(config: Config) -> NodeCredential | None:
-    try:
-        with open(credential_path(config), "rb") as f:
-            return msgspec.json.decode(f.read(), type=NodeCredential)
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ConfigError(
-            f"{credential_path(config)}: unreadable node credential ({exc}); remove it and join again"
-        ) from None
-
-
-def save_credential(config: Config, cred: NodeCredential) -> None:
-    """Written whole (a temporary file renamed over it), mode 0600 from the start."""
-    path = credential_path(config)
-    os.makedirs(config.data_dir, mode=0o711, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.encode(cred))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class NodeService:
@@ -316,8 +271,6 @@ class NodeService:
             await fs.aclose()
 
     def _authenticate(self, challenge: bytes, nonce: bytes) -> m.Authenticate:
-        """Our proof: a signature with our own key (and, until enrolment completes, the join
-        token's proof), or else the shared secret's HMAC."""
         auth = m.Authenticate(
             node_id=self.node_id,
             name=self.config.node_name,
@@ -326,46 +279,12 @@ class NodeService:
             running=self.running(include_outbox=True),
             nonce=nonce,
         )
-        cred = self.credential
-        if cred is None:
-            return msgspec.structs.replace(auth, mac=node_mac(self.secret, challenge, self.node_id))
-        pub = public_key(cred.private_key)
-        auth = msgspec.structs.replace(
-            auth, public_key=pub, signature=node_signature(cred.private_key, challenge, self.node_id)
-        )
-        if not cred.server_key:  # enrolling (or the orchestrator's answer to it was lost)
-            parts = split_token(self.config.join_token)
-            if parts is None:
-                raise ConfigError("join_token is not a join token (mjt_…): make one with `marathon nodes join-token`")
-            auth = msgspec.structs.replace(
-                auth, join_id=parts[0], join_mac=join_mac(self.config.join_token, challenge, self.node_id, pub)
-            )
-        return auth
+        return prove(auth, self.config, self.secret, self.credential, challenge)
 
     def _check_welcome(self, welcome: m.Welcome, nonce: bytes) -> None:
-        """The orchestrator's proof: the shared secret, the key it gave us at enrolment, or
-        (enrolling) the join token's hash; a key given at enrolment is kept from now on."""
-        cred = self.credential
-        if cred is None:
-            key, what = self.secret, "the node secret"
-        elif cred.server_key:
-            key, what = cred.server_key.hex(), "this node's enrolment"
-        else:
-            key, what = token_hash(self.config.join_token), "the join token"
-        if not hmac.compare_digest(welcome.mac, orchestrator_mac(key, nonce, self.node_id)):
-            raise AuthError(f"{self.gateway} did not prove {what}: not our orchestrator")
-        if cred is not None and not cred.server_key:
-            if len(welcome.server_key) != 32:
-                raise ProtocolError("the orchestrator enrolled this node without a key to prove itself with")
-            self.credential = msgspec.structs.replace(cred, server_key=welcome.server_key)
-            save_credential(self.config, self.credential)
-            log.info("enrolled with the join token: credential kept in %s", credential_path(self.config))
-        if welcome.max_slots and welcome.max_slots < self.config.slots:
-            log.warning(
-                "this node has %d slots, but it is enrolled for at most %d: it gets no more tasks than that",
-                self.config.slots,
-                welcome.max_slots,
-            )
+        self.credential = check_welcome(
+            welcome, nonce, self.node_id, self.config, self.secret, self.credential, self.gateway
+        )
 
     async def _heartbeat(self, fs: FramedStream, interval: float) -> None:
         while True:
