@@ -10,20 +10,23 @@ from quart import Blueprint, request
 
 from marathon.errors import Forbidden, InvalidRequest, NotFound
 from marathon.orchestrator.http import ApiContext, body_as, json_response, principal
+from marathon.orchestrator.schemas import (
+    Credentials,
+    GitHubToken,
+    GitHubTokenResult,
+    KeyList,
+    KeyRequest,
+    LoginResult,
+    NewKey,
+    Ok,
+    Registration,
+    Revoked,
+    UsageReport,
+    WhoAmI,
+    key_view,
+    user_view,
+)
 from marathon.store.models import UsageBucket
-
-
-class Credentials(msgspec.Struct, forbid_unknown_fields=True):
-    email: str
-    password: str
-
-
-class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
-    name: str = "key"
-
-
-class GitHubToken(msgspec.Struct, forbid_unknown_fields=True):
-    token: str | None
 
 
 def parse_since(text: str | None, now: float | None = None) -> float:
@@ -44,42 +47,40 @@ def parse_since(text: str | None, now: float | None = None) -> float:
         raise InvalidRequest(f"bad 'since' {text!r}: use 7d, 24h, 30m, an epoch time or YYYY-MM-DD") from None
 
 
-def _user_json(user) -> dict:
-    return {"id": user.id, "email": user.email, "admin": user.admin, "created_at": user.created_at}
-
-
 def blueprint(ctx: ApiContext) -> Blueprint:
     bp = Blueprint("accounts", __name__)
     accounts = ctx.accounts
 
     @bp.post("/v1/auth/register")
     async def register():
-        body = await body_as(Credentials)
         by_admin = False
-        if request.headers.get("Authorization"):
+        if request.headers.get("Authorization") or request.headers.get("X-Api-Key"):
             by_admin = (await principal(ctx)).admin
-        user = await accounts.register(body.email, body.password, by_admin=by_admin, client=request.remote_addr)
-        return json_response(_user_json(user), 201)
+        if not by_admin and request.remote_addr:
+            await accounts.registration_attempt(request.remote_addr)  # malformed attempts count too
+        body = await body_as(Registration)
+        user = await accounts.register(body.email, body.password, by_admin=by_admin, admin=body.admin)
+        return json_response(user_view(user), 201)
 
     @bp.post("/v1/auth/login")
     async def login():
         body = await body_as(Credentials)
         token, session, user = await accounts.login(body.email, body.password, client=request.remote_addr)
-        return json_response({"token": token, "expires_at": session.expires_at, "user": _user_json(user)})
+        return json_response(LoginResult(token=token, expires_at=session.expires_at, user=user_view(user)))
 
     @bp.post("/v1/auth/logout")
     async def logout():
         await principal(ctx)
         auth = request.headers.get("Authorization", "")
         await accounts.logout(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
-        return json_response({"ok": True})
+        return json_response(Ok())
 
     @bp.get("/v1/auth/whoami")
     async def whoami():
         p = await principal(ctx)
         user = await ctx.tasks.store.get_user(p.user)
         return json_response(
-            {"id": p.user, "email": p.email, "admin": p.admin, "github_token": bool(user and user.github_token)}
+            WhoAmI(id=p.user, email=p.email, admin=p.admin, github_token=bool(user and user.github_token))
         )
 
     @bp.put("/v1/auth/github-token")
@@ -88,41 +89,26 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         body = await body_as(GitHubToken)
         token = (body.token or "").strip() or None
         await ctx.tasks.store.set_github_token(p.user, token)
-        return json_response({"github_token": "set" if token else "cleared"})
+        return json_response(GitHubTokenResult(github_token="set" if token else "cleared"))
 
     @bp.post("/v1/keys")
     async def create_key():
         p = await principal(ctx)
         body = await body_as(KeyRequest)
-        key, rec = await accounts.create_key(p, body.name)
-        return json_response(
-            {"id": rec.id, "name": rec.name, "prefix": rec.prefix, "key": key, "created_at": rec.created_at}, 201
-        )
+        key, rec = await accounts.create_key(p, body.name, body.expires_at)
+        return json_response(NewKey(**msgspec.structs.asdict(key_view(rec)), key=key), 201)
 
     @bp.get("/v1/keys")
     async def list_keys():
         p = await principal(ctx)
         keys = await ctx.tasks.store.list_api_keys(p.user)
-        return json_response(
-            {
-                "keys": [
-                    {
-                        "id": k.id,
-                        "name": k.name,
-                        "prefix": k.prefix,
-                        "created_at": k.created_at,
-                        "revoked_at": k.revoked_at,
-                    }
-                    for k in keys
-                ]
-            }
-        )
+        return json_response(KeyList(keys=[key_view(k) for k in keys]))
 
     @bp.delete("/v1/keys/<key_id>")
     async def revoke_key(key_id: str):
         p = await principal(ctx)
         await accounts.revoke_key(p, key_id)
-        return json_response({"id": key_id, "revoked": True})
+        return json_response(Revoked(id=key_id))
 
     @bp.get("/v1/usage")
     async def usage():
@@ -150,6 +136,14 @@ def blueprint(ctx: ApiContext) -> Blueprint:
         for r in rows:
             for f in UsageBucket.__struct_fields__[1:]:  # every counter after the key
                 setattr(total, f, getattr(total, f) + getattr(r, f))
-        return json_response({"since": since, "by": by, "user": user_id or "*", "rows": rows, "total": total})
+        return json_response(
+            UsageReport(
+                since=since,
+                by=by,  # type: ignore[arg-type]  # checked above
+                user=user_id or "*",
+                rows=rows,
+                total=total,
+            )
+        )
 
     return bp

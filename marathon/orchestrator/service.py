@@ -122,6 +122,7 @@ async def serve_orchestrator(
             gateway_addrs[:] = gw_addrs
             binds = await nursery.start(serve_http)
             await nursery.start(scheduler.run)
+            await nursery.start(accounts.serve_session_purge, config.session_purge_interval)
             url = binds[0] if binds else ""
             log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
             task_status.started(

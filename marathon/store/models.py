@@ -110,6 +110,11 @@ class User(msgspec.Struct, kw_only=True):
     admin: bool = False
     created_at: float = 0.0
     github_token: str | None = None
+    disabled_at: float | None = None  # set: the account's keys and sessions stop working, it cannot sign in
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 class ApiKey(msgspec.Struct, kw_only=True):
@@ -120,7 +125,8 @@ class ApiKey(msgspec.Struct, kw_only=True):
     key_hash: str
     created_at: float = 0.0
     revoked_at: float | None = None
-    last_used_at: float | None = None
+    last_used_at: float | None = None  # written at most once per LAST_USED_INTERVAL (marathon/orchestrator/auth.py)
+    expires_at: float | None = None  # None: never
 
 
 class Session(msgspec.Struct, kw_only=True):

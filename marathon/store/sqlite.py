@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions(expires_at);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
@@ -85,6 +86,8 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("tasks", "free_attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "web_search_requests", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "web_fetch_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "disabled_at", "REAL"),
+    ("api_keys", "expires_at", "REAL"),
 ]
 
 
