@@ -122,7 +122,9 @@ async def test_an_older_schema_is_migrated_in_place_and_keeps_its_rows(pg_url):
         assert versions == list(range(1, len(MIGRATIONS) + 1))
         (row,) = await store.ledger_rows("t1")
         assert (row.input_tokens, row.web_search_requests, row.web_fetch_requests) == (10, 0, 0)
-        key, user = await store.find_api_key("kh")  # the account lifecycle columns: never expires, not disabled
+        found = await store.find_api_key("kh")  # the account lifecycle columns: never expires, not disabled
+        assert found is not None
+        key, user = found
         assert key.expires_at is None and user.admin and not user.disabled
     finally:
         await store.close()

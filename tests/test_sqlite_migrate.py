@@ -60,8 +60,11 @@ async def test_a_database_from_before_account_lifecycle_columns_keeps_its_users_
         conn.executescript(OLD_ACCOUNTS)
     store = await SqliteStore.open(path)
     try:
-        key, user = await store.find_api_key("kh1")
+        found = await store.find_api_key("kh1")
+        assert found is not None
+        key, user = found
         assert key.expires_at is None and user.admin and not user.disabled
-        assert (await store.set_user_disabled("u1", True)).disabled
+        disabled = await store.set_user_disabled("u1", True)
+        assert disabled is not None and disabled.disabled
     finally:
         await store.close()

@@ -29,22 +29,28 @@ from marathon.orchestrator.schemas import (
 from marathon.store.models import UsageBucket
 
 
+SINCE_PATTERN = (
+    r"^(?:[0-9]{1,12}(?:\.[0-9]{1,9})?[smhdw]?"  # a duration ago (7d, 24h, 30m, 90s, 2w), or an epoch time
+    r"|(?:19[7-9][0-9]|[2-9][0-9]{3})-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"  # YYYY-MM-DD
+    r"|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31))$"
+)
+_SINCE = re.compile(SINCE_PATTERN)
+
+
 def parse_since(text: str | None, now: float | None = None) -> float:
-    """'7d', '24h', '30m', '90s', an epoch number, or YYYY-MM-DD; default 30 days."""
+    """'7d', '24h', '30m', '90s', an epoch number, or YYYY-MM-DD; default 30 days.  Exactly
+    what SINCE_PATTERN (the OpenAPI document's) allows; anything else is a 400."""
     now = time.time() if now is None else now
-    if not text:
+    if text is None:
         return now - 30 * 86400
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if not _SINCE.match(text) or text.endswith("\n"):
+        raise InvalidRequest(f"bad 'since' {text[:40]!r}: use 7d, 24h, 30m, an epoch time or YYYY-MM-DD")
+    m = re.fullmatch(r"([0-9.]+)([smhdw])", text)
     if m:
         return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
+    if "-" in text:
         return time.mktime(time.strptime(text, "%Y-%m-%d"))
-    except ValueError:
-        raise InvalidRequest(f"bad 'since' {text!r}: use 7d, 24h, 30m, an epoch time or YYYY-MM-DD") from None
+    return float(text)
 
 
 def blueprint(ctx: ApiContext) -> Blueprint:

@@ -117,7 +117,10 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(405)
     async def _bad_method(exc):
-        return error_response(405, "method_not_allowed", "method not allowed on this endpoint")
+        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or []))  # RFC 9110: 405 carries Allow
+        return error_response(
+            405, "method_not_allowed", f"method not allowed on this endpoint (allowed: {allowed})", {"Allow": allowed}
+        )
 
     @app.errorhandler(413)
     async def _too_large(exc):

@@ -24,6 +24,7 @@ from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
+from marathon.store.models import BRANCH_PATTERN
 from marathon.units import parse_size
 
 log = logging.getLogger("marathon.orchestrator")
@@ -58,7 +59,7 @@ def new_task_id() -> str:
     return secrets.token_hex(6)
 
 
-_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])$")
+_BRANCH = re.compile(BRANCH_PATTERN)  # what the API's schema says: segments of [A-Za-z0-9_-], single dots inside
 
 
 def validate_request(req: TaskRequest) -> TaskRequest:
@@ -102,7 +103,7 @@ def validate_request(req: TaskRequest) -> TaskRequest:
         raise InvalidRequest("verify must be a command")
     if req.verify_timeout is not None and not 1 <= req.verify_timeout <= 86400:
         raise InvalidRequest("verify_timeout must be between 1 second and a day")
-    if req.branch_name is not None and not _BRANCH.match(req.branch_name):
+    if req.branch_name is not None and not (len(req.branch_name) <= 200 and _BRANCH.match(req.branch_name)):
         raise InvalidRequest(f"bad branch name {req.branch_name!r}")
     if req.pr and not req.repo:
         raise InvalidRequest("--pr needs --repo")

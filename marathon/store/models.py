@@ -2,15 +2,67 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 from marathon.protocol import messages as m
 from marathon.protocol.messages import Usage
 
 
+# The strict twin's constraints: enforced when the API decodes a submission, and the OpenAPI
+# document's TaskRequest schema is generated from them.  Patterns are ASCII and free of
+# look-arounds, so Python's re and JSON Schema validators read them alike.
+_BIG = 2**53  # integers and sizes beyond this are refused (JSON numbers are doubles elsewhere)
+MIN_SIZE = 16 * 1024 * 1024
+REPO_PATTERN = (
+    r"^(?:(?:https?|ssh|git|file)://[^\s]+"  # a URL
+    r"|/.*"  # an absolute path on the node
+    r"|[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"  # owner/name
+    r"|(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_-][A-Za-z0-9_.-]*:(?:[^/\s][^\s]*|/[^/\s][^\s]*)?"  # scp-like host:path
+    r")$"
+)
+BRANCH_SEGMENT = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+BRANCH_PATTERN = rf"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*)(?:/{BRANCH_SEGMENT})*$"
+SIZE_PATTERN = (
+    r"^(?:[1-9][0-9]*(?:\.[0-9]+)?[gGtT]"  # >= 1 GiB
+    r"|(?:1[6-9]|[2-9][0-9]|[1-9][0-9]{2,})(?:\.[0-9]+)?[mM]"  # >= 16 MiB
+    r"|(?:1[6-9][0-9]{3}|[2-9][0-9]{4}|[1-9][0-9]{5,})(?:\.[0-9]+)?[kK]"  # >= 16384 KiB
+    r")(?:i?[bB])?$"
+    r"|^(?:1[6-9][0-9]{6}|[2-9][0-9]{7}|[1-9][0-9]{8,15})[bB]?$"  # bytes, >= 16 MiB
+)
+Size = (
+    Annotated[int, Meta(ge=MIN_SIZE, le=_BIG)]
+    | Annotated[str, Meta(pattern=SIZE_PATTERN, description="e.g. 4GiB, 512M (powers of 1024), at least 16 MiB")]
+    | None
+)
+
+
 class TaskRequest(m.TaskRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields.
-    Validated at the API boundary."""
+    """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields
+    and values out of range.  Validated at the API boundary (and by tasks.validate_request)."""
+
+    repo: (
+        Annotated[
+            str, Meta(pattern=REPO_PATTERN, description="a URL, owner/name, or an absolute path (administrators)")
+        ]
+        | None
+    ) = None
+    max_turns: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    timeout: Annotated[float, Meta(ge=1, le=7 * 86400, description="seconds, wall clock for the whole task")] | None = (
+        None
+    )
+    max_tokens: Annotated[int, Meta(ge=1, le=_BIG, description="budget: all tokens of all API requests")] | None = None
+    max_cost: Annotated[float, Meta(gt=0, le=1e9, description="budget: USD")] | None = None
+    branch_name: Annotated[str, Meta(max_length=200, pattern=BRANCH_PATTERN)] | None = None
+    max_iterations: Annotated[int, Meta(ge=1, le=100)] = 1
+    promise: Annotated[str, Meta(pattern=r"^[^\n<]*[^\s<][^\n<]*$", description="one line, no '<'")] | None = None
+    verify: Annotated[str, Meta(pattern=r"\S", description="a shell command run in the workspace")] | None = None
+    verify_timeout: Annotated[float, Meta(ge=1, le=86400)] | None = None
+    memory_limit: Size = None
+    cpu_limit: Annotated[float, Meta(ge=0.01, le=1024)] | None = None
+    disk_limit: Size = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sqlite3
 import time
 from typing import Any, TypeVar
@@ -134,14 +136,17 @@ def encode_cursor(rec: TaskRecord) -> str:
     return f"{rec.created_at!r}_{rec.id}"
 
 
+CURSOR_PATTERN = r"^([0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)_([0-9A-Za-z]{1,64})$"  # the API documents it
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    ts, sep, task_id = cursor.partition("_")
-    try:
-        if not sep:
-            raise ValueError
-        return float(ts), task_id
-    except ValueError:
-        raise StoreError(f"bad cursor {cursor!r}") from None
+    """A cursor from encode_cursor; anything else (malformed, non-finite) is a StoreError."""
+    m = _CURSOR.match(cursor)
+    ts = float(m.group(1)) if m else math.inf
+    if not m or not math.isfinite(ts):
+        raise StoreError(f"bad cursor {cursor[:100]!r}: pass the next_cursor of a previous page")
+    return ts, m.group(2)
 
 
 class SqliteStore(AccountsMixin):
