@@ -87,6 +87,7 @@ async def test_405_carries_allow_and_bad_event_cursors_are_400_without_a_traceba
             ({"Last-Event-ID": "-1"}, {}),
             ({"Last-Event-ID": "abc"}, {}),
             ({}, {"after": "99999999999999999999999"}),
+            ({"Last-Event-ID": "0"}, {"after": str(2**63)}),  # the header wins, the query is still checked
             ({}, {"follow": "maybe"}),
         ]:
             caplog.clear()

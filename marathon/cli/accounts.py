@@ -112,7 +112,7 @@ def keys_create(name: str = "key", *, expires: str | None = None, url: Url = Non
     body: dict = {"name": name}
     if expires:
         try:
-            body["expires_at"] = expiry_time(expires)
+            body["expires_in"] = max(60, round(expiry_time(expires) - time.time()))
         except ValueError as exc:
             return fail(str(exc), 2)
     k = api_client(url).post("/v1/keys", body)

@@ -101,7 +101,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def create_key():
         p = await principal(ctx)
         body = await body_as(KeyRequest)
-        key, rec = await accounts.create_key(p, body.name, body.expires_at)
+        key, rec = await accounts.create_key(
+            p, body.name, None if body.expires_in is None else time.time() + body.expires_in
+        )
         return json_response(NewKey(**msgspec.structs.asdict(key_view(rec)), key=key), 201)
 
     @bp.get("/v1/keys")

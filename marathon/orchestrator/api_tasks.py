@@ -135,9 +135,9 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def events(task_id: str):
         p = await principal(ctx)
         await ctx.tasks.get(task_id, owner=owner_filter(p))
-        after = int_arg("Last-Event-ID", request.headers.get("Last-Event-ID"), default=0, low=0, high=MAX_SEQ)
-        if "Last-Event-ID" not in request.headers:
-            after = int_arg("after", request.args.get("after"), default=0, low=0, high=MAX_SEQ)
+        # both are checked (a bad one is a 400 even beside a good one); the header wins
+        query_after = int_arg("after", request.args.get("after"), default=0, low=0, high=MAX_SEQ)
+        after = int_arg("Last-Event-ID", request.headers.get("Last-Event-ID"), default=query_after, low=0, high=MAX_SEQ)
         follow = bool_arg("follow", request.args.get("follow"), default=True)
         resp = Response(
             event_stream(ctx, task_id, after, follow),

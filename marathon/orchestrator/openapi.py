@@ -67,6 +67,7 @@ class Op:
     tag: str = "tasks"
     description: str = ""
     extra_responses: dict = field(default_factory=dict)  # e.g. 304 for the dashboard's files
+    body_required: bool | None = None  # None: when some field of the body has no default
 
 
 _NODE_SCHEMA = {"type": "object", "description": "a node as the orchestrator sees it", "additionalProperties": True}
@@ -84,6 +85,17 @@ READY = {
             "description": "each check (store, gateway, …): ok, failed or timeout",
             "additionalProperties": {"type": "string", "enum": ["ok", "failed", "timeout"]},
         },
+    },
+}
+
+SSE_EVENT = {  # OpenAPI 3.1: the schema of one event
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's sequence number"},
+        "event": {"type": "string", "description": "the event's type: state, log, api_request, …"},
+        "data": {"type": "string", "contentMediaType": "application/json", "description": "the event as JSON"},
+        "retry": {"type": "integer"},
     },
 }
 
@@ -166,7 +178,7 @@ TASK_ROUTES = [
         "get",
         "/v1/tasks/{task_id}/events",
         "Task events as Server-Sent Events; resume with Last-Event-ID",
-        {"text/event-stream": {"type": "string"}},
+        {"text/event-stream": SSE_EVENT},
         params=(
             TASK_ID,
             {
@@ -289,6 +301,7 @@ ADMIN_ROUTES = [
         "Lift a sign-in lockout (an account's, a client address's)",
         s.Ok,
         body=s.Unlock,
+        body_required=True,
         tag="admin",
     ),
 ]
@@ -407,8 +420,15 @@ def operation(op: Op) -> dict:
     if op.params:
         out["parameters"] = list(op.params)
     if op.body is not None:
+        # an absent body is {}: required only when some field has no default
+        required = op.body_required
+        if required is None:
+            required = any(
+                f.default is msgspec.NODEFAULT and f.default_factory is msgspec.NODEFAULT
+                for f in msgspec.structs.fields(op.body)
+            )
         out["requestBody"] = {
-            "required": True,
+            "required": required,
             "content": {JSON: {"schema": {"$ref": REF.format(name=op.body.__name__)}}},
         }
     if op.auth == "none":
@@ -423,6 +443,8 @@ def _refine(components: dict) -> None:
     the unlock route), and the state enum of a stored task."""
     states = {"type": "string", "enum": [st.value for st in State]}
     components["TaskView"]["properties"]["state"] = states
+    # what was submitted, as the submission's schema says (stored with the protocol's lenient type)
+    components["TaskView"]["properties"]["request"] = {"$ref": REF.format(name="TaskRequest")}
     req = components["TaskRequest"]
     req["properties"]["prompt"] = {
         "type": "string",
@@ -443,6 +465,10 @@ def _refine(components: dict) -> None:
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
     _, components = msgspec.json.schema_components(SCHEMA_TYPES, ref_template=REF)
+    # two types are named TaskRequest: the document's is the strict one (what the API accepts);
+    # the protocol's lenient one is how a stored task's request is typed (shown as the strict one)
+    components["TaskRequest"] = components.pop("marathon.store.models.TaskRequest")
+    components.pop("marathon.protocol.messages.TaskRequest")
     _refine(components)
     paths: dict[str, dict] = {}
     for op in ROUTES:

@@ -81,9 +81,10 @@ class Ok(msgspec.Struct):
 
 class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(max_length=100)] = "key"
-    expires_at: Annotated[
-        float | None, Meta(description="when the key stops working (seconds since the epoch, in the future)")
-    ] = None
+    expires_in: (
+        Annotated[int, Meta(ge=60, le=10 * 366 * 86400, description="seconds from now until the key stops working")]
+        | None
+    ) = None
 
 
 class KeyView(msgspec.Struct):
@@ -148,7 +149,7 @@ class TaskPage(msgspec.Struct):
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=True):
-    answer: Annotated[str, Meta(min_length=1, max_length=1024 * 1024, pattern=r"\S")]
+    answer: Annotated[str, Meta(min_length=1, pattern=r"\S")]
 
 
 class Health(msgspec.Struct):

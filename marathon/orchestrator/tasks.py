@@ -82,6 +82,8 @@ def validate_request(req: TaskRequest) -> TaskRequest:
                 raise InvalidRequest(f"{name}: {exc}") from None
             if size < 16 * 1024 * 1024:
                 raise InvalidRequest(f"{name} must be at least 16 MiB")
+            if size > 2**53:
+                raise InvalidRequest(f"{name} must be at most 2**53 bytes")
             changes[name] = size
     if req.cpu_limit is not None and not 0.01 <= req.cpu_limit <= 1024:
         raise InvalidRequest("cpu_limit must be between 0.01 and 1024 cores")

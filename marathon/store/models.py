@@ -25,12 +25,13 @@ REPO_PATTERN = (
 )
 BRANCH_SEGMENT = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
 BRANCH_PATTERN = rf"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*)(?:/{BRANCH_SEGMENT})*$"
-SIZE_PATTERN = (
-    r"^(?:[1-9][0-9]*(?:\.[0-9]+)?[gGtT]"  # >= 1 GiB
-    r"|(?:1[6-9]|[2-9][0-9]|[1-9][0-9]{2,})(?:\.[0-9]+)?[mM]"  # >= 16 MiB
-    r"|(?:1[6-9][0-9]{3}|[2-9][0-9]{4}|[1-9][0-9]{5,})(?:\.[0-9]+)?[kK]"  # >= 16384 KiB
+SIZE_PATTERN = (  # at least 16 MiB and at most 2**53 bytes, by the digits alone
+    r"^(?:(?:[1-9][0-9]{0,5})(?:\.[0-9]{1,6})?[gG]"  # 1 GiB .. < 1e6 GiB
+    r"|(?:[1-9][0-9]{0,2})(?:\.[0-9]{1,6})?[tT]"  # 1 TiB .. < 1000 TiB
+    r"|(?:1[6-9]|[2-9][0-9]|[1-9][0-9]{2,8})(?:\.[0-9]{1,6})?[mM]"  # 16 MiB .. < 1e9 MiB
+    r"|(?:1[6-9][0-9]{3}|[2-9][0-9]{4}|[1-9][0-9]{5,11})(?:\.[0-9]{1,6})?[kK]"  # 16384 KiB .. < 1e12 KiB
     r")(?:i?[bB])?$"
-    r"|^(?:1[6-9][0-9]{6}|[2-9][0-9]{7}|[1-9][0-9]{8,15})[bB]?$"  # bytes, >= 16 MiB
+    r"|^(?:1[6-9][0-9]{6}|[2-9][0-9]{7}|[1-9][0-9]{8,14})[bB]?$"  # bytes: 16 MiB .. < 1e15
 )
 Size = (
     Annotated[int, Meta(ge=MIN_SIZE, le=_BIG)]
@@ -69,7 +70,9 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     id: str
     owner: str
     state: str
-    request: TaskRequest
+    # the protocol's (lenient) type: a stored task always reads back, whatever later versions
+    # refuse at submission; what was submitted passed the strict TaskRequest above
+    request: m.TaskRequest
     reason: str | None = None
     message: str | None = None
     node_id: str | None = None

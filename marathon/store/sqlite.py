@@ -136,7 +136,7 @@ def encode_cursor(rec: TaskRecord) -> str:
     return f"{rec.created_at!r}_{rec.id}"
 
 
-CURSOR_PATTERN = r"^([0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)_([0-9A-Za-z]{1,64})$"  # the API documents it
+CURSOR_PATTERN = r"^([0-9]{1,20}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,2})?)_([0-9A-Za-z]{1,64})$"  # the API documents it
 _CURSOR = re.compile(CURSOR_PATTERN)
 
 
