@@ -14,6 +14,7 @@ from marathon.orchestrator import api_tasks
 from marathon.orchestrator.api import create_app
 from marathon.orchestrator.openapi import ROUTES, error_statuses, openapi_document
 from marathon.protocol.messages import State
+from marathon.store.models import NOT_BLANK
 from tests.harness import marathon_config, run_marathon, scratch_dir
 
 
@@ -47,7 +48,7 @@ def test_schemas_limits_enums_and_errors_match_the_server():
     assert params["state"]["schema"]["items"]["enum"] == [s.value for s in State]
     schemas = doc["components"]["schemas"]
     assert schemas["TaskView"]["properties"]["state"]["enum"] == [s.value for s in State]
-    assert schemas["TaskRequest"]["properties"]["prompt"]["pattern"] == r"\S"  # an empty prompt is refused
+    assert schemas["TaskRequest"]["properties"]["prompt"]["pattern"] == NOT_BLANK  # an empty prompt is refused
     assert schemas["TaskRequest"]["properties"]["max_turns"]["anyOf"][0]["maximum"] == 1000
     assert schemas["TaskRequest"]["additionalProperties"] is False
     assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}

@@ -69,6 +69,8 @@ def token_hash(token: str) -> str:
 
 
 def _check_email(email: str) -> str:
+    if "\n" in email:
+        raise InvalidRequest("a valid email address is required")
     email = email.strip().lower()
     if "@" not in email or len(email) > 254 or email.startswith("@") or email.endswith("@"):
         raise InvalidRequest("a valid email address is required")

@@ -20,7 +20,7 @@ from marathon.orchestrator import schemas as s
 from marathon.orchestrator.api_accounts import SINCE_PATTERN
 from marathon.orchestrator.api_tasks import MAX_PAGE, MAX_SEQ
 from marathon.protocol.messages import State
-from marathon.store.models import TaskRequest, UsageBucket
+from marathon.store.models import NOT_BLANK, TaskRequest, UsageBucket
 from marathon.store.sqlite import CURSOR_PATTERN
 
 REF = "#/components/schemas/{name}"
@@ -448,7 +448,7 @@ def _refine(components: dict) -> None:
     req = components["TaskRequest"]
     req["properties"]["prompt"] = {
         "type": "string",
-        "pattern": r"\S",
+        "pattern": NOT_BLANK,
         "description": "what to do: not blank, at most 1 MiB of UTF-8 (checked by the server)",
     }
     # pr needs a repository

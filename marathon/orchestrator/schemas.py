@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from marathon.store.models import TaskRecord, UsageBucket
+from marathon.store.models import NOT_BLANK, WS, TaskRecord, UsageBucket
 
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+$"
+EMAIL_PATTERN = f"^[^@{WS}]+@[^@{WS}]+$"
 Email = Annotated[str, Meta(min_length=3, max_length=254, pattern=EMAIL_PATTERN, description="an email address")]
 Password = Annotated[str, Meta(min_length=8, max_length=1024, description="at least 8 characters")]
 Epoch = Annotated[float, Meta(description="seconds since the epoch (UTC)")]
@@ -149,7 +149,7 @@ class TaskPage(msgspec.Struct):
 
 
 class Reply(msgspec.Struct, forbid_unknown_fields=True):
-    answer: Annotated[str, Meta(min_length=1, pattern=r"\S")]
+    answer: Annotated[str, Meta(min_length=1, pattern=NOT_BLANK)]
 
 
 class Health(msgspec.Struct):

@@ -63,6 +63,12 @@ _BRANCH = re.compile(BRANCH_PATTERN)  # what the API's schema says: segments of 
 
 
 def validate_request(req: TaskRequest) -> TaskRequest:
+    # the decoder checked the patterns with Python's re, whose $ also matches before a final
+    # newline; the OpenAPI document's (JSON Schema) $ does not: refuse what it refuses
+    for name in ("repo", "branch_name", "memory_limit", "disk_limit"):
+        value = getattr(req, name)
+        if isinstance(value, str) and value.endswith("\n"):
+            raise InvalidRequest(f"{name} must not end with a newline")
     if not req.prompt.strip():
         raise InvalidRequest("prompt must not be empty")
     size = len(req.prompt.encode("utf-8", errors="surrogatepass"))

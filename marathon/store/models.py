@@ -14,13 +14,17 @@ from marathon.protocol.messages import Usage
 # The strict twin's constraints: enforced when the API decodes a submission, and the OpenAPI
 # document's TaskRequest schema is generated from them.  Patterns are ASCII and free of
 # look-arounds, so Python's re and JSON Schema validators read them alike.
+# Python's whitespace (str.isspace, re's \s) spelled out: JSON Schema's \s (ECMA-262) is another
+# set (it lacks \x1c-\x1f and \x85), so no pattern here uses \s, \S or "."
+WS = "\\t-\\r\\x1c- \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"[^{WS}]"  # somewhere a character that is not whitespace (what str.strip() keeps)
 _BIG = 2**53  # integers and sizes beyond this are refused (JSON numbers are doubles elsewhere)
 MIN_SIZE = 16 * 1024 * 1024
 REPO_PATTERN = (
-    r"^(?:(?:https?|ssh|git|file)://[^\s]+"  # a URL
-    r"|/.*"  # an absolute path on the node
+    rf"^(?:(?:https?|ssh|git|file)://[^{WS}]+"  # a URL
+    r"|/[^\n\r\u2028\u2029]*"  # an absolute path on the node
     r"|[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"  # owner/name
-    r"|(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_-][A-Za-z0-9_.-]*:(?:[^/\s][^\s]*|/[^/\s][^\s]*)?"  # scp-like host:path
+    rf"|(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_-][A-Za-z0-9_.-]*:(?:[^/{WS}][^{WS}]*|/[^/{WS}][^{WS}]*)?"  # scp-like host:path
     r")$"
 )
 BRANCH_SEGMENT = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
@@ -58,8 +62,8 @@ class TaskRequest(m.TaskRequest, frozen=True, kw_only=True, forbid_unknown_field
     max_cost: Annotated[float, Meta(gt=0, le=1e9, description="budget: USD")] | None = None
     branch_name: Annotated[str, Meta(max_length=200, pattern=BRANCH_PATTERN)] | None = None
     max_iterations: Annotated[int, Meta(ge=1, le=100)] = 1
-    promise: Annotated[str, Meta(pattern=r"^[^\n<]*[^\s<][^\n<]*$", description="one line, no '<'")] | None = None
-    verify: Annotated[str, Meta(pattern=r"\S", description="a shell command run in the workspace")] | None = None
+    promise: Annotated[str, Meta(pattern=f"^[^\\n<]*[^<{WS}][^\\n<]*$", description="one line, no '<'")] | None = None
+    verify: Annotated[str, Meta(pattern=NOT_BLANK, description="a shell command run in the workspace")] | None = None
     verify_timeout: Annotated[float, Meta(ge=1, le=86400)] | None = None
     memory_limit: Size = None
     cpu_limit: Annotated[float, Meta(ge=0.01, le=1024)] | None = None

@@ -142,7 +142,7 @@ _CURSOR = re.compile(CURSOR_PATTERN)
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
     """A cursor from encode_cursor; anything else (malformed, non-finite) is a StoreError."""
-    m = _CURSOR.match(cursor)
+    m = _CURSOR.fullmatch(cursor)  # fullmatch: Python's $ would let a trailing newline through
     ts = float(m.group(1)) if m else math.inf
     if not m or not math.isfinite(ts):
         raise StoreError(f"bad cursor {cursor[:100]!r}: pass the next_cursor of a previous page")
