@@ -111,7 +111,7 @@ async def test_405_carries_allow_and_bad_event_cursors_are_400_without_a_traceba
 
 @pytest.mark.parametrize(
     "field,value",
-    [("max_turns", 0), ("max_turns", 1001), ("branch_name", "a..b"), ("memory_limit", "1k"), ("repo", "./rel")],
+    [("max_turns", 0), ("max_turns", 1001), ("branch_name", "a..b"), ("memory_limit", "1k")],
 )
 async def test_task_request_limits_are_enforced_when_decoding(field, value):
     import msgspec
@@ -120,3 +120,15 @@ async def test_task_request_limits_are_enforced_when_decoding(field, value):
 
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(msgspec.json.encode({"prompt": "x", field: value}), type=TaskRequest)
+
+
+def test_a_repository_outside_the_documented_pattern_is_refused_with_what_to_give():
+    from marathon.errors import InvalidRequest
+    from marathon.orchestrator.tasks import validate_request
+    from marathon.store.models import TaskRequest
+
+    for repo in ("./rel", "a/b/c", "HTTPS://x", "host:\x1cpath", "/srv/repo\n"):
+        with pytest.raises(InvalidRequest):
+            validate_request(TaskRequest(prompt="x", repo=repo))
+    for repo in ("acme/api", "/srv/repo", "https://example.com/a.git", "git@host:a/b.git"):
+        assert validate_request(TaskRequest(prompt="x", repo=repo)).repo == repo

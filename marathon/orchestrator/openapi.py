@@ -20,7 +20,7 @@ from marathon.orchestrator import schemas as s
 from marathon.orchestrator.api_accounts import SINCE_PATTERN
 from marathon.orchestrator.api_tasks import MAX_PAGE, MAX_SEQ
 from marathon.protocol.messages import State
-from marathon.store.models import NOT_BLANK, TaskRequest, UsageBucket
+from marathon.store.models import NOT_BLANK, REPO_PATTERN, TaskRequest, UsageBucket
 from marathon.store.sqlite import CURSOR_PATTERN
 
 REF = "#/components/schemas/{name}"
@@ -407,7 +407,7 @@ def operation(op: Op) -> dict:
     }
     for code in error_statuses(op):
         responses[str(code)] = _error(code, _ERROR_TEXT[code])
-    if op.tag != "web":
+    if op.tag != "web" and not any(code.startswith("5") for code in op.extra_responses):
         responses["5XX"] = _error("5XX", "the orchestrator cannot answer now (its store is unavailable)")
     out: dict = {
         "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace("}", "").replace(".", "_"),
@@ -456,6 +456,11 @@ def _refine(components: dict) -> None:
         {"properties": {"pr": {"const": False}}},
         {"required": ["repo"], "properties": {"repo": {"type": "string"}}},
     ]
+    req["properties"]["repo"] = {
+        "anyOf": [{"type": "string", "pattern": REPO_PATTERN}, {"type": "null"}],
+        "default": None,
+        "description": "a URL, owner/name, or an absolute path on the node (administrators); checked by the server",
+    }
     unlock = components["Unlock"]
     unlock["anyOf"] = [
         {"required": [name], "properties": {name: {"type": "string", "minLength": 1}}} for name in ("email", "client")

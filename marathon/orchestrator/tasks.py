@@ -24,7 +24,7 @@ from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
-from marathon.store.models import BRANCH_PATTERN
+from marathon.store.models import BRANCH_PATTERN, REPO_PATTERN
 from marathon.units import parse_size
 
 log = logging.getLogger("marathon.orchestrator")
@@ -59,6 +59,7 @@ def new_task_id() -> str:
     return secrets.token_hex(6)
 
 
+_REPO = re.compile(REPO_PATTERN)  # the OpenAPI document's: a subset of what repos.classify takes as not relative
 _BRANCH = re.compile(BRANCH_PATTERN)  # what the API's schema says: segments of [A-Za-z0-9_-], single dots inside
 
 
@@ -74,7 +75,7 @@ def validate_request(req: TaskRequest) -> TaskRequest:
     size = len(req.prompt.encode("utf-8", errors="surrogatepass"))
     if size > MAX_PROMPT_BYTES:
         raise InvalidRequest(f"prompt is {size} bytes of UTF-8; the limit is {MAX_PROMPT_BYTES} bytes")
-    if req.repo is not None and repos.classify(req.repo) == "relative":
+    if req.repo is not None and (not _REPO.match(req.repo) or repos.classify(req.repo) == "relative"):
         raise InvalidRequest(
             f"repo {req.repo!r}: give a URL, owner/name, or an absolute path (the CLI makes relative paths absolute)"
         )

@@ -48,12 +48,8 @@ class TaskRequest(m.TaskRequest, frozen=True, kw_only=True, forbid_unknown_field
     """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields
     and values out of range.  Validated at the API boundary (and by tasks.validate_request)."""
 
-    repo: (
-        Annotated[
-            str, Meta(pattern=REPO_PATTERN, description="a URL, owner/name, or an absolute path (administrators)")
-        ]
-        | None
-    ) = None
+    # repo: checked by tasks.validate_request against REPO_PATTERN (with a message that says
+    # what to give); the OpenAPI document carries the pattern
     max_turns: Annotated[int, Meta(ge=1, le=1000)] | None = None
     timeout: Annotated[float, Meta(ge=1, le=7 * 86400, description="seconds, wall clock for the whole task")] | None = (
         None
