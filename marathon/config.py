@@ -150,8 +150,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # metering and access
     prices: dict[str, Price] = {}  # model pattern -> USD per million tokens (marathon.toml [prices."pattern"])
     price_fallback: Price = DEFAULT_FALLBACK
-    allow_registration: bool = False  # open sign-up; otherwise the first account, then administrators register users
-    session_ttl: float = 30 * 86400.0
+    allow_registration: bool = (
+        False  # open sign-up; otherwise administrators create accounts (marathon admin create-user)
+    )
+    session_ttl: float = 30 * 86400.0  # login sessions expire after this long
+    session_purge_interval: float = 600.0  # seconds between purges of expired sessions
     # sign-in throttling (429 + Retry-After while blocked; an administrator can lift it)
     login_account_failures: int = 5  # failed sign-ins per account per login_window
     login_client_failures: int = 20  # failed sign-ins per client address per login_window
@@ -184,6 +187,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("sandbox_uid must be at least 1000 (slot i runs as sandbox_uid + i)")
         if min(self.login_account_failures, self.login_client_failures, self.register_attempts) < 1:
             raise ValueError("login_account_failures, login_client_failures and register_attempts must be at least 1")
+        if self.session_ttl <= 0 or self.session_purge_interval <= 0:
+            raise ValueError("session_ttl and session_purge_interval must be positive (seconds)")
         if self.login_window <= 0 or self.register_window <= 0:
             raise ValueError("login_window and register_window must be positive (seconds)")
         if self.node_max_slots < 1 or self.gateway_max_unauthenticated < 1 or self.handshake_timeout <= 0:

@@ -199,6 +199,25 @@ async def test_every_log_of_a_real_run_is_json_lines_without_a_secret():
         open_fake_github(GH_TOKEN, os.path.join(tmp, "remotes")) as gh,
     ):
         try:
+            made = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "marathon",
+                    "admin",
+                    "create-user",
+                    "ops@example.com",
+                    "--admin",
+                    "--password-stdin",
+                ],
+                env={**base_env, "MARATHON_DATA_DIR": os.path.join(tmp, "orch")},
+                cwd=tmp,
+                stdin=b"long enough pw\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert made.returncode == 0, made.stderr
             with open(orch_log, "wb") as out:
                 procs.append(
                     await trio.lowlevel.open_process(
@@ -220,8 +239,6 @@ async def test_every_log_of_a_real_run_is_json_lines_without_a_secret():
             gateway = gw.rsplit(" ", 1)[1]
 
             async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as c:
-                r = await c.post("/v1/auth/register", json={"email": "ops@example.com", "password": "long enough pw"})
-                assert r.status_code == 201, r.text
                 token = (
                     await c.post("/v1/auth/login", json={"email": "ops@example.com", "password": "long enough pw"})
                 ).json()["token"]

@@ -109,6 +109,12 @@ async def test_an_older_schema_is_migrated_in_place_and_keeps_its_rows(pg_url):
             "ttft_s, request_bytes, response_bytes, complete, priced) "
             "VALUES ('t1', 'u1', 1, 'm', 10, 5, 0, 0, 0, 0.5, 200, 1, NULL, 1, 1, true, true)"
         )
+        conn.execute(
+            "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES ('u1', 'a@x', 'h', true, 1)"
+        )
+        conn.execute(
+            "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at) VALUES ('k1', 'u1', 'n', 'p', 'kh', 1)"
+        )
     store = await PostgresStore.open(pg_url)
     try:
         with psycopg.connect(pg_url) as conn:
@@ -116,6 +122,10 @@ async def test_an_older_schema_is_migrated_in_place_and_keeps_its_rows(pg_url):
         assert versions == list(range(1, len(MIGRATIONS) + 1))
         (row,) = await store.ledger_rows("t1")
         assert (row.input_tokens, row.web_search_requests, row.web_fetch_requests) == (10, 0, 0)
+        found = await store.find_api_key("kh")  # the account lifecycle columns: never expires, not disabled
+        assert found is not None
+        key, user = found
+        assert key.expires_at is None and user.admin and not user.disabled
     finally:
         await store.close()
 

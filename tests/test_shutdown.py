@@ -313,12 +313,20 @@ async def test_sigterm_to_role_orchestrator_ends_event_streams_cleanly_and_they_
             tmp, fake.url, http_listen=f"tcp:127.0.0.1:{http}", gateway_listen=f"tcp:127.0.0.1:{gw}", node_grace=60
         )
         url = f"http://127.0.0.1:{http}"
-        # the orchestrator's first start registers its first user, an administrator
+        # the first administrator is made where the orchestrator's configuration is
+        made = await trio.run_process(
+            [sys.executable, "-m", "marathon", "admin", "create-user", "a@example.com", "--admin", "--password-stdin"],
+            env=env,
+            cwd=tmp,
+            stdin=b"password123\n",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
         async with daemon("orchestrator", env, tmp) as orch:
             await orch.wait_for("marathon orchestrator: API on")
             async with httpx.AsyncClient(base_url=url, trust_env=False) as anon:
-                r = await anon.post("/v1/auth/register", json={"email": "a@example.com", "password": "password123"})
-                assert r.status_code == 201, r.text
                 r = await anon.post("/v1/auth/login", json={"email": "a@example.com", "password": "password123"})
                 token = r.json()["token"]
             with open(os.path.join(env["MARATHON_DATA_DIR"], "node_secret")) as f:  # noqa: ASYNC230

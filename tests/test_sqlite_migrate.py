@@ -38,3 +38,33 @@ async def test_a_database_from_before_server_tool_columns_opens_and_keeps_its_ro
     # and opening again changes nothing
     store = await SqliteStore.open(path)
     await store.close()
+
+
+OLD_ACCOUNTS = """
+CREATE TABLE users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, password_hash TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, github_token TEXT
+);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, revoked_at REAL, last_used_at REAL
+);
+INSERT INTO users VALUES ('u1', 'a@x', 'h', 1, 1.0, NULL);
+INSERT INTO api_keys VALUES ('k1', 'u1', 'ci', 'mk_ab', 'kh1', 1.0, NULL, NULL);
+"""
+
+
+async def test_a_database_from_before_account_lifecycle_columns_keeps_its_users_and_keys(tmp_path):
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_ACCOUNTS)
+    store = await SqliteStore.open(path)
+    try:
+        found = await store.find_api_key("kh1")
+        assert found is not None
+        key, user = found
+        assert key.expires_at is None and user.admin and not user.disabled
+        disabled = await store.set_user_disabled("u1", True)
+        assert disabled is not None and disabled.disabled
+    finally:
+        await store.close()

@@ -309,8 +309,8 @@ async def test_artifacts(store):
 
 
 async def test_users_keys_and_sessions(store):
-    first = await store.create_user(User(id="u1", email="a@x", password_hash="h1"), admin_if_first=True)
-    second = await store.create_user(User(id="u2", email="b@x", password_hash="h2"), admin_if_first=True)
+    first = await store.create_user(User(id="u1", email="a@x", password_hash="h1", admin=True))
+    second = await store.create_user(User(id="u2", email="b@x", password_hash="h2"))
     assert first.admin and not second.admin and await store.count_users() == 2
     with pytest.raises(Conflict):
         await store.create_user(User(id="u3", email="a@x", password_hash="h3"))
@@ -348,16 +348,68 @@ async def test_users_keys_and_sessions(store):
     assert await store.find_session("s1") is None
 
 
-async def test_concurrent_first_users_make_one_admin(store):
+async def test_nobody_becomes_administrator_by_coming_first(store):
     made = []
 
     async def register(i):
-        made.append(await store.create_user(User(id=f"u{i}", email=f"{i}@x", password_hash="h"), admin_if_first=True))
+        made.append(await store.create_user(User(id=f"u{i}", email=f"{i}@x", password_hash="h")))
 
     async with trio.open_nursery() as n:
         for i in range(6):
             n.start_soon(register, i)
-    assert sum(u.admin for u in made) == 1
+    assert len(made) == 6 and not any(u.admin for u in made)
+    assert not any(u.admin for u in await store.list_users())
+
+
+async def test_account_lifecycle_disable_expiry_last_used_and_purge(store):
+    import time
+
+    now = time.time()
+    await store.create_user(User(id="u1", email="a@x", password_hash="h", admin=True))
+    await store.create_user(User(id="u2", email="b@x", password_hash="h"))
+    assert [u.email for u in await store.list_users()] == ["a@x", "b@x"]
+    assert not any(u.disabled for u in await store.list_users())
+
+    # keys: an expired one is not found; one with a future expiry is
+    await store.create_api_key(ApiKey(id="k1", user_id="u2", name="n", prefix="p", key_hash="kh1", expires_at=now - 1))
+    await store.create_api_key(ApiKey(id="k2", user_id="u2", name="n", prefix="p", key_hash="kh2", expires_at=now + 60))
+    assert await store.find_api_key("kh1") is None
+    key, user = await store.find_api_key("kh2")
+    assert key.expires_at == now + 60 and key.last_used_at is None and not user.disabled
+
+    # last_used_at: written, then not again within the interval, then again after it
+    await store.touch_api_key("k2", now, 60)
+    assert (await store.find_api_key("kh2"))[0].last_used_at == now
+    await store.touch_api_key("k2", now + 30, 60)
+    assert (await store.find_api_key("kh2"))[0].last_used_at == now
+    await store.touch_api_key("k2", now + 61, 60)
+    assert (await store.find_api_key("kh2"))[0].last_used_at == now + 61
+
+    # disabling: the user row says so (keys are refused by whoever authenticates), sessions go
+    await store.create_session(Session(token_hash="s1", user_id="u2", created_at=now, expires_at=now + 60))
+    await store.create_session(Session(token_hash="s9", user_id="u1", created_at=now, expires_at=now + 60))
+    u = await store.set_user_disabled("u2", True)
+    assert u is not None and u.disabled and u.disabled_at >= now
+    assert (await store.find_api_key("kh2"))[1].disabled
+    assert await store.find_session("s1") is None
+    assert await store.find_session("s9") is not None  # another user's session stays
+    again = await store.set_user_disabled("u2", True)  # disabling twice keeps the first time
+    assert again.disabled_at == u.disabled_at
+    assert not (await store.set_user_disabled("u2", False)).disabled
+    assert await store.set_user_disabled("nobody", True) is None
+
+    # an administrator revokes anyone's key (user_id None)
+    assert await store.revoke_api_key(None, "k2") is True
+    assert await store.revoke_api_key(None, "k2") is False
+    assert await store.find_api_key("kh2") is None
+
+    # purge: expired sessions go in bounded batches, live ones stay
+    for i in range(7):
+        await store.create_session(Session(token_hash=f"old{i}", user_id="u1", created_at=now, expires_at=now - 10))
+    assert await store.purge_sessions(now, 5) == 5
+    assert await store.purge_sessions(now, 5) == 2
+    assert await store.purge_sessions(now, 5) == 0
+    assert await store.find_session("s9") is not None
 
 
 async def test_survives_reopen(store_url, tmp_path):

@@ -83,10 +83,29 @@ async def test_long_task_on_a_separate_node_and_a_killed_node_leaves_nothing():
     async with fa.open_fake_anthropic(script) as fake:
         orch_data, node_data = os.path.join(tmp, "orch"), os.path.join(tmp, "node")
         orch_log, node_log = os.path.join(tmp, "orch.log"), os.path.join(tmp, "node.log")
+        # the first administrator, made where the orchestrator's configuration is
+        made = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "marathon",
+                "admin",
+                "create-user",
+                "ops@example.com",
+                "--admin",
+                "--password-stdin",
+            ],
+            env=_env(data_dir=orch_data),
+            stdin=b"a long enough password\n",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
         orch = await _start(
             [sys.executable, "-m", "marathon", "serve", "--role", "orchestrator"],
             _env(data_dir=orch_data, http_listen="tcp:127.0.0.1:0", gateway_listen="tcp:127.0.0.1:0",
-                 heartbeat_interval=0.5, node_grace=2, allow_registration="true"),
+                 heartbeat_interval=0.5, node_grace=2),
             orch_log,
         )  # fmt: skip
         node = None
@@ -104,8 +123,6 @@ async def test_long_task_on_a_separate_node_and_a_killed_node_leaves_nothing():
             )  # fmt: skip
             async with httpx.AsyncClient(base_url=api, timeout=30, trust_env=False) as client:
                 creds = {"email": "ops@example.com", "password": "a long enough password"}
-                r = await client.post("/v1/auth/register", json=creds)
-                assert r.status_code in (200, 201), r.text
                 r = await client.post("/v1/auth/login", json=creds)
                 client.headers["Authorization"] = f"Bearer {r.json()['token']}"
                 mt = Marathon(api, gateway, secret, None, None, client)

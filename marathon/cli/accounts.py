@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import sys
+import time
 from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
 
 from marathon.cli.app import Url, api_client, app, fail
 from marathon.cli import render
+
+
+def expiry_time(text: str, now: float | None = None) -> float:
+    """'90d', '12h', '30m', '2w' from now, or YYYY-MM-DD (local midnight): an epoch time."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhdw])", text.strip())
+    if m:
+        return now + float(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        when = time.mktime(time.strptime(text.strip(), "%Y-%m-%d"))
+    except ValueError:
+        raise ValueError(f"bad --expires {text!r}: use 90d, 12h, 30m, 2w or YYYY-MM-DD") from None
+    if when <= now:
+        raise ValueError(f"--expires {text!r} is in the past")
+    return when
 
 
 def _password(password_stdin: bool, confirm: bool = False) -> str:
@@ -24,7 +41,8 @@ def _password(password_stdin: bool, confirm: bool = False) -> str:
 
 @app.command
 def register(email: str, *, password_stdin: bool = False, url: Url = None) -> int:
-    """Create an account on the orchestrator (the first account administers it).
+    """Create an account on the orchestrator: open registration (``allow_registration``), or
+    signed in as an administrator.  The first administrator is made with ``marathon admin create-user``.
 
     Parameters
     ----------
@@ -83,9 +101,21 @@ app.command(keys)
 
 
 @keys.command(name="create")
-def keys_create(name: str = "key", *, url: Url = None) -> int:
-    """Create an API key; it is shown once."""
-    k = api_client(url).post("/v1/keys", {"name": name})
+def keys_create(name: str = "key", *, expires: str | None = None, url: Url = None) -> int:
+    """Create an API key; it is shown once.
+
+    Parameters
+    ----------
+    expires
+        When it stops working: a duration (90d, 12h, 30m, 2w) from now, or YYYY-MM-DD. Default: never.
+    """
+    body: dict = {"name": name}
+    if expires:
+        try:
+            body["expires_in"] = max(60, round(expiry_time(expires) - time.time()))
+        except ValueError as exc:
+            return fail(str(exc), 2)
+    k = api_client(url).post("/v1/keys", body)
     print(k["key"])
     print(f"(id {k['id']}; shown once — use it as MARATHON_TOKEN or 'Authorization: Bearer …')", file=sys.stderr)
     return 0
@@ -95,9 +125,12 @@ def keys_create(name: str = "key", *, url: Url = None) -> int:
 def keys_list(*, url: Url = None) -> int:
     """List your API keys (prefixes only)."""
     data = api_client(url).get("/v1/keys")
+    now = time.time()
     for k in data["keys"]:
-        state = "revoked" if k["revoked_at"] else "active"
-        print(f"{k['id']}  {k['prefix']}…  {state:<8} {render.age(k['created_at']):>4}  {k['name']}")
+        expired = k.get("expires_at") is not None and k["expires_at"] <= now
+        state = "revoked" if k["revoked_at"] else ("expired" if expired else "active")
+        used = render.age(k["last_used_at"]) if k.get("last_used_at") else "-"
+        print(f"{k['id']}  {k['prefix']}…  {state:<8} {render.age(k['created_at']):>4}  used {used:>4}  {k['name']}")
     if not data["keys"]:
         print("no keys")
     return 0

@@ -12,7 +12,7 @@ from quart_trio import QuartTrio
 from marathon import __version__
 from marathon.errors import NotFound
 from marathon.metrics import CONTENT_TYPE
-from marathon.orchestrator import api_accounts, api_nodes, api_tasks
+from marathon.orchestrator import api_accounts, api_admin, api_nodes, api_tasks
 from marathon.orchestrator.http import MAX_BODY, ApiContext, json_response, register_error_handlers
 from marathon.orchestrator.openapi import openapi_document
 from marathon.orchestrator.web import web_blueprint
@@ -73,6 +73,6 @@ def create_app(ctx: ApiContext) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     register_error_handlers(app)
     for bp in (_meta(ctx), api_tasks.blueprint(ctx), api_nodes.blueprint(ctx), api_accounts.blueprint(ctx),
-               web_blueprint()):  # fmt: skip
+               api_admin.blueprint(ctx), web_blueprint()):  # fmt: skip
         app.register_blueprint(bp)
     return app

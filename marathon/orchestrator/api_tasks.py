@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import msgspec
 import trio
@@ -12,14 +13,37 @@ from marathon.errors import InvalidRequest, NotFound, RateLimited, StoreError
 from marathon.orchestrator.http import ApiContext, body_as, json_response, owner_filter, principal
 from marathon.orchestrator.lifecycle import State, is_terminal
 from marathon.orchestrator.tasks import task_topic
+from marathon.orchestrator.schemas import Reply
 from marathon.store import TaskRecord, TaskRequest
+from marathon.store.sqlite import decode_cursor
 
 EVENT_PAGE = 1000
+MAX_PAGE = 500  # tasks per page (the OpenAPI document's limit maximum)
+MAX_SEQ = 2**63 - 1  # event sequence numbers are 64-bit: a Last-Event-ID beyond is a 400, not a store error
+_INT = re.compile(r"[0-9]{1,19}")
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def int_arg(name: str, raw: str | None, *, default: int, low: int, high: int) -> int:
+    """A non-negative decimal integer query parameter or header in [low, high], else a 400."""
+    if raw is None:
+        return default
+    value = int(raw) if _INT.fullmatch(raw) else None
+    if value is None or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}, not {raw[:30]!r}")
+    return value
+
+
+def bool_arg(name: str, raw: str | None, *, default: bool) -> bool:
+    if raw is None:
+        return default
+    try:
+        return _BOOLS[raw.lower()]
+    except KeyError:
+        raise InvalidRequest(f"{name} must be true or false, not {raw[:30]!r}") from None
+
+
 SHUTDOWN_NOTE = b"retry: 1000\n: the orchestrator is shutting down; resume with Last-Event-ID\n\n"
-
-
-class Reply(msgspec.Struct, forbid_unknown_fields=True):
-    answer: str
 
 
 def task_json(rec: TaskRecord) -> dict:
@@ -57,20 +81,20 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     @bp.get("/v1/tasks")
     async def list_tasks():
         p = await principal(ctx)
-        states = [s for s in request.args.getlist("state") for s in s.split(",") if s]
-        for s in states:
-            try:
-                State(s)
-            except ValueError:
-                raise InvalidRequest(f"unknown state {s!r}; states are {', '.join(State)}") from None
+        states: list[str] = []
+        for value in request.args.getlist("state"):
+            for s in value.split(","):
+                try:
+                    states.append(State(s).value)
+                except ValueError:
+                    raise InvalidRequest(f"unknown state {s[:50]!r}; states are {', '.join(State)}") from None
+        limit = int_arg("limit", request.args.get("limit"), default=50, low=1, high=MAX_PAGE)
+        cursor = request.args.get("cursor")
         try:
-            limit = min(max(int(request.args.get("limit", "50")), 1), 500)
-        except ValueError:
-            raise InvalidRequest("limit must be an integer") from None
-        cursor = request.args.get("cursor") or None
-        try:
+            if cursor is not None:
+                decode_cursor(cursor)  # a malformed or out-of-range cursor is a 400 before any query
             recs, nxt = await ctx.tasks.store.list_tasks(
-                owner=owner_filter(p), states=states or None, cursor=cursor, limit=limit
+                owner=owner_filter(p), states=states or None, cursor=cursor or None, limit=limit
             )
         except StoreError as exc:
             raise InvalidRequest(str(exc)) from None
@@ -114,12 +138,10 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def events(task_id: str):
         p = await principal(ctx)
         await ctx.tasks.get(task_id, owner=owner_filter(p))
-        raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-        try:
-            after = int(raw_after)
-        except ValueError:
-            raise InvalidRequest("Last-Event-ID must be an event sequence number") from None
-        follow = request.args.get("follow", "1") not in ("0", "false", "no")
+        # both are checked (a bad one is a 400 even beside a good one); the header wins
+        query_after = int_arg("after", request.args.get("after"), default=0, low=0, high=MAX_SEQ)
+        after = int_arg("Last-Event-ID", request.headers.get("Last-Event-ID"), default=query_after, low=0, high=MAX_SEQ)
+        follow = bool_arg("follow", request.args.get("follow"), default=True)
         resp = Response(
             event_stream(ctx, task_id, after, follow),
             content_type="text/event-stream",

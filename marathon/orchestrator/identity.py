@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Annotated
 from dataclasses import dataclass
 
 import msgspec
@@ -26,8 +27,9 @@ MAX_TTL = 30 * 86400.0
 class JoinTokenRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /v1/nodes/join-tokens."""
 
-    ttl: float = 3600.0  # seconds the token can be used in (at most 30 days)
-    max_slots: int | None = None  # the enrolled node's cap, 1-1024 (default: the orchestrator's node_max_slots)
+    ttl: Annotated[float, msgspec.Meta(ge=1, le=MAX_TTL)] = 3600.0  # seconds the token can be used in
+    # the enrolled node's cap (default: the orchestrator's node_max_slots)
+    max_slots: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
 
 
 class JoinTokenCreated(msgspec.Struct):

@@ -167,5 +167,6 @@ async def _serve(
         await nursery.start(cluster.run, url, gw_addrs[0])
         nursery.start_soon(cluster.lead, config.leader_ttl)
         await nursery.start(scheduler.run)
+        await nursery.start(accounts.serve_session_purge, config.session_purge_interval)
         log.info("orchestrator API listening on %s", url)  # "API on" is said once ready (serve_role)
         task_status.started(OrchestratorInfo(url, gw_addrs[0], secret, tasks, nodes, accounts, ctx.stopping, http_done))

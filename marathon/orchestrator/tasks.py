@@ -35,6 +35,7 @@ from marathon.pricing import merged_table
 from marathon.protocol import messages as m
 from marathon.protocol.blobs import chunks
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
+from marathon.store.models import BRANCH_PATTERN, REPO_PATTERN
 from marathon.units import parse_size
 
 log = logging.getLogger("marathon.orchestrator")
@@ -82,16 +83,23 @@ def new_task_id() -> str:
     return secrets.token_hex(6)
 
 
-_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])$")
+_REPO = re.compile(REPO_PATTERN)  # the OpenAPI document's: a subset of what repos.classify takes as not relative
+_BRANCH = re.compile(BRANCH_PATTERN)  # what the API's schema says: segments of [A-Za-z0-9_-], single dots inside
 
 
 def validate_request(req: TaskRequest) -> TaskRequest:
+    # the decoder checked the patterns with Python's re, whose $ also matches before a final
+    # newline; the OpenAPI document's (JSON Schema) $ does not: refuse what it refuses
+    for name in ("repo", "branch_name", "memory_limit", "disk_limit"):
+        value = getattr(req, name)
+        if isinstance(value, str) and value.endswith("\n"):
+            raise InvalidRequest(f"{name} must not end with a newline")
     if not req.prompt.strip():
         raise InvalidRequest("prompt must not be empty")
     size = len(req.prompt.encode("utf-8", errors="surrogatepass"))
     if size > MAX_PROMPT_BYTES:
         raise InvalidRequest(f"prompt is {size} bytes of UTF-8; the limit is {MAX_PROMPT_BYTES} bytes")
-    if req.repo is not None and repos.classify(req.repo) == "relative":
+    if req.repo is not None and (not _REPO.match(req.repo) or repos.classify(req.repo) == "relative"):
         raise InvalidRequest(
             f"repo {req.repo!r}: give a URL, owner/name, or an absolute path (the CLI makes relative paths absolute)"
         )
@@ -105,6 +113,8 @@ def validate_request(req: TaskRequest) -> TaskRequest:
                 raise InvalidRequest(f"{name}: {exc}") from None
             if size < 16 * 1024 * 1024:
                 raise InvalidRequest(f"{name} must be at least 16 MiB")
+            if size > 2**53:
+                raise InvalidRequest(f"{name} must be at most 2**53 bytes")
             changes[name] = size
     if req.cpu_limit is not None and not 0.01 <= req.cpu_limit <= 1024:
         raise InvalidRequest("cpu_limit must be between 0.01 and 1024 cores")
@@ -126,7 +136,7 @@ def validate_request(req: TaskRequest) -> TaskRequest:
         raise InvalidRequest("verify must be a command")
     if req.verify_timeout is not None and not 1 <= req.verify_timeout <= 86400:
         raise InvalidRequest("verify_timeout must be between 1 second and a day")
-    if req.branch_name is not None and not _BRANCH.match(req.branch_name):
+    if req.branch_name is not None and not (len(req.branch_name) <= 200 and _BRANCH.match(req.branch_name)):
         raise InvalidRequest(f"bad branch name {req.branch_name!r}")
     if req.pr and not req.repo:
         raise InvalidRequest("--pr needs --repo")

@@ -2,22 +2,77 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 from marathon.protocol import messages as m
 from marathon.protocol.messages import Usage
 
 
+# The strict twin's constraints: enforced when the API decodes a submission, and the OpenAPI
+# document's TaskRequest schema is generated from them.  Patterns are ASCII and free of
+# look-arounds, so Python's re and JSON Schema validators read them alike.
+# Python's whitespace (str.isspace, re's \s) spelled out: JSON Schema's \s (ECMA-262) is another
+# set (it lacks \x1c-\x1f and \x85), so no pattern here uses \s, \S or "."
+WS = "\\t-\\r\\x1c- \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"[^{WS}]"  # somewhere a character that is not whitespace (what str.strip() keeps)
+_BIG = 2**53  # integers and sizes beyond this are refused (JSON numbers are doubles elsewhere)
+MIN_SIZE = 16 * 1024 * 1024
+REPO_PATTERN = (
+    rf"^(?:(?:https?|ssh|git|file)://[^{WS}]+"  # a URL
+    r"|/[^\n\r\u2028\u2029]*"  # an absolute path on the node
+    r"|[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"  # owner/name
+    rf"|(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_-][A-Za-z0-9_.-]*:(?:[^/{WS}][^{WS}]*|/[^/{WS}][^{WS}]*)?"  # scp-like host:path
+    r")$"
+)
+BRANCH_SEGMENT = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+BRANCH_PATTERN = rf"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*)(?:/{BRANCH_SEGMENT})*$"
+SIZE_PATTERN = (  # at least 16 MiB and at most 2**53 bytes, by the digits alone
+    r"^(?:(?:[1-9][0-9]{0,5})(?:\.[0-9]{1,6})?[gG]"  # 1 GiB .. < 1e6 GiB
+    r"|(?:[1-9][0-9]{0,2})(?:\.[0-9]{1,6})?[tT]"  # 1 TiB .. < 1000 TiB
+    r"|(?:1[6-9]|[2-9][0-9]|[1-9][0-9]{2,8})(?:\.[0-9]{1,6})?[mM]"  # 16 MiB .. < 1e9 MiB
+    r"|(?:1[6-9][0-9]{3}|[2-9][0-9]{4}|[1-9][0-9]{5,11})(?:\.[0-9]{1,6})?[kK]"  # 16384 KiB .. < 1e12 KiB
+    r")(?:i?[bB])?$"
+    r"|^(?:1[6-9][0-9]{6}|[2-9][0-9]{7}|[1-9][0-9]{8,14})[bB]?$"  # bytes: 16 MiB .. < 1e15
+)
+Size = (
+    Annotated[int, Meta(ge=MIN_SIZE, le=_BIG)]
+    | Annotated[str, Meta(pattern=SIZE_PATTERN, description="e.g. 4GiB, 512M (powers of 1024), at least 16 MiB")]
+    | None
+)
+
+
 class TaskRequest(m.TaskRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields.
-    Validated at the API boundary."""
+    """What a user submits (POST /v1/tasks): the protocol's TaskRequest, refusing unknown fields
+    and values out of range.  Validated at the API boundary (and by tasks.validate_request)."""
+
+    # repo: checked by tasks.validate_request against REPO_PATTERN (with a message that says
+    # what to give); the OpenAPI document carries the pattern
+    max_turns: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    timeout: Annotated[float, Meta(ge=1, le=7 * 86400, description="seconds, wall clock for the whole task")] | None = (
+        None
+    )
+    max_tokens: Annotated[int, Meta(ge=1, le=_BIG, description="budget: all tokens of all API requests")] | None = None
+    max_cost: Annotated[float, Meta(gt=0, le=1e9, description="budget: USD")] | None = None
+    branch_name: Annotated[str, Meta(max_length=200, pattern=BRANCH_PATTERN)] | None = None
+    max_iterations: Annotated[int, Meta(ge=1, le=100)] = 1
+    promise: Annotated[str, Meta(pattern=f"^[^\\n<]*[^<{WS}][^\\n<]*$", description="one line, no '<'")] | None = None
+    verify: Annotated[str, Meta(pattern=NOT_BLANK, description="a shell command run in the workspace")] | None = None
+    verify_timeout: Annotated[float, Meta(ge=1, le=86400)] | None = None
+    memory_limit: Size = None
+    cpu_limit: Annotated[float, Meta(ge=0.01, le=1024)] | None = None
+    disk_limit: Size = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
     id: str
     owner: str
     state: str
-    request: TaskRequest
+    # the protocol's (lenient) type: a stored task always reads back, whatever later versions
+    # refuse at submission; what was submitted passed the strict TaskRequest above
+    request: m.TaskRequest
     reason: str | None = None
     message: str | None = None
     node_id: str | None = None
@@ -110,6 +165,11 @@ class User(msgspec.Struct, kw_only=True):
     admin: bool = False
     created_at: float = 0.0
     github_token: str | None = None
+    disabled_at: float | None = None  # set: the account's keys and sessions stop working, it cannot sign in
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 class ApiKey(msgspec.Struct, kw_only=True):
@@ -120,7 +180,8 @@ class ApiKey(msgspec.Struct, kw_only=True):
     key_hash: str
     created_at: float = 0.0
     revoked_at: float | None = None
-    last_used_at: float | None = None
+    last_used_at: float | None = None  # written at most once per LAST_USED_INTERVAL (marathon/orchestrator/auth.py)
+    expires_at: float | None = None  # None: never
 
 
 class Session(msgspec.Struct, kw_only=True):

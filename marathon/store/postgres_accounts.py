@@ -21,7 +21,7 @@ from marathon.secretbox import (
 )
 from marathon.store.ledger_sql import LEDGER_COLS, bucket, ledger_row, summary_select
 from marathon.store.models import ApiKey, LedgerRow, Session, UsageBucket, User
-from marathon.store.postgres_schema import FIRST_USER_LOCK, SECRETS_LOCK
+from marathon.store.postgres_schema import SECRETS_LOCK
 
 T = TypeVar("T")
 
@@ -37,13 +37,24 @@ def ledger_placeholders() -> str:
     return ", ".join(f"%s::{t}" for t in _LEDGER_CASTS)
 
 
-_USER_COLS = "id, email, password_hash, admin, created_at, github_token"
-_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at"
+_USER_COLS = "id, email, password_hash, admin, created_at, github_token, disabled_at"
+_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at, expires_at"
+_NKEY = len(_KEY_COLS.split(","))
+
+
+def _prefixed(cols: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
 
 
 def _user(row) -> User:
     return User(
-        id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5]
+        id=row[0],
+        email=row[1],
+        password_hash=row[2],
+        admin=bool(row[3]),
+        created_at=row[4],
+        github_token=row[5],
+        disabled_at=row[6],
     )
 
 
@@ -57,6 +68,7 @@ def _key(row) -> ApiKey:
         created_at=row[5],
         revoked_at=row[6],
         last_used_at=row[7],
+        expires_at=row[8],
     )
 
 
@@ -116,16 +128,10 @@ class PgAccountsMixin:
 
     # ------------------------------------------------------------------ users
 
-    async def create_user(self, user: User, *, admin_if_first: bool = False) -> User:
+    async def create_user(self, user: User) -> User:
         user.created_at = user.created_at or time.time()
 
         def fn(conn: psycopg.Connection) -> User:
-            if admin_if_first:
-                # two replicas registering the first two users at once must not make two admins
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_USER_LOCK,))
-                row = conn.execute("SELECT count(*) FROM users").fetchone()
-                if row and row[0] == 0:
-                    user.admin = True
             try:
                 conn.execute(
                     "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (%s, %s, %s, %s, %s)",
@@ -134,6 +140,28 @@ class PgAccountsMixin:
             except psycopg.errors.UniqueViolation:
                 raise Conflict(f"{user.email} is already registered") from None
             return user
+
+        return await self._run(fn, transaction=True)
+
+    async def list_users(self) -> list[User]:
+        rows = await self._run(
+            lambda c: c.execute(f"SELECT {_USER_COLS} FROM users ORDER BY created_at, id").fetchall()
+        )
+        return [_user(r) for r in rows]
+
+    async def set_user_disabled(self, user_id: str, disabled: bool) -> User | None:
+        """Disable (their sessions are deleted; keys stay, refused while disabled) or enable."""
+
+        def fn(conn: psycopg.Connection) -> User | None:
+            if disabled:
+                conn.execute(
+                    "UPDATE users SET disabled_at = %s WHERE id = %s AND disabled_at IS NULL", (time.time(), user_id)
+                )
+                conn.execute("DELETE FROM sessions WHERE user_id = %s", (user_id,))
+            else:
+                conn.execute("UPDATE users SET disabled_at = NULL WHERE id = %s", (user_id,))
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = %s", (user_id,)).fetchone()
+            return _user(row) if row else None
 
         return await self._run(fn, transaction=True)
 
@@ -180,8 +208,8 @@ class PgAccountsMixin:
         key.created_at = key.created_at or time.time()
         await self._run(
             lambda c: c.execute(
-                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None),
+                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES ({', '.join(['%s'] * _NKEY)})",
+                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None, key.expires_at),
             )
         )
         return key
@@ -194,28 +222,36 @@ class PgAccountsMixin:
         )
         return [_key(r) for r in rows]
 
-    async def revoke_api_key(self, user_id: str, key_id: str) -> bool:
-        n = await self._run(
-            lambda c: (
-                c.execute(
-                    "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND user_id = %s AND revoked_at IS NULL",
-                    (time.time(), key_id, user_id),
-                ).rowcount
-            )
-        )
+    async def revoke_api_key(self, user_id: str | None, key_id: str) -> bool:
+        """Revoke ``user_id``'s key (None: anyone's, for an administrator); False when there
+        was no such active key."""
+        sql = "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL"
+        args: tuple = (time.time(), key_id)
+        if user_id is not None:
+            sql, args = sql + " AND user_id = %s", (*args, user_id)
+        n = await self._run(lambda c: c.execute(sql, args).rowcount)
         return n == 1
 
     async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
-        kcols = ", ".join("k." + x.strip() for x in _KEY_COLS.split(","))
-        ucols = ", ".join("u." + x.strip() for x in _USER_COLS.split(","))
+        """An active key (not revoked, not expired) and its user (who may be disabled)."""
         row = await self._run(
             lambda c: c.execute(
-                f"SELECT {kcols}, {ucols} FROM api_keys k JOIN users u ON u.id = k.user_id "
-                "WHERE k.key_hash = %s AND k.revoked_at IS NULL",
-                (key_hash,),
+                f"SELECT {_prefixed(_KEY_COLS, 'k')}, {_prefixed(_USER_COLS, 'u')} "
+                "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = %s AND k.revoked_at IS NULL "
+                "AND (k.expires_at IS NULL OR k.expires_at > %s)",
+                (key_hash, time.time()),
             ).fetchone()
         )
-        return (_key(row[:8]), _user(row[8:])) if row else None
+        return (_key(row[:_NKEY]), _user(row[_NKEY:])) if row else None
+
+    async def touch_api_key(self, key_id: str, now: float, interval: float) -> None:
+        """Record a use: written only when the recorded one is older than ``interval``."""
+        await self._run(
+            lambda c: c.execute(
+                "UPDATE api_keys SET last_used_at = %s WHERE id = %s AND (last_used_at IS NULL OR last_used_at <= %s)",
+                (now, key_id, now - interval),
+            )
+        )
 
     # ------------------------------------------------------------------ sessions
 
@@ -228,10 +264,9 @@ class PgAccountsMixin:
         )
 
     async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
-        ucols = ", ".join("u." + x.strip() for x in _USER_COLS.split(","))
         row = await self._run(
             lambda c: c.execute(
-                f"SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, {ucols} "
+                f"SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, {_prefixed(_USER_COLS, 'u')} "
                 "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = %s AND s.expires_at > %s",
                 (token_hash, time.time()),
             ).fetchone()
@@ -242,6 +277,18 @@ class PgAccountsMixin:
 
     async def revoke_session(self, token_hash: str) -> None:
         await self._run(lambda c: c.execute("DELETE FROM sessions WHERE token_hash = %s", (token_hash,)))
+
+    async def purge_sessions(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` sessions expired by ``now``: how many went."""
+        return await self._run(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM sessions WHERE token_hash IN "
+                    "(SELECT token_hash FROM sessions WHERE expires_at <= %s LIMIT %s)",
+                    (now, limit),
+                ).rowcount
+            )
+        )
 
     # ------------------------------------------------------------------ ledger
 

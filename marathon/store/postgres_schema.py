@@ -17,7 +17,7 @@ from marathon.store.node_identity import POSTGRES_MIGRATION as NODE_MIGRATION
 
 # pg_advisory_xact_lock keys (bigint); any constant unlikely to collide with other software
 MIGRATION_LOCK = 0x6D61726174686F6E  # "marathon"
-FIRST_USER_LOCK = MIGRATION_LOCK + 1
+FIRST_USER_LOCK = MIGRATION_LOCK + 1  # no longer taken (no first-registrant administrator); kept reserved
 SECRETS_LOCK = MIGRATION_LOCK + 2
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -102,6 +102,15 @@ CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);
         "ALTER TABLE tasks ADD COLUMN free_attempts integer NOT NULL DEFAULT 0;",
     ),
     ("node identities: join tokens and enrolled nodes", NODE_MIGRATION),
+    (
+        "account lifecycle: disabled users, key expiry, session purge",
+        """
+ALTER TABLE users ADD COLUMN disabled_at double precision;
+ALTER TABLE api_keys ADD COLUMN expires_at double precision;
+CREATE INDEX sessions_by_expiry ON sessions (expires_at);
+CREATE INDEX sessions_by_user ON sessions (user_id);
+""",
+    ),
 ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sqlite3
 import time
 from typing import Any, TypeVar
@@ -73,6 +75,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions(expires_at);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     task_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
@@ -87,6 +90,8 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("tasks", "free_attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "web_search_requests", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "web_fetch_requests", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "disabled_at", "REAL"),
+    ("api_keys", "expires_at", "REAL"),
 ]
 
 
@@ -133,14 +138,17 @@ def encode_cursor(rec: TaskRecord) -> str:
     return f"{rec.created_at!r}_{rec.id}"
 
 
+CURSOR_PATTERN = r"^([0-9]{1,20}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,2})?)_([0-9A-Za-z]{1,64})$"  # the API documents it
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    ts, sep, task_id = cursor.partition("_")
-    try:
-        if not sep:
-            raise ValueError
-        return float(ts), task_id
-    except ValueError:
-        raise StoreError(f"bad cursor {cursor!r}") from None
+    """A cursor from encode_cursor; anything else (malformed, non-finite) is a StoreError."""
+    m = _CURSOR.fullmatch(cursor)  # fullmatch: Python's $ would let a trailing newline through
+    ts = float(m.group(1)) if m else math.inf
+    if not m or not math.isfinite(ts):
+        raise StoreError(f"bad cursor {cursor[:100]!r}: pass the next_cursor of a previous page")
+    return ts, m.group(2)
 
 
 class SqliteStore(AccountsMixin, NodeIdentityMixin):

@@ -27,12 +27,24 @@ def insert_ledger(conn: sqlite3.Connection, r: LedgerRow) -> None:
 
 def _user(row) -> User:
     return User(
-        id=row[0], email=row[1], password_hash=row[2], admin=bool(row[3]), created_at=row[4], github_token=row[5]
+        id=row[0],
+        email=row[1],
+        password_hash=row[2],
+        admin=bool(row[3]),
+        created_at=row[4],
+        github_token=row[5],
+        disabled_at=row[6],
     )
 
 
-_USER = "SELECT id, email, password_hash, admin, created_at, github_token FROM users"
-_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at"
+_USER_COLS = "id, email, password_hash, admin, created_at, github_token, disabled_at"
+_USER = f"SELECT {_USER_COLS} FROM users"
+_KEY_COLS = "id, user_id, name, prefix, key_hash, created_at, revoked_at, last_used_at, expires_at"
+_NKEY = len(_KEY_COLS.split(","))
+
+
+def _prefixed(cols: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
 
 
 def _key(row) -> ApiKey:
@@ -45,6 +57,7 @@ def _key(row) -> ApiKey:
         created_at=row[5],
         revoked_at=row[6],
         last_used_at=row[7],
+        expires_at=row[8],
     )
 
 
@@ -105,12 +118,10 @@ class AccountsMixin:
 
     # ------------------------------------------------------------------ users
 
-    async def create_user(self, user: User, *, admin_if_first: bool = False) -> User:
+    async def create_user(self, user: User) -> User:
         user.created_at = user.created_at or time.time()
 
         def fn(conn):
-            if admin_if_first and conn.execute("SELECT count(*) FROM users").fetchone()[0] == 0:
-                user.admin = True
             try:
                 conn.execute(
                     "INSERT INTO users (id, email, password_hash, admin, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -119,6 +130,26 @@ class AccountsMixin:
             except sqlite3.IntegrityError:
                 raise Conflict(f"{user.email} is already registered") from None
             return user
+
+        return await self._write(fn)
+
+    async def list_users(self) -> list[User]:
+        rows = await self._read(lambda c: c.execute(f"{_USER} ORDER BY created_at, id").fetchall())
+        return [_user(r) for r in rows]
+
+    async def set_user_disabled(self, user_id: str, disabled: bool) -> User | None:
+        """Disable (their sessions are deleted; keys stay, refused while disabled) or enable."""
+
+        def fn(conn):
+            if disabled:
+                conn.execute(
+                    "UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL", (time.time(), user_id)
+                )
+                conn.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+            else:
+                conn.execute("UPDATE users SET disabled_at = NULL WHERE id = ?", (user_id,))
+            row = conn.execute(f"{_USER} WHERE id = ?", (user_id,)).fetchone()
+            return _user(row) if row else None
 
         return await self._write(fn)
 
@@ -160,8 +191,8 @@ class AccountsMixin:
         key.created_at = key.created_at or time.time()
         await self._write(
             lambda c: c.execute(
-                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None),
+                f"INSERT INTO api_keys ({_KEY_COLS}) VALUES ({', '.join('?' * _NKEY)})",
+                (key.id, key.user_id, key.name, key.prefix, key.key_hash, key.created_at, None, None, key.expires_at),
             )
         )
         return key
@@ -174,24 +205,36 @@ class AccountsMixin:
         )
         return [_key(r) for r in rows]
 
-    async def revoke_api_key(self, user_id: str, key_id: str) -> bool:
-        cur = await self._write(
-            lambda c: c.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
-                (time.time(), key_id, user_id),
-            )
-        )
+    async def revoke_api_key(self, user_id: str | None, key_id: str) -> bool:
+        """Revoke ``user_id``'s key (None: anyone's, for an administrator); False when there
+        was no such active key."""
+        sql = "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+        args: tuple = (time.time(), key_id)
+        if user_id is not None:
+            sql, args = sql + " AND user_id = ?", (*args, user_id)
+        cur = await self._write(lambda c: c.execute(sql, args))
         return cur.rowcount == 1
 
     async def find_api_key(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        """An active key (not revoked, not expired) and its user (who may be disabled)."""
         row = await self._read(
             lambda c: c.execute(
-                f"SELECT {', '.join('k.' + x.strip() for x in _KEY_COLS.split(','))}, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
-                "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL",
-                (key_hash,),
+                f"SELECT {_prefixed(_KEY_COLS, 'k')}, {_prefixed(_USER_COLS, 'u')} "
+                "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ? AND k.revoked_at IS NULL "
+                "AND (k.expires_at IS NULL OR k.expires_at > ?)",
+                (key_hash, time.time()),
             ).fetchone()
         )
-        return (_key(row[:8]), _user(row[8:])) if row else None
+        return (_key(row[:_NKEY]), _user(row[_NKEY:])) if row else None
+
+    async def touch_api_key(self, key_id: str, now: float, interval: float) -> None:
+        """Record a use: written only when the recorded one is older than ``interval``."""
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at <= ?)",
+                (now, key_id, now - interval),
+            )
+        )
 
     # ------------------------------------------------------------------ sessions
 
@@ -206,7 +249,7 @@ class AccountsMixin:
     async def find_session(self, token_hash: str) -> tuple[Session, User] | None:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, u.id, u.email, u.password_hash, u.admin, u.created_at, u.github_token "
+                f"SELECT s.token_hash, s.user_id, s.created_at, s.expires_at, {_prefixed(_USER_COLS, 'u')} "
                 "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
                 (token_hash, time.time()),
             ).fetchone()
@@ -217,6 +260,17 @@ class AccountsMixin:
 
     async def revoke_session(self, token_hash: str) -> None:
         await self._write(lambda c: c.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)))
+
+    async def purge_sessions(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` sessions expired by ``now``: how many went."""
+        cur = await self._write(
+            lambda c: c.execute(
+                "DELETE FROM sessions WHERE token_hash IN "
+                "(SELECT token_hash FROM sessions WHERE expires_at <= ? LIMIT ?)",
+                (now, limit),
+            )
+        )
+        return cur.rowcount
 
     # ------------------------------------------------------------------ ledger
 
