@@ -239,7 +239,8 @@ class TaskService:
     def _replayed(existing: TaskRecord, owner: str, req: TaskRequest) -> TaskRecord:
         if existing.owner != owner:  # a 48-bit hash collision between two users' keys
             raise Conflict("this Idempotency-Key cannot be used; choose another")
-        if existing.request != req:
+        # field by field: a stored request is read with the protocol's lenient type, the new one is the API's
+        if msgspec.structs.asdict(existing.request) != msgspec.structs.asdict(req):
             raise Unprocessable("this Idempotency-Key was used for a different request")
         return existing
 
