@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
+
+from marathon.store import artifacts
 import trio.testing
 
 from marathon.bus.memory import MemoryBus
@@ -323,7 +325,11 @@ async def test_uploads_only_for_the_nodes_own_tasks_and_checked_before_they_are_
             await owner.send(msg)
         await owner.send(m.Heartbeat(capacity=m.Capacity(slots=1)))
         await expect(owner, m.HeartbeatAck)
-        assert await store.get_artifact(task["id"], "bundle") == good
+        found = await artifacts.manifest(store, task["id"], "bundle")  # stored in parts, read in parts
+        assert isinstance(found, artifacts.Manifest) and found.size == len(good)
+        assert b"".join([p async for p in artifacts.read_parts(store, task["id"], "bundle", found)]) == good
+        r = await mt.client.get(f"/v1/tasks/{task['id']}/bundle")  # and streamed to a client whole
+        assert r.status_code == 200 and r.content == good and r.headers["content-length"] == str(len(good))
         uploads = os.path.join(config.data_dir, "uploads")
         assert all(not files for _, _, files in os.walk(uploads))
         await rogue.aclose()

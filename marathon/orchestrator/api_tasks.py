@@ -14,6 +14,7 @@ from marathon.orchestrator.http import ApiContext, body_as, json_response, owner
 from marathon.orchestrator.lifecycle import State, is_terminal
 from marathon.orchestrator.tasks import task_topic
 from marathon.orchestrator.schemas import Reply
+from marathon.store import artifacts
 from marathon.store import TaskRecord, TaskRequest
 from marathon.store.sqlite import decode_cursor
 
@@ -122,10 +123,16 @@ def blueprint(ctx: ApiContext) -> Blueprint:
     async def bundle(task_id: str):
         p = await principal(ctx)
         await ctx.tasks.get(task_id, owner=owner_filter(p))
-        data = await ctx.tasks.store.get_artifact(task_id, "bundle")
-        if data is None:
+        store = ctx.tasks.store
+        found = await artifacts.manifest(store, task_id, "bundle")
+        if found is None:
             raise NotFound(f"task {task_id} has no commits")
-        return Response(data, content_type="application/octet-stream")
+        # streamed a part at a time: a bundle of max_artifact bytes is never held whole
+        return Response(
+            artifacts.read_parts(store, task_id, "bundle", found),
+            content_type="application/octet-stream",
+            headers={"Content-Length": str(artifacts.size_of(found))},
+        )
 
     @bp.post("/v1/tasks/<task_id>/reply")
     async def reply(task_id: str):

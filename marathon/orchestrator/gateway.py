@@ -31,7 +31,7 @@ from marathon.orchestrator.identity import Admission, NodeIdentities, capped
 from marathon.protocol.auth import orchestrator_mac
 from marathon.protocol.framing import DEFAULT_MAX_FRAME, FramedStream
 from marathon.protocol.transports import listener_address, open_listeners, server_tls
-from marathon.store import TaskRecord
+from marathon.store import TaskRecord, artifacts
 
 log = logging.getLogger("marathon.gateway")
 SEND_TIMEOUT = 60.0  # a node that reads nothing for this long is dropped (it reconnects)
@@ -58,6 +58,7 @@ class Gateway:
         self._refusal_logged = -REFUSAL_LOG_INTERVAL
         self.cancel_deadlines: dict[str, float] = {}  # task id -> when a cancel is taken as done (trio clock)
         self.nodes_changed: Callable[[], None] = lambda: None  # a node came, went, or its capacity changed
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         tls = None
@@ -68,9 +69,36 @@ class Gateway:
         addrs = [listener_address(lis) for lis in listeners]
         log.info("node gateway listening on %s", ", ".join(addrs))
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(trio.serve_listeners, self.handle, listeners)
             await nursery.start(self._stop_what_ended_elsewhere)
             task_status.started(addrs)
+
+    async def deliver(self, session: NodeSession, assign: m.Assign, bundle: artifacts.Manifest | bytes | None) -> None:
+        """Send an assignment.  A resumed task's last bundle goes first, read from the store and
+        queued at the node's pace (``send_chunk``) in a task of its own: a large one neither
+        holds the scheduler nor sits whole in memory."""
+        if bundle is None:
+            await session.send(assign)
+        elif self._nursery is None:
+            await self._send_with_bundle(session, assign, bundle)
+        else:
+            self._nursery.start_soon(self._send_with_bundle, session, assign, bundle)
+
+    async def _send_with_bundle(
+        self, session: NodeSession, assign: m.Assign, bundle: artifacts.Manifest | bytes
+    ) -> None:
+        task_id = assign.task.task_id
+        try:
+            async for chunk in self.tasks.bundle_chunks(task_id, bundle):
+                if not await session.send_chunk(chunk):
+                    return  # gone: the acknowledgement deadline gives the task back
+        except StoreError as exc:
+            log.warning("task %s: its bundle could not be read for node %s: %s", task_id, session.name, exc)
+            return
+        if session.assigned.get(task_id) is not None:  # the deadline counts from the assignment itself
+            session.assigned[task_id] = trio.current_time() + self.config.assign_timeout
+        await session.send(assign)
 
     async def _stop_what_ended_elsewhere(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Another replica cancelled (or otherwise ended) a task that runs on a node connected

@@ -9,23 +9,18 @@ import os
 import time
 
 import msgspec
-import trio
 
 from marathon.orchestrator.lifecycle import ACTIVE, State
 from marathon.orchestrator.tasks import TaskService, event_in, task_topic
 from marathon.orchestrator.uploads import SessionUploads
 from marathon.pricing import cost, price_for
 from marathon.protocol import messages as m
+from marathon.store import artifacts
 from marathon.store import EventIn, TaskRecord
 from marathon.store.models import LedgerRow
 
 log = logging.getLogger("marathon.orchestrator")
 NODE_SHUTDOWN = m.NODE_SHUTDOWN
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 class Ingest:
@@ -136,8 +131,7 @@ class Ingest:
             rec = await self.store.get_task(msg.task_id)
             if rec is None or rec.node_id != node_id or rec.attempt != msg.attempt:
                 return False
-            data = await trio.to_thread.run_sync(_read, path)
-            await self.store.put_artifact(msg.task_id, msg.name, data)
+            await artifacts.put_file(self.store, msg.task_id, msg.name, path)  # part by part, never whole
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -14,7 +14,10 @@ from marathon.orchestrator.uploads import SessionUploads
 from marathon.protocol import messages as m
 from marathon.protocol.framing import FramedStream
 
-AVOID_LIMIT = 10_000  # tasks whose rejecting nodes are remembered (the oldest are forgotten first)
+AVOID_LIMIT = 10_000
+CHUNK_BYTES = (
+    8 * 1024 * 1024
+)  # chunk data a session queues for its node at most  # tasks whose rejecting nodes are remembered (the oldest are forgotten first)
 
 
 @dataclass
@@ -45,8 +48,22 @@ class NodeSession:
     _send_ch: trio.MemorySendChannel[m.ToNode] = field(init=False, repr=False)
     _recv_ch: trio.MemoryReceiveChannel[m.ToNode] = field(init=False, repr=False)
 
+    queued_bytes: int = 0  # chunk data waiting in the queue (send_chunk keeps it under CHUNK_BYTES)
+    _drained: trio.Event = field(default_factory=trio.Event, repr=False)
+
     def __post_init__(self) -> None:
         self._send_ch, self._recv_ch = trio.open_memory_channel[m.ToNode](self.queue_size)
+
+    async def send_chunk(self, msg: m.AssignBlob) -> bool:
+        """Queue a chunk of a file for the node once no more than CHUNK_BYTES of chunks wait:
+        a large bundle goes out at the node's pace, never whole in memory."""
+        while self.connected and self.queued_bytes > CHUNK_BYTES:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        if not await self.send(msg):
+            return False
+        self.queued_bytes += len(msg.data)
+        return True
 
     @property
     def draining(self) -> bool:
@@ -77,6 +94,9 @@ class NodeSession:
         async with self._recv_ch:
             async for msg in self._recv_ch:
                 await self.stream.send(msg)
+                if isinstance(msg, m.AssignBlob):
+                    self.queued_bytes -= len(msg.data)
+                    self._drained.set()
         raise ConnectionClosed("the node was not reading: its queue overflowed")
 
     def view(self) -> NodeView:
@@ -129,6 +149,7 @@ class NodeRegistry:
 
     def detach(self, session: NodeSession) -> None:
         session.connected = False
+        session._drained.set()  # a chunk waiting to be queued for it gives up
         session.disconnected_at = time.time()
         session.lost_since = trio.current_time()
 

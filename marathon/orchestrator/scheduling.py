@@ -77,10 +77,8 @@ class Scheduler:
                 continue
             self.tasks.metrics.task_scheduled(rec.updated_at)  # queued since its last change
             session.assigned[task_id] = trio.current_time() + self.config.assign_timeout
-            assign, blobs = await self.tasks.assignment(moved)
-            for blob in blobs:
-                await session.send(blob)
-            await session.send(assign)
+            assign, bundle = await self.tasks.assignment(moved)
+            await self.gateway.deliver(session, assign, bundle)
 
     def _since(self, key: tuple, stored: float | None, now: float) -> float:
         """When a task entered its state, on trio's clock: as first seen by this process, from

@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -34,6 +35,7 @@ from marathon.orchestrator.reconcile import ActiveTask, Fail, Requeue, give_back
 from marathon.pricing import merged_table
 from marathon.protocol import messages as m
 from marathon.protocol.blobs import chunks
+from marathon.store import artifacts
 from marathon.store import EventIn, Store, TaskRecord, TaskRequest
 from marathon.store.models import BRANCH_PATTERN, REPO_PATTERN
 from marathon.units import parse_size
@@ -157,12 +159,12 @@ class TaskService:
             raise NotFound(f"no task {task_id!r}")
         return rec
 
-    async def assignment(self, rec: TaskRecord) -> tuple[m.Assign, list[m.AssignBlob]]:
+    async def assignment(self, rec: TaskRecord) -> tuple[m.Assign, artifacts.Manifest | bytes | None]:
         """What the node gets: the spec, the owner's GitHub token (for the node only), and for a
-        resumed task its last bundle and notes."""
+        resumed task its notes and what its last bundle is (sent with ``bundle_chunks``)."""
         req = rec.request
         memory = await self.store.get_artifact(rec.id, "memory") if rec.iterations else None
-        bundle = await self.store.get_artifact(rec.id, "bundle") if rec.iterations else None
+        bundle = await artifacts.manifest(self.store, rec.id, "bundle") if rec.iterations else None
         owner = await self.store.get_user(rec.owner)
         spec = m.TaskSpec(
             task_id=rec.id,
@@ -180,9 +182,6 @@ class TaskService:
             resume=bundle is not None,
             trusted_repo=bool(owner and owner.admin),
         )
-        blobs = []
-        if bundle is not None:
-            blobs = [m.AssignBlob(task_id=rec.id, name="bundle", **p.fields()) async for p in chunks(bundle)]
         # the token is decrypted here only, and only for a task that needs it (a PR, a clone from GitHub)
         needed = repos.needs_github_token(req.repo, req.pr, self.config.github_url)
         try:
@@ -190,7 +189,13 @@ class TaskService:
         except SecretsError as exc:  # the operator must fix the keys; the task runs without the token
             log.error("task %s: %s", rec.id, exc, extra={"task_id": rec.id})
             token = None
-        return m.Assign(task=spec, github_token=token), blobs
+        return m.Assign(task=spec, github_token=token), bundle
+
+    async def bundle_chunks(self, task_id: str, found: artifacts.Manifest | bytes) -> AsyncIterator[m.AssignBlob]:
+        """A resumed task's last bundle as the chunks sent before its Assign, read from the
+        store a part at a time."""
+        async for p in chunks(artifacts.read_parts(self.store, task_id, "bundle", found)):
+            yield m.AssignBlob(task_id=task_id, name="bundle", **p.fields())
 
     # ------------------------------------------------------------------ writes
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import trio
@@ -29,12 +29,26 @@ class Piece:
         return {"offset": self.offset, "data": self.data, "last": self.last, "size": self.size, "sha256": self.sha256}
 
 
-async def chunks(source: str | bytes, size: int = BLOB_CHUNK) -> AsyncIterator[Piece]:
-    """The pieces of a file (a path, read without blocking the event loop) or of bytes in
-    memory: ``size`` bytes each, the last one marked and carrying the total and its SHA-256;
-    an empty file is one empty, last piece (never a trailing empty piece otherwise)."""
+async def chunks(source: str | bytes | AsyncIterable[bytes], size: int = BLOB_CHUNK) -> AsyncIterator[Piece]:
+    """The pieces of a file (a path, read without blocking the event loop), of bytes in memory,
+    or of a stream of bytes (a stored artifact's parts): ``size`` bytes each, the last one
+    marked and carrying the total and its SHA-256; an empty file is one empty, last piece
+    (never a trailing empty piece otherwise)."""
     digest = hashlib.sha256()
     offset = 0
+    if not isinstance(source, (str, bytes)):
+        buf = bytearray()
+        async for part in source:
+            buf += part
+            while len(buf) > size:  # keep a full piece back: the last one must be marked
+                data = bytes(buf[:size])
+                del buf[:size]
+                digest.update(data)
+                yield _piece(offset, data, False, digest)
+                offset += len(data)
+        digest.update(buf)
+        yield _piece(offset, bytes(buf), True, digest)
+        return
     if isinstance(source, bytes):
         view = memoryview(source)
         while True:
