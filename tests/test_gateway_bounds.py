@@ -369,3 +369,44 @@ async def test_abandoned_uploads_stay_on_disk_not_in_memory_and_are_removed_when
             await until(lambda: all(not fs for _, _, fs in os.walk(uploads)), timeout=10)
     finally:
         await stop(orch.proc)
+
+
+async def test_a_bundle_for_a_node_is_queued_at_its_pace():
+    """Chunks of a resumed task's bundle wait to be queued while 8 MiB of them are queued for
+    the node already: a large bundle never sits whole in the session's queue."""
+    from marathon.orchestrator.nodes import CHUNK_BYTES, NodeRegistry, NodeSession
+
+    written: list[int] = []
+    highest = 0
+
+    class SlowNode:
+        async def send(self, msg):
+            await trio.sleep(0.01)
+            written.append(len(msg.data))
+
+    session = NodeSession("n1", "n1", SlowNode(), m.Capacity(slots=1))  # type: ignore[arg-type]
+    async with trio.open_nursery() as n:
+        n.start_soon(session.write_queued)
+        for i in range(40):
+            assert await session.send_chunk(m.AssignBlob(task_id="t", name="bundle", offset=i * MiB, data=b"x" * MiB))
+            highest = max(highest, session.queued_bytes)
+        await trio.testing.wait_all_tasks_blocked()
+        n.cancel_scope.cancel()
+    assert highest <= CHUNK_BYTES + MiB
+    # a node that goes away releases whoever waits to queue for it
+    stuck = NodeSession("n2", "n2", SlowNode(), m.Capacity(slots=1))  # type: ignore[arg-type]
+    stuck.queued_bytes = CHUNK_BYTES + 1
+    registry = NodeRegistry()
+    registry.attach(stuck)
+    async with trio.open_nursery() as n:
+        done = trio.Event()
+
+        async def wait() -> None:
+            await stuck.send_chunk(m.AssignBlob(task_id="t", name="bundle", offset=0, data=b"x"))
+            done.set()
+
+        n.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        registry.detach(stuck)
+    assert done.is_set()
