@@ -59,12 +59,6 @@ class Conflict(MarathonError):
     code = "conflict"
 
 
-class Unprocessable(MarathonError):
-    """Well-formed but refused as it stands (an Idempotency-Key reused for another request): 422."""
-
-    code = "unprocessable"
-
-
 class RateLimited(MarathonError):
     code = "rate_limited"
 

@@ -1,5 +1,5 @@
 """POST /v1/tasks with an Idempotency-Key: the same key gives the same task (however often, even
-at once), another request under a used key is refused with 422, keys are per user."""
+at once), another request under a used key is refused with 409, keys are per user."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ async def test_the_same_key_gives_the_same_task():
 
         # the same key for another request is refused; a bad key is a clear 400
         other = await mt.client.post("/v1/tasks", json={"prompt": "something else"}, headers=key)
-        assert other.status_code == 422 and "different request" in other.json()["error"]["message"]
+        assert other.status_code == 409 and "different request" in other.json()["error"]["message"]
         bad = await mt.client.post("/v1/tasks", json=body, headers={"Idempotency-Key": "x" * 300})
         assert bad.status_code == 400
 

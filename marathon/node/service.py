@@ -390,7 +390,8 @@ class NodeService:
             if blob is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(blob.path)
-            await fs.send(m.Rejected(task_id=task_id, reason=reason, attempt=attempt))
+            busy = reason in ("node is draining", "no free slot")
+            await fs.send(m.Rejected(task_id=task_id, reason=reason, attempt=attempt, busy=busy))
             return
         handle = TaskHandle(spec)
         handle.github_token = assign.github_token or None

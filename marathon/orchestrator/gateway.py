@@ -350,8 +350,10 @@ class Gateway:
                     and rec.state == State.SCHEDULED
                 ):
                     self.nodes.avoid(msg.task_id, nid)  # while another node can take it
+                    # a node with no room (its capacity had not reached us yet, or another replica
+                    # filled it) costs the task no attempt
                     await self.tasks.requeue_or_fail(
-                        rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}"
+                        rec, "node_rejected", f"node {session.name} rejected the task: {msg.reason}", free=msg.busy
                     )
             case m.TaskBlob():
                 key = (msg.task_id, msg.name)

@@ -25,7 +25,6 @@ from marathon.errors import (
     RateLimited,
     StoreError,
     Unavailable,
-    Unprocessable,
 )
 from marathon.orchestrator.auth import Accounts, Principal
 from marathon.orchestrator.cluster import Cluster
@@ -44,7 +43,6 @@ STATUS: dict[type[MarathonError], int] = {
     NotFound: 404,
     InvalidRequest: 400,
     Conflict: 409,
-    Unprocessable: 422,
     RateLimited: 429,
     StoreError: 503,
     Unavailable: 503,

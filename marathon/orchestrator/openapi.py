@@ -177,10 +177,10 @@ TASK_ROUTES = [
                 "required": False,
                 "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
                 "description": "the same key from the same user gives the same task (the answer then carries "
-                "Idempotent-Replayed: true); the key reused for a different request is a 422",
+                "Idempotent-Replayed: true); the key reused for a different request is a 409",
             },
         ),
-        errors=(422, 429),
+        errors=(409, 429),
         description="The prompt is at most 1 MiB of UTF-8. Local paths and file:// repositories are for "
         "administrators (403 for others), as are repositories on hosts that are not public.",
     ),
@@ -449,7 +449,6 @@ _ERROR_TEXT = {
     404: "no such resource (another user's task is 404 too)",
     409: "conflicts with the resource's state",
     413: "request body too large",
-    422: "well-formed but refused as it stands (an Idempotency-Key used for a different request)",
     429: "too many requests: retry after Retry-After seconds",
 }
 _ERROR_HEADERS = {

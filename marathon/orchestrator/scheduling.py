@@ -55,6 +55,9 @@ class Scheduler:
 
     async def schedule_once(self) -> None:
         views = self.nodes.views()
+        if self.cluster is not None:  # a node that moved to another replica is placed there, not here
+            elsewhere = self.cluster.remote_nodes()
+            views = [v for v in views if v.node_id not in elsewhere]
         if not any(v.free for v in views):
             return
         queued, _ = await self.tasks.store.list_tasks(states=[State.QUEUED], limit=200, oldest_first=True)

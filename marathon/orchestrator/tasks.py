@@ -27,7 +27,6 @@ from marathon.errors import (
     InvalidRequest,
     NotFound,
     SecretsError,
-    Unprocessable,
 )
 from marathon.orchestrator.lifecycle import TERMINAL, State, transition
 from marathon.orchestrator.metrics import OrchestratorMetrics
@@ -205,7 +204,8 @@ class TaskService:
         """Queue a task; (the task, whether it is a replay).  With an ``idempotency_key`` the
         same key from the same user gives the same task, however often and from whichever
         replica it is sent: the task id is derived from (user, key), so the store's primary
-        key decides a race.  The same key with another request is refused (422)."""
+        key decides a race.  The same key with another request is refused (409: the key is
+        bound to its request)."""
         req = validate_request(req)
         task_id = new_task_id()
         if idempotency_key is not None:
@@ -246,7 +246,7 @@ class TaskService:
             raise Conflict("this Idempotency-Key cannot be used; choose another")
         # field by field: a stored request is read with the protocol's lenient type, the new one is the API's
         if msgspec.structs.asdict(existing.request) != msgspec.structs.asdict(req):
-            raise Unprocessable("this Idempotency-Key was used for a different request")
+            raise Conflict("this Idempotency-Key was used for a different request")
         return existing
 
     async def move(

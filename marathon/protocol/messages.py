@@ -354,6 +354,7 @@ class Rejected(_Msg, tag="rejected"):
     task_id: str
     reason: str
     attempt: int = 0
+    busy: bool = False  # the node had no room (full, draining): not the task's fault, no attempt spent
 
 
 class Cancel(_Msg, tag="cancel"):
