@@ -4,6 +4,8 @@ last_used_at, administrators revoking any key, expired sessions purged."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import sys
 import time
@@ -67,10 +69,12 @@ async def _create_user_then_sign_in(tmp: str, store_env: dict) -> None:
             assert me["email"] == "root@example.com" and me["admin"] is True
 
 
+@pytest.mark.slow
 async def test_admin_create_user_on_a_fresh_sqlite_orchestrator():
     await _create_user_then_sign_in(scratch_dir(), {})
 
 
+@pytest.mark.slow
 async def test_admin_create_user_on_postgresql(pg_url):
     await _create_user_then_sign_in(scratch_dir(), {"MARATHON_STORE": pg_url})
 
@@ -175,6 +179,7 @@ async def test_disable_enable_revoke_expiry_and_last_used():
             assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 async def test_admin_cli_users_disable_enable_revoke_key():
     tmp = scratch_dir()
     config = marathon_config(os.path.join(tmp, "data"), allow_registration=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import stat
 import sys
@@ -137,6 +139,7 @@ async def test_submission_rate_limit_answers_429_with_retry_after():
             assert (await d.post("/v1/tasks", json={"prompt": "x"})).status_code == 201
 
 
+@pytest.mark.slow
 async def test_cli_register_login_whoami_keys_logout():
     tmp = scratch_dir()
     config = marathon_config(os.path.join(tmp, "data"), allow_registration=True)

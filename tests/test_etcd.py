@@ -3,6 +3,7 @@
 import secrets
 
 import httpx
+import pytest
 import trio
 
 from marathon.registry.etcd import EtcdKV, open_etcd_registry
@@ -90,6 +91,7 @@ async def test_int64_lease_ids_and_revisions_round_trip(etcd_server):
         await kv.aclose()
 
 
+@pytest.mark.slow
 async def test_membership_and_leadership_come_back_after_an_etcd_restart(own_servers):
     etcd = own_servers.etcd()
     prefix = f"/t-{secrets.token_hex(4)}/"

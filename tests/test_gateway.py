@@ -262,6 +262,7 @@ async def test_cancel_deadline_on_the_virtual_clock(virtual_clock, slow_orchestr
         n.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_task_timeout_on_the_virtual_clock(virtual_clock, slow_orchestrator):
     mt, config = slow_orchestrator
     node = ScriptedNode(mt.gateway, mt.node_secret)

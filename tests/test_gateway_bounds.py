@@ -194,6 +194,7 @@ async def test_a_handshake_that_dribbles_is_cut_at_handshake_timeout(autojump_cl
         await store.close()
 
 
+@pytest.mark.slow
 async def test_connections_over_the_cap_are_closed_at_once():
     tmp = scratch_dir()
     config = marathon_config(os.path.join(tmp, "data"), gateway_max_unauthenticated=8, handshake_timeout=60.0)

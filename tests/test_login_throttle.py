@@ -31,6 +31,7 @@ async def post(c: httpx.AsyncClient, path: str, email: str, password: str) -> ht
     return await c.post(path, json={"email": email, "password": password})
 
 
+@pytest.mark.slow
 async def test_twenty_wrong_passwords_give_429s_and_an_administrator_lifts_the_lockout():
     tmp = scratch_dir()
     config = marathon_config(os.path.join(tmp, "data"), allow_registration=True)
@@ -128,6 +129,7 @@ async def test_unknown_and_wrong_do_the_same_work(store, monkeypatch):
     assert answers == [(auth.BAD_LOGIN, 1), (auth.BAD_LOGIN, 1)]
 
 
+@pytest.mark.slow
 async def test_at_most_four_hashes_at_once_and_a_blocked_key_costs_no_hash(store, monkeypatch):
     hasher = CountingHasher()
     monkeypatch.setattr(auth, "_hasher", hasher)
@@ -183,6 +185,7 @@ async def login_flood(url: str, n: int = 32) -> list[int]:
     return codes
 
 
+@pytest.mark.slow
 async def test_a_flood_of_32_concurrent_sign_ins_keeps_the_orchestrator_small():
     """Bound: the orchestrator idles at well under 128 MiB; hashing adds at most
     HASH_CONCURRENCY x 64 MiB = 256 MiB (argon2id's memory_cost); the rest of a sign-in is a few

@@ -136,6 +136,7 @@ async def _run_cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
+@pytest.mark.slow
 async def test_a_node_process_joins_with_a_token_and_comes_back_with_its_own_key(orchestrator):
     mt = orchestrator
     tmp = scratch_dir()
@@ -298,6 +299,7 @@ async def test_revoke_cuts_the_node_off_and_its_tasks_go_back_as_a_lost_nodes(or
     assert r.status_code == 404
 
 
+@pytest.mark.slow
 async def test_claimed_capacity_is_capped_at_the_enrolled_maximum(orchestrator):
     mt = orchestrator
     node = KeyNode(mt.gateway, "n-greedy", token=await join_token(mt, max_slots=2))

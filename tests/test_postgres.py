@@ -161,6 +161,7 @@ async def test_sequences_stay_gapless_across_replicas(pg_url):
         await b.close()
 
 
+@pytest.mark.slow
 async def test_open_on_a_server_that_is_down_is_a_clear_error(own_servers):
     pg = own_servers.postgres()
     url = pg.url().replace("postgres@", "postgres:s3cret@")
@@ -171,6 +172,7 @@ async def test_open_on_a_server_that_is_down_is_a_clear_error(own_servers):
     assert "s3cret" not in str(info.value) and "cannot open the store" in str(info.value)
 
 
+@pytest.mark.slow
 async def test_server_restart_fails_fast_then_recovers_by_itself(own_servers):
     pg = own_servers.postgres()
     url = pg.create_database()

@@ -123,6 +123,7 @@ async def test_records_live_with_their_lease(cluster, clock):
         assert (await b.members("replica"))[0] == {} and (await b.members("node"))[0] == {}
 
 
+@pytest.mark.slow
 async def test_records_expire_within_the_ttl_when_renewals_stop_and_come_back(cluster, clock):
     async with replicas(cluster, 2) as (a, b), a.lease(TTL) as lease:
         await lease.put("node", "n1", b"x")
@@ -262,6 +263,7 @@ async def test_exactly_one_leader_and_epochs_increase(cluster, clock):
     assert epochs == sorted(set(epochs)) and len(epochs) >= 8
 
 
+@pytest.mark.slow
 async def test_a_leader_that_stops_renewing_steps_down_before_another_leads(cluster, clock):
     events: dict[str, float] = {}
     epochs: dict[str, int] = {}
@@ -296,6 +298,7 @@ async def test_a_leader_that_stops_renewing_steps_down_before_another_leads(clus
     assert epochs["b"] > epochs["a"]
 
 
+@pytest.mark.slow
 async def test_resigning_hands_the_lead_over_at_once(cluster, clock):
     async with replicas(cluster, 2) as (a, b):
         got = trio.Event()

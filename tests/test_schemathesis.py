@@ -14,9 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.harness import marathon_config, run_marathon, scratch_dir
+
+pytestmark = pytest.mark.slow  # a few minutes of generated requests: make test runs it, test-fast does not
 
 MAX_EXAMPLES = 8  # per operation and phase: ~30 operations, a few minutes on 2 cores
 CONFIG = Path(__file__).with_name("schemathesis.toml")
